@@ -1,0 +1,1 @@
+"""conv2d: reference.py (the math), cpu.py (Numba), cuda.py (Numba CUDA)."""

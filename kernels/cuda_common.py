@@ -1,0 +1,89 @@
+"""What every ``kernels/<op>/cuda.py`` shares: array module, allocation, launch sizes.
+
+On a GPU the cuda backend's arrays are CuPy arrays, handed to Numba kernels
+through ``__cuda_array_interface__`` (no copies). Without a GPU, Numba's CUDA
+simulator runs the same kernels on NumPy arrays: every CUDA thread becomes a
+Python thread, so keep test launches to about 10k threads.
+
+Every cuda.py module lists its kernels with the signatures they must compile
+for in ``PTX_SIGNATURES`` -- ``[(kernel, ["void(float32[:, ::1], ...)", ...]), ...]``
+-- and ``tests/cuda/test_ptx.py`` compiles each of them to PTX for sm_80 and
+sm_90 with the simulator off, because the simulator happily runs Python that
+real CUDA rejects.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from numba import config, cuda
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+if SIMULATOR:
+    xp = np
+else:  # a real GPU: arrays live in CuPy
+    try:
+        import cupy as xp
+    except ImportError:  # compile-only use (PTX checks) without CuPy
+        xp = np
+
+# Poison fresh outputs (NaN for floats, a huge value for ints) so a kernel that
+# forgets to write an element fails its test instead of passing on zeros that
+# happened to be in memory. Always on under the simulator; MINSEG_POISON=1 turns
+# it on for a real GPU run of the tests.
+POISON = SIMULATOR or os.environ.get("MINSEG_POISON") == "1"
+
+
+def empty(shape, dtype):
+    """A fresh output array (poisoned when POISON is set)."""
+    out = xp.empty(shape, dtype=dtype)
+    if POISON:
+        out.fill(np.nan if np.dtype(dtype).kind == "f" else np.iinfo(dtype).max)
+    return out
+
+
+def zeros(shape, dtype):
+    return xp.zeros(shape, dtype=dtype)
+
+
+def as_input(a, dtype=None):
+    """A C-contiguous device array of ``dtype`` (kernels index flat memory)."""
+    a = xp.asarray(a)
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    return xp.ascontiguousarray(a)
+
+
+def blocks(n: int, threads: int) -> int:
+    """Number of blocks so that blocks*threads >= n (the last block is partial)."""
+    return max(1, math.ceil(n / threads))
+
+
+def grid_2d(rows: int, cols: int, block=(16, 16)):
+    """(grid, block) covering a rows x cols output with 2-D blocks; edges are partial."""
+    return (blocks(cols, block[0]), blocks(rows, block[1])), block
+
+
+@cuda.jit(device=True)
+def block_sum(value, buf):
+    """Sum of ``value`` over the threads of a 1-D block, returned to every thread.
+
+    ``buf`` is a shared array with one slot per thread (blockDim.x a power of two).
+    Tree reduction: each step adds the upper half of ``buf`` onto the lower half,
+    log2(blockDim.x) steps with a barrier after each. The barrier after reading
+    the total lets a kernel call block_sum again with the same ``buf``.
+    """
+    t = cuda.threadIdx.x
+    buf[t] = value
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if t < half:
+            buf[t] += buf[t + half]
+        cuda.syncthreads()
+        half //= 2
+    total = buf[0]
+    cuda.syncthreads()
+    return total

@@ -1,0 +1,1 @@
+"""softmax_xent: reference.py (the math), cpu.py (Numba), cuda.py (Numba CUDA)."""

@@ -1,0 +1,195 @@
+"""Reverse-mode automatic differentiation: Function, Context, no_grad, gradcheck.
+
+A :class:`Function` is one differentiable step. Its ``forward(ctx, *arrays)``
+computes the output from raw arrays and stores on ``ctx`` whatever the
+backward needs; its ``backward(ctx, grad)`` receives dL/d(output) and returns
+dL/d(input) for every input (``None`` where an input needs no gradient).
+``Function.apply`` wraps the arrays of Tensor arguments, runs ``forward`` and,
+when gradients are wanted, records a node that links the output to its inputs.
+``Tensor.backward`` then walks these nodes in reverse topological order
+(see ``tensor.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+_grad_enabled = True
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class no_grad(contextlib.ContextDecorator):
+    """Context manager / decorator: ops inside record no graph (inference, optimizer steps)."""
+
+    def __enter__(self):
+        global _grad_enabled
+        self.previous = _grad_enabled
+        _grad_enabled = False
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self.previous
+
+
+class enable_grad(no_grad):
+    """Turns graph recording back on inside a ``no_grad`` block."""
+
+    def __enter__(self):
+        global _grad_enabled
+        self.previous = _grad_enabled
+        _grad_enabled = True
+
+
+class Context:
+    """What a Function's forward leaves for its backward; also the graph node.
+
+    ``inputs`` are the Tensor arguments in order (None for non-Tensor ones),
+    ``needs_input_grad[i]`` says whether input ``i`` wants a gradient.
+    """
+
+    def __init__(self, function, inputs):
+        self.function = function
+        self.inputs = inputs
+        self.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
+        self._saved = ()
+        self.freed = False
+
+    def save_for_backward(self, *arrays):
+        self._saved = arrays
+
+    @property
+    def saved_tensors(self):
+        if self.freed:
+            raise RuntimeError(
+                f"Trying to backward through {self.function.__name__} a second time: its saved "
+                "arrays were freed after the first backward. Pass retain_graph=True to the first "
+                "backward() if you need to call it twice."
+            )
+        return self._saved
+
+    def free(self):
+        """Drop saved arrays (and any attribute the forward stored) after backward."""
+        keep = {"function", "inputs", "needs_input_grad", "freed"}
+        for name in list(vars(self)):
+            if name not in keep:
+                delattr(self, name)
+        self._saved = ()
+        self.freed = True
+
+
+class Function:
+    """Base class of differentiable ops. Subclasses define two static methods:
+
+    ``forward(ctx, *args, **kwargs) -> array``: Tensor arguments arrive as
+    their raw arrays; keyword arguments are never differentiated.
+
+    ``backward(ctx, grad) -> tuple``: one gradient array (or None) per
+    positional argument of ``forward``.
+    """
+
+    @staticmethod
+    def forward(ctx, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        from .tensor import Tensor
+
+        inputs = tuple(a if isinstance(a, Tensor) else None for a in args)
+        arrays = tuple(a.data if isinstance(a, Tensor) else a for a in args)
+        ctx = Context(cls, inputs)
+        out = cls.forward(ctx, *arrays, **kwargs)
+        requires_grad = _grad_enabled and any(ctx.needs_input_grad)
+        result = Tensor(out, requires_grad=requires_grad)
+        if requires_grad:
+            result._ctx = ctx
+        return result
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+class GradcheckError(AssertionError):
+    """Raised by :func:`gradcheck` when analytic and numerical gradients disagree."""
+
+
+def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0) -> bool:
+    """Check the analytic gradients of ``fn`` against central differences, in float64.
+
+    ``fn(*inputs)`` must return one Tensor ``y``. With a random upstream
+    gradient ``g`` (seeded), the scalar ``L = sum(y * g)`` has analytic
+    gradient ``dL/dx`` from ``backward``; numerically, for every element ``x_k``::
+
+        dL/dx_k ~= (L(x_k + eps) - L(x_k - eps)) / (2 eps)     error O(eps^2)
+
+    Inputs that are Tensors with ``requires_grad`` are checked; they must be
+    float64 (float32 round-off, ~1e-7 relative, divided by eps would swamp the
+    comparison). An element passes when ``|analytic - numeric| <= atol +
+    rtol * |numeric|``. Returns True, or raises :class:`GradcheckError` naming
+    the input and its worst element.
+    """
+    from .tensor import Tensor
+
+    inputs = list(inputs)
+    checked = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    if not checked:
+        raise ValueError("gradcheck: no input is a Tensor with requires_grad=True")
+    for i in checked:
+        if inputs[i].dtype != np.float64:
+            raise TypeError(f"gradcheck: input {i} must be float64 for finite differences, got {inputs[i].dtype}")
+
+    y = fn(*inputs)
+    if not isinstance(y, Tensor):
+        raise TypeError(f"gradcheck: fn must return a Tensor, got {type(y).__name__}")
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(y.shape)
+    for i in checked:
+        inputs[i].grad = None
+    if not y.requires_grad:
+        raise GradcheckError("gradcheck: the output does not require grad (no differentiable path)")
+    y.backward(Tensor(y.xp.asarray(g, dtype=y.dtype)))
+
+    def loss():
+        with no_grad():
+            out = fn(*inputs)
+        return float((out.numpy().astype(np.float64) * g).sum())
+
+    for i in checked:
+        x = inputs[i]
+        analytic = np.zeros(x.shape) if x.grad is None else x.grad.numpy().astype(np.float64)
+        numeric = np.zeros(x.shape)
+        flat = x.data.reshape(-1) if x.data.flags.c_contiguous else None
+        if flat is None:  # perturb through a contiguous copy shared with the Tensor
+            x.data = np.ascontiguousarray(x.data)
+            flat = x.data.reshape(-1)
+        for k in range(flat.size):
+            orig = float(flat[k])
+            flat[k] = orig + eps
+            up = loss()
+            flat[k] = orig - eps
+            down = loss()
+            flat[k] = orig
+            numeric.reshape(-1)[k] = (up - down) / (2 * eps)
+        err = np.abs(analytic - numeric)
+        bound = atol + rtol * np.abs(numeric)
+        if not np.all(err <= bound):
+            worst = np.unravel_index(np.argmax(err - bound), x.shape)
+            raise GradcheckError(
+                f"gradcheck: gradient of input {i} (shape {x.shape}) is wrong at element {tuple(int(w) for w in worst)}: "
+                f"analytic {analytic[worst]:.8g}, numerical {numeric[worst]:.8g}, "
+                f"|diff| {err[worst]:.3g} > atol + rtol*|numerical| = {bound[worst]:.3g}; "
+                f"{int((err > bound).sum())} of {x.size} elements fail"
+            )
+    return True
+
+
+__all__ = ["Function", "Context", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "GradcheckError"]

@@ -1,0 +1,605 @@
+"""The differentiable ops of a segmentation network, with torch.nn.functional's names.
+
+Each op is a public function that checks its arguments (clear errors naming the
+argument, the expected and the actual value) and normalises them, then a
+:class:`~minseg.autograd.Function` whose forward and backward call the active
+backend's kernels (``kernels/<op>/``). The Functions never import a kernel
+module: ``backend.current()`` picks numpy, cpu or cuda, and the backend used
+by a forward is remembered for its backward.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import backend
+from .autograd import Function
+from .tensor import Tensor
+
+# ----------------------------------------------------------------- argument checks
+
+
+def _tensor(x, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    raise TypeError(f"{name} must be a minseg Tensor, got {type(x).__name__}")
+
+
+def _float_tensor(x, name: str) -> Tensor:
+    x = _tensor(x, name)
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    return x
+
+
+def _same_dtype(t: Tensor | None, ref: Tensor, name: str, ref_name: str = "input"):
+    if t is not None and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must be the same")
+
+
+def _ndim(x: Tensor, ndim: int, name: str, layout: str):
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {x.shape}")
+
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a 2-tuple."""
+    if isinstance(value, numbers.Integral):
+        value = (int(value), int(value))
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, numbers.Integral) for v in value)):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
+    return (int(value[0]), int(value[1]))
+
+
+def _contiguous(a):
+    return backend.array_module(a).ascontiguousarray(a)
+
+
+def _array(t: Tensor | None):
+    return None if t is None else _contiguous(t.data)
+
+
+# ------------------------------------------------------------------------- conv2d
+
+
+def _conv_out(size, pad_total, dilation, kernel, stride):
+    return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class Conv2d(Function):
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, dilation, groups):
+        ctx.K = backend.current()
+        ctx.save_for_backward(x, w)
+        ctx.args = (stride, padding, dilation, groups)
+        return ctx.K.conv2d_forward(x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        K, need = ctx.K, ctx.needs_input_grad
+        gy = _contiguous(gy)
+        gx = K.conv2d_grad_input(gy, w, x.shape, *ctx.args) if need[0] else None
+        gw = K.conv2d_grad_weight(x, gy, w.shape, *ctx.args) if need[1] else None
+        gb = K.conv2d_grad_bias(gy) if need[2] else None
+        return gx, gw, gb
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Tensor:
+    """2-D cross-correlation, as ``torch.nn.functional.conv2d``.
+
+    y[n, o, i, j] = b[o] + sum_{c in group(o), p, q} w[o, c, p, q] * x_pad[n, c, i*sh + p*dh, j*sw + q*dw]
+
+    ``padding`` is an int, a pair, ``'valid'`` (0) or ``'same'`` (stride 1 only;
+    the total ``dilation*(k-1)`` is split with the extra pixel bottom/right, as torch).
+    """
+    x = _float_tensor(input, "input")
+    w = _float_tensor(weight, "weight")
+    _ndim(x, 4, "input", "(N, C_in, H, W)")
+    _ndim(w, 4, "weight", "(C_out, C_in/groups, kH, kW)")
+    _same_dtype(w, x, "weight")
+    if bias is not None:
+        bias = _float_tensor(bias, "bias")
+        _same_dtype(bias, x, "bias")
+    if not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    n, c_in, h, wd = x.shape
+    c_out, c_per_group, kh, kw = w.shape
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"groups={groups} must divide in_channels={c_in} and out_channels={c_out}")
+    if c_per_group * groups != c_in:
+        raise ValueError(
+            f"weight expects {c_per_group * groups} input channels ({c_per_group} per group x groups={groups}), "
+            f"but input has {c_in} channels (input shape {x.shape}, weight shape {w.shape})"
+        )
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},) to match weight's out_channels, got {bias.shape}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = ((0, 0), (0, 0))
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' is not supported for strided convolutions (stride={stride})")
+            pads = tuple((t // 2, t - t // 2) for t in (dilation[0] * (kh - 1), dilation[1] * (kw - 1)))
+        else:
+            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        p = _pair(padding, "padding", 0)
+        pads = ((p[0], p[0]), (p[1], p[1]))
+    ho = _conv_out(h, sum(pads[0]), dilation[0], kh, stride[0])
+    wo = _conv_out(wd, sum(pads[1]), dilation[1], kw, stride[1])
+    if ho <= 0 or wo <= 0:
+        raise ValueError(
+            f"conv2d output size would be ({ho}, {wo}) <= 0: input {h}x{wd} with padding {pads} is smaller than "
+            f"the dilated kernel {dilation[0] * (kh - 1) + 1}x{dilation[1] * (kw - 1) + 1}"
+        )
+    return Conv2d.apply(x, w, bias, stride=stride, padding=pads, dilation=dilation, groups=int(groups))
+
+
+class ConvTranspose2d(Function):
+    """The adjoint of conv2d in its input: forward is conv2d's input gradient, and vice versa."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, out_shape, stride, padding, dilation, groups):
+        ctx.K = backend.current()
+        ctx.save_for_backward(x, w)
+        ctx.args = (stride, padding, dilation, groups)
+        y = ctx.K.conv2d_grad_input(x, w, out_shape, *ctx.args)
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        K, need = ctx.K, ctx.needs_input_grad
+        gy = _contiguous(gy)
+        gx = K.conv2d_forward(gy, w, None, *ctx.args) if need[0] else None
+        gw = K.conv2d_grad_weight(gy, x, w.shape, *ctx.args) if need[1] else None
+        gb = K.conv2d_grad_bias(gy) if need[2] else None
+        return gx, gw, gb
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1) -> Tensor:
+    """Transposed convolution ("deconvolution"), as ``torch.nn.functional.conv_transpose2d``.
+
+    weight is (C_in, C_out/groups, kH, kW); the output size is
+    ``(H - 1)*stride - 2*padding + dilation*(k - 1) + output_padding + 1``.
+    """
+    x = _float_tensor(input, "input")
+    w = _float_tensor(weight, "weight")
+    _ndim(x, 4, "input", "(N, C_in, H, W)")
+    _ndim(w, 4, "weight", "(C_in, C_out/groups, kH, kW)")
+    _same_dtype(w, x, "weight")
+    if bias is not None:
+        bias = _float_tensor(bias, "bias")
+        _same_dtype(bias, x, "bias")
+    if not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    padding = _pair(padding, "padding", 0)
+    output_padding = _pair(output_padding, "output_padding", 0)
+    n, c_in, h, wd = x.shape
+    if w.shape[0] != c_in:
+        raise ValueError(f"weight has {w.shape[0]} input channels (dim 0) but input has {c_in} (input {x.shape}, weight {w.shape})")
+    if c_in % groups:
+        raise ValueError(f"groups={groups} must divide in_channels={c_in}")
+    c_out = w.shape[1] * groups
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},), got {bias.shape}")
+    for i in range(2):
+        if output_padding[i] >= max(stride[i], dilation[i]):
+            raise ValueError(
+                f"output_padding {output_padding} must be smaller than either stride {stride} or dilation {dilation}"
+            )
+    out = [
+        (size - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + output_padding[i] + 1
+        for i, size in enumerate((h, wd))
+    ]
+    if min(out) <= 0:
+        raise ValueError(f"conv_transpose2d output size would be {tuple(out)} <= 0 for input {x.shape} and padding {padding}")
+    pads = ((padding[0], padding[0]), (padding[1], padding[1]))
+    return ConvTranspose2d.apply(
+        x, w, bias, out_shape=(n, c_out, out[0], out[1]), stride=stride, padding=pads, dilation=dilation, groups=int(groups)
+    )
+
+
+# -------------------------------------------------------------------- interpolate
+
+INTERPOLATE_MODES = ("nearest", "nearest-exact", "bilinear")
+
+
+class Interpolate(Function):
+    @staticmethod
+    def forward(ctx, x, out_size, mode, align_corners, scales):
+        ctx.K = backend.current()
+        ctx.args = (x.shape, mode, align_corners, scales)
+        return ctx.K.interpolate_forward(x, out_size, mode, align_corners, scales)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return (ctx.K.interpolate_backward(_contiguous(gy), *ctx.args),)
+
+
+def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None) -> Tensor:
+    """Resize (N, C, H, W) maps, as ``torch.nn.functional.interpolate``.
+
+    Give exactly one of ``size`` (int or pair) and ``scale_factor`` (float or
+    pair; the output is ``floor(in * scale_factor)`` and coordinates map with
+    ``1/scale_factor``, torch's rule). ``align_corners`` is for 'bilinear' only
+    (default False).
+    """
+    x = _float_tensor(input, "input")
+    if mode not in INTERPOLATE_MODES:
+        raise ValueError(f"mode must be one of {INTERPOLATE_MODES}, got {mode!r}")
+    _ndim(x, 4, "input", "(N, C, H, W)")
+    if align_corners is not None and mode != "bilinear":
+        raise ValueError(f"align_corners can only be set with mode='bilinear', got mode={mode!r} with align_corners={align_corners}")
+    align_corners = bool(align_corners)
+    if (size is None) == (scale_factor is None):
+        raise ValueError("interpolate: give exactly one of size and scale_factor")
+    in_hw = x.shape[2:]
+    if size is not None:
+        out = _pair(size, "size", 1)
+        scales = (in_hw[0] / out[0], in_hw[1] / out[1])
+    else:
+        sf = (scale_factor, scale_factor) if isinstance(scale_factor, numbers.Real) else tuple(scale_factor)
+        if len(sf) != 2 or not all(isinstance(s, numbers.Real) and s > 0 and math.isfinite(s) for s in sf):
+            raise ValueError(f"scale_factor must be a positive number or a pair of them, got {scale_factor!r}")
+        out = tuple(int(math.floor(n * s)) for n, s in zip(in_hw, sf))
+        if min(out) <= 0:
+            raise ValueError(f"interpolate output size {out} <= 0 for input size {in_hw} and scale_factor {scale_factor}")
+        scales = (1.0 / sf[0], 1.0 / sf[1])
+    return Interpolate.apply(_contig_tensor(x), out_size=out, mode=mode, align_corners=align_corners, scales=scales)
+
+
+# ---------------------------------------------------------------------- max_pool2d
+
+
+class MaxPool2d(Function):
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+        K = backend.current()
+        y, idx = K.max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.K, ctx.idx, ctx.x_shape = K, idx, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        return (ctx.K.max_pool2d_backward(_contiguous(gy), ctx.idx, ctx.x_shape),)
+
+
+def _pool_out(size, k, s, p, d, ceil_mode):
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1  # the last window must start inside the input or the left padding
+    return out
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """2-D max pooling, as ``torch.nn.functional.max_pool2d``; ``stride`` defaults to ``kernel_size``."""
+    x = _float_tensor(input, "input")
+    _ndim(x, 4, "input", "(N, C, H, W)")
+    k = _pair(kernel_size, "kernel_size", 1)
+    s = k if stride is None or stride == () else _pair(stride, "stride", 1)
+    p = _pair(padding, "padding", 0)
+    d = _pair(dilation, "dilation", 1)
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise ValueError(f"padding {p} must be at most half of kernel_size {k}")
+    out = tuple(_pool_out(x.shape[2 + i], k[i], s[i], p[i], d[i], ceil_mode) for i in range(2))
+    if min(out) <= 0:
+        raise ValueError(f"max_pool2d output size would be {out} <= 0 for input size {x.shape[2:]}, kernel {k}, dilation {d}")
+    for i in range(2):  # a dilation larger than the input can step a window over it entirely
+        taps = np.arange(out[i])[:, None] * s[i] - p[i] + np.arange(k[i]) * d[i]
+        if not ((taps >= 0) & (taps < x.shape[2 + i])).any(axis=1).all():
+            raise ValueError(
+                f"max_pool2d: with dilation {d} and padding {p}, a window of kernel_size {k} reads only padding "
+                f"for input size {x.shape[2:]} (torch returns an index outside the input there)"
+            )
+    y = MaxPool2d.apply(_contig_tensor(x), kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode))
+    if return_indices:
+        idx = y._ctx.idx if y._ctx is not None else None
+        if idx is None:  # no graph was recorded: run the kernel for the indices
+            _, idx = backend.current().max_pool2d_forward(_array(x), k, s, p, d, bool(ceil_mode))
+        return y, Tensor(idx)
+    return y
+
+
+# ------------------------------------------------------------- relu and softmaxes
+
+
+class ReLU(Function):
+    """y = max(x, 0);  dy/dx = 1 where x > 0, else 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.K = backend.current()
+        y = ctx.K.relu_forward(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (y,) = ctx.saved_tensors
+        return (ctx.K.relu_backward(y, _contiguous(gy)),)
+
+
+def relu(input) -> Tensor:
+    x = _float_tensor(input, "input")
+    return ReLU.apply(_contig_tensor(x))
+
+
+def _contig_tensor(x: Tensor) -> Tensor:
+    """x itself when contiguous; else a contiguous copy that stays in the graph."""
+    if x.data.flags.c_contiguous:
+        return x
+    return _Contiguous.apply(x)
+
+
+class _Contiguous(Function):
+    """A C-contiguous copy; the gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _contiguous(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g,)
+
+
+def _softmax_dim(x: Tensor, dim, name):
+    if dim is None or not isinstance(dim, numbers.Integral):
+        raise ValueError(f"{name}: dim must be an int, got {dim!r}")
+    if not -x.ndim <= dim < x.ndim:
+        raise ValueError(f"{name}: dim {dim} is out of range for a {x.ndim}-D input")
+    return int(dim) % x.ndim
+
+
+class Softmax(Function):
+    @staticmethod
+    def forward(ctx, x, dim, log):
+        ctx.K, ctx.dim, ctx.log = backend.current(), dim, log
+        y = (ctx.K.log_softmax_forward if log else ctx.K.softmax_forward)(x, dim)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (y,) = ctx.saved_tensors
+        fn = ctx.K.log_softmax_backward if ctx.log else ctx.K.softmax_backward
+        return (fn(y, _contiguous(gy), ctx.dim),)
+
+
+def softmax(input, dim) -> Tensor:
+    """exp(x_i - max x) / sum_j exp(x_j - max x) along ``dim``."""
+    x = _float_tensor(input, "input")
+    return Softmax.apply(_contig_tensor(x), dim=_softmax_dim(x, dim, "softmax"), log=False)
+
+
+def log_softmax(input, dim) -> Tensor:
+    """x_i - max x - log sum_j exp(x_j - max x) along ``dim``."""
+    x = _float_tensor(input, "input")
+    return Softmax.apply(_contig_tensor(x), dim=_softmax_dim(x, dim, "log_softmax"), log=True)
+
+
+# --------------------------------------------------------------------- cross_entropy
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+class CrossEntropy(Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing):
+        ctx.K = backend.current()
+        ctx.args = (ignore_index, reduction, label_smoothing)
+        loss, lse = ctx.K.cross_entropy_forward(logits, target, weight, *ctx.args)
+        ctx.save_for_backward(logits, target, weight, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, gloss):
+        logits, target, weight, lse = ctx.saved_tensors
+        g = ctx.K.cross_entropy_backward(logits, target, weight, *ctx.args, lse, _contiguous(gloss))
+        return g, None, None
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0) -> Tensor:
+    """Pixel-wise cross-entropy of logits (N, C) or (N, C, H, W) against integer class targets.
+
+    loss_i = -(1 - eps) w[t_i] log p[i, t_i] - (eps / C) sum_c w[c] log p[i, c]
+    with p = softmax over C. 'mean' divides the sum by the summed weights w[t_i]
+    of the non-ignored pixels (NaN if every pixel is ignored); 'none' gives 0 at
+    ignored pixels.
+    """
+    x = _float_tensor(input, "input")
+    if x.ndim < 2:
+        raise ValueError(f"input must be (N, C) or (N, C, H, W) logits, got shape {x.shape}")
+    t = _tensor(target, "target")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype} (probability targets are not supported)")
+    n, c = x.shape[:2]
+    expected = (n,) + x.shape[2:]
+    if t.shape != expected:
+        raise ValueError(f"target must have shape {expected} for input of shape {x.shape}, got {t.shape}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if weight is not None:
+        weight = _float_tensor(weight, "weight")
+        _same_dtype(weight, x, "weight")
+        if weight.shape != (c,):
+            raise ValueError(f"weight must have shape ({c},), one per class, got {weight.shape}")
+    t_np = t.numpy()
+    bad = (t_np != ignore_index) & ((t_np < 0) | (t_np >= c))
+    if bad.any():
+        value = t_np[bad].reshape(-1)[0]
+        raise ValueError(f"target value {value} is out of range: expected class indices in [0, {c - 1}] or ignore_index={ignore_index}")
+    s = int(np.prod(x.shape[2:], dtype=np.int64))
+    logits = x.reshape(n, c, s)
+    target_arr = _contiguous(t.data.reshape(n, s).astype(np.int64, copy=False))
+    loss = CrossEntropy.apply(
+        _contig_tensor(logits),
+        Tensor(target_arr),
+        weight,
+        ignore_index=int(ignore_index),
+        reduction=reduction,
+        label_smoothing=float(label_smoothing),
+    )
+    return loss.reshape(expected) if reduction == "none" else loss
+
+
+# ------------------------------------------------------------------------ batch_norm
+
+
+class BatchNorm(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps, training):
+        ctx.K, ctx.training = backend.current(), training
+        y, xhat, invstd = ctx.K.batch_norm_forward(x, mean, var, weight, bias, eps)
+        ctx.save_for_backward(xhat, invstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xhat, invstd, weight = ctx.saved_tensors
+        gx, gw, gb = ctx.K.batch_norm_backward(_contiguous(gy), xhat, invstd, weight, ctx.training)
+        need = ctx.needs_input_grad
+        return gx, gw if need[1] else None, gb if need[2] else None
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5) -> Tensor:
+    """Batch normalisation over (N, H, W) per channel, as ``torch.nn.functional.batch_norm``.
+
+    training: normalise with the batch mean and biased variance, and update the
+    running statistics in place: r = (1 - momentum) r + momentum * stat, with
+    the *unbiased* variance n/(n-1) var for ``running_var`` (as torch).
+    eval: normalise with the running statistics.
+    """
+    x = _float_tensor(input, "input")
+    if x.ndim < 2:
+        raise ValueError(f"input must be (N, C, ...) with at least 2 dims, got shape {x.shape}")
+    c = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            _float_tensor(t, name)
+            _same_dtype(t, x, name)
+            if t.shape != (c,):
+                raise ValueError(f"{name} must have shape ({c},) for input with {c} channels, got {t.shape}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+    if not (isinstance(eps, numbers.Real) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    K = backend.current()
+    xa = _contiguous(x.data)
+    if training:
+        count = x.numel() // c
+        if count <= 1:
+            raise ValueError(f"batch_norm in training mode needs more than 1 value per channel, got input shape {x.shape}")
+        mean, var = K.batch_norm_stats(xa)
+        if running_mean is not None:
+            m = float(momentum)
+            running_mean.data *= 1 - m
+            running_mean.data += m * mean
+        if running_var is not None:
+            m = float(momentum)
+            running_var.data *= 1 - m
+            running_var.data += (m * count / (count - 1)) * var
+    else:
+        mean, var = _contiguous(running_mean.data), _contiguous(running_var.data)
+    return BatchNorm.apply(
+        _contig_tensor(x),
+        weight,
+        bias,
+        mean=mean,
+        var=var,
+        eps=float(eps),
+        training=bool(training),
+    )
+
+
+# ------------------------------------------------------------ compositions: cat, dropout
+
+
+class Cat(Function):
+    """y = [x_1, x_2, ...] joined along ``dim``; the gradient is split back into the pieces."""
+
+    @staticmethod
+    def forward(ctx, *arrays, dim):
+        ctx.dim = dim
+        ctx.bounds = np.cumsum([a.shape[dim] for a in arrays])[:-1]
+        return backend.array_module(arrays[0]).concatenate(arrays, axis=dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return tuple(backend.array_module(g).split(g, ctx.bounds, axis=ctx.dim))
+
+
+def cat(tensors, dim=0) -> Tensor:
+    """Concatenate tensors of equal shape except along ``dim``."""
+    tensors = [_tensor(t, f"tensors[{i}]") for i, t in enumerate(tensors)]
+    if not tensors:
+        raise ValueError("cat: tensors must be a non-empty sequence")
+    first = tensors[0]
+    if not -first.ndim <= dim < first.ndim:
+        raise ValueError(f"cat: dim {dim} is out of range for {first.ndim}-D tensors")
+    dim %= first.ndim
+    for i, t in enumerate(tensors[1:], 1):
+        if t.ndim != first.ndim or any(a != b for j, (a, b) in enumerate(zip(t.shape, first.shape)) if j != dim):
+            raise ValueError(f"cat: tensors[{i}] has shape {t.shape}, expected {first.shape} except along dim {dim}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"cat: tensors[{i}] has dtype {t.dtype}, expected {first.dtype}")
+    return Cat.apply(*tensors, dim=dim)
+
+
+_rng = np.random.default_rng()
+
+
+def manual_seed(seed: int) -> None:
+    """Seed minseg's random generator (dropout masks, parameter initialisation)."""
+    global _rng
+    _rng = np.random.default_rng(seed)
+
+
+def generator() -> np.random.Generator:
+    return _rng
+
+
+def dropout(input, p=0.5, training=True) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1/(1-p) (identity in eval).
+
+    y = x * m with m = bernoulli(1-p) / (1-p);  dy/dx = m.
+    """
+    x = _float_tensor(input, "input")
+    if not (isinstance(p, numbers.Real) and 0.0 <= p <= 1.0):
+        raise ValueError(f"dropout probability p must be in [0, 1], got {p!r}")
+    if not training or p == 0:
+        return x
+    keep = _rng.random(x.shape) >= p
+    mask = keep.astype(x.dtype) / (1.0 - p) if p < 1 else np.zeros(x.shape, x.dtype)
+    return x * Tensor(backend.to_backend_array(mask.astype(x.dtype)))
+
+
+__all__ = [
+    "conv2d",
+    "conv_transpose2d",
+    "interpolate",
+    "max_pool2d",
+    "relu",
+    "softmax",
+    "log_softmax",
+    "cross_entropy",
+    "batch_norm",
+    "cat",
+    "dropout",
+    "manual_seed",
+]

@@ -1,0 +1,54 @@
+"""Every backend module of an op exports exactly the reference's functions, with the same parameters."""
+import importlib
+import importlib.util
+import inspect
+
+import numpy as np
+import pytest
+
+import minseg
+from minseg import backend
+from tests.helpers import KERNEL_BACKENDS
+
+MODULES = [
+    pytest.param(op, name, id=f"{op}-{name}")
+    for op in backend.OPS
+    for name in KERNEL_BACKENDS
+    if importlib.util.find_spec(f"kernels.{op}.{backend.MODULE_OF[name]}") is not None
+]
+
+
+@pytest.mark.parametrize("op", backend.OPS)
+def test_reference_exists_and_documents_every_function(op):
+    ref = importlib.import_module(f"kernels.{op}.reference")
+    assert ref.__doc__ and len(ref.__doc__) > 200, f"kernels/{op}/reference.py needs a module docstring with the math"
+    for name in ref.__all__:
+        assert getattr(ref, name).__doc__, f"{op}.reference.{name} has no docstring"
+
+
+@pytest.mark.parametrize("op,name", MODULES)
+def test_backend_module_matches_reference_interface(op, name):
+    ref = importlib.import_module(f"kernels.{op}.reference")
+    mod = importlib.import_module(f"kernels.{op}.{backend.MODULE_OF[name]}")
+    assert sorted(mod.__all__) == sorted(ref.__all__)
+    for fn in ref.__all__:
+        ref_params = list(inspect.signature(getattr(ref, fn)).parameters)
+        params = list(inspect.signature(getattr(mod, fn)).parameters)
+        assert params[: len(ref_params)] == ref_params, f"{op}.{name}.{fn}{params} differs from reference {ref_params}"
+
+
+def test_backend_switching_and_errors():
+    before = minseg.get_backend()
+    with backend.using("numpy") as k:
+        assert minseg.get_backend() == "numpy" and k.name == "numpy"
+        assert callable(k.conv2d_forward)
+    assert minseg.get_backend() == before
+    with pytest.raises(ValueError, match="backend must be one of"):
+        minseg.set_backend("tpu")
+    with pytest.raises(AttributeError, match="no kernel 'nope'"):
+        backend.load("numpy").nope
+
+
+def test_available_backends_include_numpy_and_arrays_are_numpy_here():
+    assert "numpy" in minseg.available_backends()
+    assert backend.to_backend_array(np.ones(2), "numpy").__class__ is np.ndarray
