@@ -9,7 +9,12 @@ Every cuda.py module lists its kernels with the signatures they must compile
 for in ``PTX_SIGNATURES`` -- ``[(kernel, ["void(float32[:, ::1], ...)", ...]), ...]``
 -- and ``tests/cuda/test_ptx.py`` compiles each of them to PTX for sm_80 and
 sm_90 with the simulator off, because the simulator happily runs Python that
-real CUDA rejects.
+real CUDA rejects. ``python -m benchmarks.ptx_report`` does the same compile
+and prints each kernel's registers, spills and shared memory.
+
+The simulator copies NumPy arguments to fake device arrays and back after the
+launch (so a kernel's writes appear in the caller's arrays), and refuses
+non-contiguous arrays: pass everything through ``as_input``.
 """
 from __future__ import annotations
 
@@ -64,6 +69,24 @@ def blocks(n: int, threads: int) -> int:
 def grid_2d(rows: int, cols: int, block=(16, 16)):
     """(grid, block) covering a rows x cols output with 2-D blocks; edges are partial."""
     return (blocks(cols, block[0]), blocks(rows, block[1])), block
+
+
+def reduce_threads(terms: int, largest: int) -> int:
+    """Block size of a block reduction over ``terms`` values: a power of two in [32, largest].
+
+    A block no larger than the work leaves no threads idle on short reductions
+    (and keeps the simulator, one Python thread per CUDA thread, fast); ``largest``
+    is the size of the kernel's shared buffer.
+    """
+    if SIMULATOR:
+        # One Python thread per CUDA thread, and a barrier costs a switch per
+        # thread: the smallest block (one warp) runs the same tree-reduction code
+        # an order of magnitude faster. The code path is identical for any size.
+        return 32
+    threads = 32
+    while threads < min(terms, largest):
+        threads *= 2
+    return threads
 
 
 @cuda.jit(device=True)

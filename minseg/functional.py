@@ -56,7 +56,8 @@ def _pair(value, name: str, minimum: int) -> tuple[int, int]:
 
 
 def _contiguous(a):
-    return backend.array_module(a).ascontiguousarray(a)
+    """``a`` itself when C-contiguous (0-d arrays included), else a contiguous copy."""
+    return a if a.flags.c_contiguous else backend.array_module(a).ascontiguousarray(a)
 
 
 def _array(t: Tensor | None):
@@ -139,6 +140,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
             f"conv2d output size would be ({ho}, {wo}) <= 0: input {h}x{wd} with padding {pads} is smaller than "
             f"the dilated kernel {dilation[0] * (kh - 1) + 1}x{dilation[1] * (kw - 1) + 1}"
         )
+    x, w = _contig_tensor(x), _contig_tensor(w)  # kernels index flat memory
+    bias = None if bias is None else _contig_tensor(bias)
     return Conv2d.apply(x, w, bias, stride=stride, padding=pads, dilation=dilation, groups=int(groups))
 
 
@@ -160,7 +163,11 @@ class ConvTranspose2d(Function):
         x, w = ctx.saved_tensors
         K, need = ctx.K, ctx.needs_input_grad
         gy = _contiguous(gy)
-        gx = K.conv2d_forward(gy, w, None, *ctx.args) if need[0] else None
+        gx = None
+        if need[0]:
+            # conv2d of gy has H_in + output_padding // stride rows (cols likewise): with
+            # output_padding >= stride (allowed when dilation > stride) the extra ones match no pixel of x
+            gx = _contiguous(K.conv2d_forward(gy, w, None, *ctx.args)[:, :, : x.shape[2], : x.shape[3]])
         gw = K.conv2d_grad_weight(gy, x, w.shape, *ctx.args) if need[1] else None
         gb = K.conv2d_grad_bias(gy) if need[2] else None
         return gx, gw, gb
@@ -206,6 +213,8 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     if min(out) <= 0:
         raise ValueError(f"conv_transpose2d output size would be {tuple(out)} <= 0 for input {x.shape} and padding {padding}")
     pads = ((padding[0], padding[0]), (padding[1], padding[1]))
+    x, w = _contig_tensor(x), _contig_tensor(w)  # kernels index flat memory
+    bias = None if bias is None else _contig_tensor(bias)
     return ConvTranspose2d.apply(
         x, w, bias, out_shape=(n, c_out, out[0], out[1]), stride=stride, padding=pads, dilation=dilation, groups=int(groups)
     )

@@ -1,0 +1,38 @@
+"""minseg's benchmark suite: every op and a whole U-Net training step against PyTorch.
+
+Run it as ``python -m benchmarks ops|train|gpu`` (or ``minseg bench ...``)::
+
+    python -m benchmarks ops                      # the hot ops, numpy / cpu backends vs torch CPU
+    python -m benchmarks train                    # one U-Net training step (forward, backward, SGD)
+    python -m benchmarks gpu                      # the ops on the cuda backend vs torch CUDA (cuDNN)
+    python -m benchmarks ops --json out.json --repeat 30 --backends numpy,cpu
+    python -m benchmarks ops --quick              # tiny shapes, 2 repeats: checks that it runs
+
+How the numbers are taken (``timing.py``):
+
+* every implementation of a case runs in the **same process** with the **same
+  thread count** (torch intra-op threads = Numba threads = BLAS threads);
+* calls are **interleaved** (numpy, cpu, torch, numpy, cpu, torch, ...) so a
+  noisy neighbour or a clock change hits every implementation alike;
+* the first call of each implementation is timed on its own: for the ``cpu``
+  backend it holds the Numba compilation (or the load from Numba's on-disk
+  cache), reported as *first - median* and as the time Numba spent compiling;
+* after warm-up, the **median** and the min-max of the timed calls are
+  reported, with the ratio minseg / torch and GFLOP/s for convolutions.
+
+Each implementation's outputs and gradients from its first call are compared
+with torch's ('rel err' column), so a table never times a different computation.
+After a run that used the ``cpu`` backend, a second process repeats the first
+calls: with Numba's ``cache=True`` it must compile nothing.
+
+Environment: the header prints the CPU, the BLAS libraries with the kernels
+they picked (threadpoolctl), torch's MKL/oneDNN and every thread count.
+``--unset-openblas-coretype`` re-runs without ``OPENBLAS_CORETYPE`` (which forces
+OpenBLAS onto another CPU's kernels), ``--malloc-tune`` re-runs with glibc
+keeping freed memory for reuse (fewer page faults, for both sides).
+
+Files: ``machine.py`` (what ran), ``timing.py`` (how it is timed, the table),
+``cases.py`` (the op cases), ``train.py`` (the U-Net step and its torch twin),
+``gpu.py`` (the GPU mode), ``__main__.py`` (the command line).
+``RESULTS.md`` records measured tables with the machine they ran on.
+"""

@@ -1,0 +1,225 @@
+"""The benchmark cases: each op at its size, and the U-Net training step, for minseg and torch.
+
+One description of an op case (:class:`OpSpec`) serves every implementation:
+a *library* adapter (:class:`MinsegLib` for a minseg backend, :class:`TorchLib`
+for torch on a device) turns its NumPy inputs into that library's tensors and
+runs the op through the library's public API -- ``minseg.functional`` with the
+backend switched by ``minseg.backend.using(name)``, ``torch.nn.functional`` --
+so the numbers are what a user of either gets: tensors that require grad, a
+graph, ``.backward()``. Forward-only cases run under ``no_grad`` (inference).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .timing import Case, Impl
+
+
+# --------------------------------------------------------------------- libraries
+
+
+class MinsegLib:
+    """minseg with backend ``name`` ('numpy', 'cpu' or 'cuda'); loading raises if it is unavailable."""
+
+    def __init__(self, name: str):
+        import minseg
+        from minseg import backend
+
+        backend.load(name)
+        self.name, self.label = name, name
+        self.minseg, self.backend = minseg, backend
+        self.F = minseg.functional
+
+    def active(self):
+        return self.backend.using(self.name)
+
+    def no_grad(self):
+        return self.minseg.no_grad()
+
+    def tensor(self, array, requires_grad=False):
+        with self.active():  # the array moves to the backend's memory (CuPy for 'cuda')
+            return self.minseg.tensor(array, requires_grad=requires_grad)
+
+    def to_numpy(self, t) -> np.ndarray:
+        return t.numpy() if isinstance(t, self.minseg.Tensor) else self.backend.to_numpy(t)
+
+
+class TorchLib:
+    """torch on ``device`` ('cpu' or 'cuda')."""
+
+    def __init__(self, device: str = "cpu", label: str = "torch"):
+        import torch
+
+        self.torch, self.device, self.label = torch, device, label
+        self.F = torch.nn.functional
+
+    def active(self):
+        return contextlib.nullcontext()
+
+    def no_grad(self):
+        return self.torch.no_grad()
+
+    def tensor(self, array, requires_grad=False):
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device).requires_grad_(requires_grad)
+
+    @staticmethod
+    def to_numpy(t) -> np.ndarray:
+        return t.detach().cpu().numpy()
+
+
+# ---------------------------------------------------------------------- op cases
+
+
+@dataclass
+class OpSpec:
+    """One op at one size: its inputs (NumPy, float32), the call, and its cost."""
+
+    name: str
+    inputs: dict[str, np.ndarray]  # keyword arguments of ``op``, in order
+    op: Callable  # op(F, **tensors) -> output tensor, F = the library's functional module
+    backward: bool  # time forward + backward (else forward under no_grad)
+    differentiable: tuple[str, ...] = ()  # inputs whose gradients the backward computes
+    grad_output: np.ndarray | None = None  # upstream gradient (None: scalar output, d/d itself = 1)
+    flops: float | None = None
+    nbytes: float | None = None
+
+
+def op_impl(spec: OpSpec, lib) -> Impl:
+    """``spec`` run through ``lib``: one call = the op (and its backward), returning output and gradients."""
+    need_grad = set(spec.differentiable) if spec.backward else set()
+    tensors = {k: lib.tensor(v, requires_grad=k in need_grad) for k, v in spec.inputs.items()}
+    leaves = [tensors[k] for k in spec.inputs if k in need_grad]
+    gy = None if spec.grad_output is None else lib.tensor(spec.grad_output)
+
+    def run():
+        with lib.active():
+            if not spec.backward:
+                with lib.no_grad():
+                    return [spec.op(lib.F, **tensors)]
+            y = spec.op(lib.F, **tensors)
+            y.backward(gy)
+            return [y] + [t.grad for t in leaves]
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    return Impl(lib.label, run, lib.to_numpy, reset)
+
+
+def _conv(F, x, w, b):
+    return F.conv2d(x, w, b, padding=1)
+
+
+def _bilinear(F, x):
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def _cross_entropy(F, logits, target):
+    return F.cross_entropy(logits, target)
+
+
+def _max_pool(F, x):
+    return F.max_pool2d(x, 2)
+
+
+def conv_flops(n, c_in, h, w, c_out, k=3) -> float:
+    """2*N*C_out*Ho*Wo*C_in*kh*kw for one forward (stride 1, 'same' padding: Ho, Wo = H, W)."""
+    return 2.0 * n * c_out * h * w * c_in * k * k
+
+
+def cross_entropy_bytes(n, c, h, w, itemsize=4) -> float:
+    """Fewest bytes of a fused forward + backward.
+
+    forward: read logits (N*C*S) and targets (int64), write the per-pixel log-sum-exp (N*S);
+    backward: read logits, targets and lse again, write the logits' gradient (N*C*S).
+    """
+    s = n * h * w
+    logits, target, lse = n * c * h * w * itemsize, s * 8, s * itemsize
+    return 3 * logits + 2 * target + 2 * lse
+
+
+def _name(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+# Sizes: "full" is issue 4's, "quick" runs in a fraction of a second (smoke test),
+# "gpu" is issue 3's realistic size (batch 16, 64-128 channels, 128x128 images).
+# conv: (N, C_in, H, W, C_out) with a 3x3 kernel and padding 1.
+OP_SIZES = {
+    "full": dict(
+        conv=[(8, 32, 64, 64, 32), (8, 64, 32, 32, 64)],
+        bilinear=(8, 64, 32, 32),
+        cross_entropy=(8, 4, 128, 128),
+        max_pool=(8, 32, 64, 64),
+    ),
+    "quick": dict(
+        conv=[(2, 4, 10, 10, 4), (2, 8, 5, 5, 8)],
+        bilinear=(2, 4, 6, 6),
+        cross_entropy=(2, 4, 12, 12),
+        max_pool=(2, 4, 10, 10),
+    ),
+    # Cross-entropy at 19 classes (Cityscapes) and 256x256: 80 MB of logits, more
+    # than the L2 cache of any GPU, so its GB/s is the memory's, not the cache's.
+    "gpu": dict(
+        conv=[(16, 64, 128, 128, 64), (16, 128, 128, 128, 128)],
+        bilinear=(16, 64, 128, 128),
+        cross_entropy=(16, 19, 256, 256),
+        max_pool=(16, 64, 128, 128),
+    ),
+}
+
+
+def op_specs(size: str = "full", seed: int = 0) -> list[OpSpec]:
+    """The op cases of issue 4 at ``size`` ('full', 'quick' or 'gpu'), with fixed random inputs."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    sizes = OP_SIZES[size]
+    specs = []
+    for n, c, h, w, co in sizes["conv"]:
+        inputs = dict(x=normal(n, c, h, w), w=normal(co, c, 3, 3, scale=(c * 9) ** -0.5), b=normal(co))
+        gy = normal(n, co, h, w)
+        flops = conv_flops(n, c, h, w, co)
+        label = f"{_name((n, c, h, w))}->{co}"
+        specs.append(OpSpec(f"conv2d 3x3 fwd {label}", inputs, _conv, False, flops=flops))
+        # fwd+bwd = forward + grad_input + grad_weight: three products of the same size
+        specs.append(OpSpec(f"conv2d 3x3 fwd+bwd {label}", inputs, _conv, True, ("x", "w", "b"), gy, flops=3 * flops))
+    n, c, h, w = sizes["bilinear"]
+    specs.append(
+        OpSpec(f"bilinear x2 fwd+bwd {_name((n, c, h, w))}", dict(x=normal(n, c, h, w)), _bilinear, True, ("x",),
+               normal(n, c, 2 * h, 2 * w))
+    )
+    n, c, h, w = sizes["cross_entropy"]
+    inputs = dict(logits=normal(n, c, h, w), target=rng.integers(0, c, (n, h, w)).astype(np.int64))
+    specs.append(
+        OpSpec(f"cross_entropy fwd+bwd {_name((n, c, h, w))}", inputs, _cross_entropy, True, ("logits",),
+               nbytes=cross_entropy_bytes(n, c, h, w))
+    )
+    n, c, h, w = sizes["max_pool"]
+    specs.append(
+        OpSpec(f"max_pool2d 2x2 fwd+bwd {_name((n, c, h, w))}", dict(x=normal(n, c, h, w)), _max_pool, True, ("x",),
+               normal(n, c, h // 2, w // 2))
+    )
+    return specs
+
+
+def build_case(name: str, libs: list, make_impl: Callable, flops=None, nbytes=None) -> Case:
+    """A Case whose implementations are ``make_impl(lib)`` for each library (one that raises is skipped)."""
+    impls, skipped = [], {}
+    for lib in libs:
+        try:
+            impls.append(make_impl(lib))
+        except Exception as e:  # e.g. a kernel that does not support this case yet
+            skipped[lib.label] = f"{type(e).__name__}: {e}"
+    return Case(name, impls, flops, nbytes, skipped)
+
+
+def op_cases(libs: list, size: str = "full") -> list[Case]:
+    return [build_case(s.name, libs, lambda lib, s=s: op_impl(s, lib), s.flops, s.nbytes) for s in op_specs(size)]

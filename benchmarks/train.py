@@ -1,0 +1,178 @@
+"""The training-step case: minseg's UNet and the same network in torch, from the same weights.
+
+One step = zero the gradients, forward, pixel-wise cross-entropy, backward, SGD
+update: everything a training loop does per batch except loading the data.
+
+The torch network mirrors ``minseg.nn.UNet`` module for module and *name for
+name* (``inc.0.weight``, ``down1.1.running_mean``, ...), so the torch model
+loads minseg's ``state_dict`` with ``strict=True``: a missing or extra layer,
+or one of another shape, fails there. Both start from the same weights, so
+their first losses must agree to float32 rounding (the 'rel err' column).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .cases import MinsegLib, build_case
+from .timing import Impl
+
+# Issue 4's default U-Net: batch 8, 3x64x64 images, 4 classes, channels
+# 16-32-64 (base 16, two poolings: depth 2 in minseg.nn.UNet), bilinear
+# upsampling with concatenated skips. "quick" is a tiny one for the smoke test.
+TRAIN_SIZES = {
+    "full": dict(batch=8, in_channels=3, image=64, num_classes=4, base_channels=16, depth=2),
+    "quick": dict(batch=2, in_channels=3, image=16, num_classes=4, base_channels=4, depth=2),
+}
+SGD = dict(lr=0.01, momentum=0.9)
+
+
+def torch_unet(in_channels, num_classes, base_channels, depth, upsampling="bilinear"):
+    """torch twin of ``minseg.nn.UNet`` with the same constructor, module names and forward."""
+    import torch
+    from torch import nn
+
+    def double_conv(c_in, c_out):
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+        )
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.depth = depth
+            widths = [base_channels * 2**i for i in range(depth + 1)]
+            self.inc = double_conv(in_channels, widths[0])
+            self.pool = nn.MaxPool2d(2)
+            for i in range(1, depth + 1):
+                setattr(self, f"down{i}", double_conv(widths[i - 1], widths[i]))
+            for i in range(depth, 0, -1):
+                if upsampling == "transpose":
+                    up, merged = nn.ConvTranspose2d(widths[i], widths[i - 1], 2, stride=2), 2 * widths[i - 1]
+                else:
+                    up, merged = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), widths[i] + widths[i - 1]
+                setattr(self, f"up{i}", up)
+                setattr(self, f"dec{i}", double_conv(merged, widths[i - 1]))
+            self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+        def forward(self, x):
+            skips = [self.inc(x)]
+            for i in range(1, self.depth + 1):
+                skips.append(getattr(self, f"down{i}")(self.pool(skips[-1])))
+            y = skips.pop()
+            for i in range(self.depth, 0, -1):
+                y = getattr(self, f"up{i}")(y)
+                y = getattr(self, f"dec{i}")(torch.cat([skips.pop(), y], dim=1))
+            return self.head(y)
+
+    return UNet()
+
+
+def conv_flops_per_step(model, x) -> float:
+    """FLOPs of every convolution of one training step, counted on the torch twin with forward hooks.
+
+    Forward 2*N*C_out*Ho*Wo*(C_in/groups)*kh*kw per conv; backward twice that (grad_input
+    and grad_weight), except the first conv, whose input (the image) needs no gradient.
+    """
+    import torch
+
+    total, first = [], []
+
+    def hook(module, inputs, output):
+        n, c_out, ho, wo = output.shape
+        c_in_g, kh, kw = module.weight.shape[1:]
+        f = 2.0 * n * c_out * ho * wo * c_in_g * kh * kw
+        total.append(f)
+        if inputs[0] is x:
+            first.append(f)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    model.eval()  # leaves BatchNorm's running statistics as they are
+    with torch.no_grad():
+        model(x)
+    model.train()
+    for h in handles:
+        h.remove()
+    return 3 * sum(total) - sum(first)
+
+
+def _minseg_impl(lib: MinsegLib, config, state, x, t) -> tuple[Impl, int]:
+    from minseg.nn import UNet
+    from minseg.optim import SGD as MinsegSGD
+
+    with lib.active():
+        model = UNet(**config)
+        model.load_state_dict(state)  # moves the arrays to the backend's memory
+    opt = MinsegSGD(model.parameters(), **SGD)
+    X, T = lib.tensor(x), lib.tensor(t)
+
+    def run():
+        opt.zero_grad()
+        with lib.active():
+            loss = lib.F.cross_entropy(model(X), T)
+            loss.backward()
+            opt.step()
+        return [loss]
+
+    return Impl(lib.label, run, lib.to_numpy), model.num_parameters()
+
+
+def _torch_impl(lib, config, state, x, t):
+    import torch
+
+    model = torch_unet(**config)
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=True)
+    model.to(lib.device).train()
+    opt = torch.optim.SGD(model.parameters(), **SGD)
+    X, T = lib.tensor(x), lib.tensor(t)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = lib.F.cross_entropy(model(X), T)
+        loss.backward()
+        opt.step()
+        return [loss]
+
+    return Impl(lib.label, run, lib.to_numpy), sum(p.numel() for p in model.parameters()), model, X
+
+
+def train_case(libs: list, size: str = "full", seed: int = 0):
+    """The training-step Case, plus facts about the model (parameter counts, conv FLOPs) for the report."""
+    import minseg
+    from minseg.nn import UNet
+
+    s = TRAIN_SIZES[size]
+    config = dict(in_channels=s["in_channels"], num_classes=s["num_classes"], base_channels=s["base_channels"], depth=s["depth"])
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((s["batch"], s["in_channels"], s["image"], s["image"])).astype(np.float32)
+    t = rng.integers(0, s["num_classes"], (s["batch"], s["image"], s["image"])).astype(np.int64)
+    minseg.manual_seed(seed)
+    with minseg.backend.using("numpy"):
+        state = UNet(**config).state_dict()  # one initialisation, loaded into every model
+
+    widths = "-".join(str(s["base_channels"] * 2**i) for i in range(s["depth"] + 1))
+    facts = dict(config=config, batch=s["batch"], image=s["image"], channels=widths, sgd=SGD, params={})
+    flops = None
+
+    def make(lib):
+        nonlocal flops
+        if isinstance(lib, MinsegLib):
+            impl, count = _minseg_impl(lib, config, state, x, t)
+        else:
+            impl, count, model, X = _torch_impl(lib, config, state, x, t)
+            flops = conv_flops_per_step(model, X)
+        facts["params"][lib.label] = count
+        return impl
+
+    name = f"unet train step b{s['batch']} {s['in_channels']}x{s['image']}x{s['image']} ch {widths}"
+    case = build_case(name, libs, make)
+    case.flops = flops
+    counts = set(facts["params"].values())
+    if len(counts) > 1:
+        raise AssertionError(f"minseg and torch U-Nets differ in parameter count: {facts['params']}")
+    facts["conv_gflop_per_step"] = None if flops is None else flops / 1e9
+    return case, facts

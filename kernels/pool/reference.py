@@ -1,0 +1,88 @@
+"""max_pool2d, the definition: the largest value of every window, and where it was.
+
+Forward
+-------
+Output pixel (i, j) of every (n, c) plane looks at the window of kernel taps
+``(p, q)``, ``p < kh``, ``q < kw``, at input rows and columns::
+
+    r = i*sh - ph + p*dh,    s = j*sw - pw + q*dw
+
+Taps outside the input (the padding) hold -inf and are never selected. Then::
+
+    y[i, j]       = max over the window of x[r, s]
+    indices[i, j] = r*W + s of the selected tap (flat index into the H*W plane, as torch)
+
+Which tap is selected follows torch's scan (rows, then columns, keeping a tap
+when ``x > best or isnan(x)``):
+
+* ties: the first maximum in scan order wins;
+* NaN: a window with a NaN outputs NaN, at the index of its *last* NaN;
+* a window whose in-image values are all -inf outputs -inf at its first
+  in-image tap (never at a padding position).
+
+``functional.py`` rejects configurations where a window holds only padding
+(possible when the dilation exceeds the input size), for which torch returns an
+index outside the plane.
+
+Backward
+--------
+Within a window ``y = x[indices]``: locally (wherever the maximum is unique) the
+output is a copy of one input, so ``dy[i, j]/dx[r, s] = 1`` for the selected tap
+and 0 for the others. Summing over the outputs (windows overlap when the stride is
+smaller than the kernel, and one input can be the maximum of several)::
+
+    gx[n, c].flat[k] = sum over (i, j) with indices[n, c, i, j] == k of gy[n, c, i, j]
+
+Inputs that are no window's maximum get 0. At a tie the function is not
+differentiable; the gradient goes to the selected tap, as torch's does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["max_pool2d_forward", "max_pool2d_backward"]
+
+
+def _taps(n_out, stride, pad, dilation, kernel):
+    """Input coordinate of tap t of output o along one axis: o*stride - pad + t*dilation, (n_out, kernel)."""
+    return np.arange(n_out)[:, None] * stride - pad + np.arange(kernel)[None, :] * dilation
+
+
+def _out_size(size, k, s, p, d, ceil_mode):
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1  # the last window must start inside the input or the left padding
+    return out
+
+
+def max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """(y, indices): window maxima (N, C, Ho, Wo) and their flat int64 positions in the H*W plane."""
+    (kh, kw), (h, w) = kernel_size, x.shape[2:]
+    ho, wo = (_out_size((h, w)[a], kernel_size[a], stride[a], padding[a], dilation[a], ceil_mode) for a in range(2))
+    rows = _taps(ho, stride[0], padding[0], dilation[0], kh)[:, None, :, None]  # (Ho, 1, kh, 1)
+    cols = _taps(wo, stride[1], padding[1], dilation[1], kw)[None, :, None, :]  # (1, Wo, 1, kw)
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (Ho, Wo, kh, kw)
+    # win[n, c, i, j, p*kw + q]: the window in scan order, padding as -inf
+    win = np.where(inside, x[:, :, rows.clip(0, h - 1), cols.clip(0, w - 1)], -np.inf).astype(x.dtype)
+    win = win.reshape(*win.shape[:4], kh * kw)
+    inside = inside.reshape(ho, wo, kh * kw)
+
+    best = win.max(axis=-1, keepdims=True)  # NaN if the window holds one
+    first_max = np.argmax((win == best) & inside, axis=-1)
+    last_nan = kh * kw - 1 - np.argmax(np.isnan(win[..., ::-1]), axis=-1)
+    tap = np.where(np.isnan(best[..., 0]), last_nan, first_max)
+
+    y = np.take_along_axis(win, tap[..., None], axis=-1)[..., 0]
+    flat = np.broadcast_to(rows * w + cols, (ho, wo, kh, kw)).reshape(ho, wo, kh * kw)
+    indices = np.take_along_axis(np.broadcast_to(flat, tap.shape + (kh * kw,)), tap[..., None], axis=-1)[..., 0]
+    return y, indices.astype(np.int64)
+
+
+def max_pool2d_backward(gy, indices, x_shape):
+    """gx[n, c].flat[indices[n, c, i, j]] += gy[n, c, i, j]."""
+    n, c, h, w = x_shape
+    gx = np.zeros((n * c, h * w), gy.dtype)
+    plane = np.arange(n * c)[:, None]
+    np.add.at(gx, (plane, indices.reshape(n * c, -1)), gy.reshape(n * c, -1))
+    return gx.reshape(x_shape)

@@ -1,0 +1,146 @@
+"""Softmax, log-softmax and the pixel-wise cross-entropy: the NumPy definition.
+
+Softmax turns a vector of logits z (the C class scores of one pixel) into
+probabilities::
+
+    p_c = exp(z_c) / sum_k exp(z_k) = exp(z_c - m) / sum_k exp(z_k - m),   m = max_k z_k
+
+Subtracting the maximum changes nothing mathematically (it cancels) but keeps
+every exponent <= 0, so exp never overflows, and the largest term is exactly 1,
+so the sum never underflows to 0: logits of +-1000 stay finite. The log of the
+sum is the *log-sum-exp* ``lse = m + log sum_k exp(z_k - m)``, and
+``log p_c = z_c - lse``.
+
+Backward of softmax (Jacobian dp_c/dz_k = p_c (delta_ck - p_k)) contracted with
+an upstream gradient g::
+
+    dL/dz_k = sum_c g_c p_c (delta_ck - p_k) = p_k (g_k - sum_c g_c p_c)
+
+Backward of log-softmax (d log p_c / dz_k = delta_ck - p_k)::
+
+    dL/dz_k = sum_c g_c (delta_ck - p_k) = g_k - p_k sum_c g_c,   p = exp(log p)
+
+Cross-entropy of pixel i with target class t_i, class weights w (all 1 when
+None) and label smoothing eps (the target distribution puts 1 - eps on t_i and
+spreads eps uniformly over the C classes)::
+
+    loss_i = (1 - eps) w[t_i] (-log p[i, t_i]) + (eps / C) sum_c w[c] (-log p[i, c])
+
+and loss_i = 0 where t_i == ignore_index. Reductions (exactly torch 2.13's
+``F.cross_entropy``, checked against torch itself):
+
+* 'none': the (N, S) map of loss_i;
+* 'sum':  sum_i loss_i;
+* 'mean': sum_i loss_i / D with D = sum_{i not ignored} w[t_i]. The same D
+  divides the smoothing term, with and without weights (so unweighted 'mean'
+  divides by the number of non-ignored pixels, never by all pixels: older
+  torch versions averaged the smoothing term over all pixels, 2.13 does not).
+  If every pixel is ignored D = 0 and the loss is 0/0 = NaN (as torch).
+
+Gradient of the cross-entropy. With d(-log p_k)/dz_c = p_c - delta_ck, for a
+non-ignored pixel::
+
+    dloss_i/dz_ic = (1 - eps) w[t_i] (p_ic - delta_{c t_i}) + (eps/C) sum_k w[k] (p_ic - delta_ck)
+                  = A_i p_ic - (1 - eps) w[t_i] delta_{c t_i} - (eps/C) w[c]
+                  = A_i (p_ic - q_ic),    A_i = (1 - eps) w[t_i] + (eps/C) sum_k w[k]
+
+where q_i = ((1 - eps) w[t_i] onehot(t_i) + (eps/C) w) / A_i is the (weighted,
+smoothed) target distribution. Without weights and smoothing this is the
+familiar p - onehot. The upstream gradient scales it: by gloss_i for 'none',
+gloss for 'sum', gloss / D for 'mean'. Ignored pixels do not enter the loss, so
+their gradient is exactly 0 (even when D = 0 makes 'mean' NaN, as torch).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "softmax_forward",
+    "softmax_backward",
+    "log_softmax_forward",
+    "log_softmax_backward",
+    "cross_entropy_forward",
+    "cross_entropy_backward",
+]
+
+
+def _shifted(x, dim):
+    """z - max z along dim: every entry <= 0, the largest exactly 0."""
+    return x - x.max(axis=dim, keepdims=True)
+
+
+def softmax_forward(x, dim):
+    """p = exp(x - max) / sum exp(x - max) along ``dim``."""
+    e = np.exp(_shifted(x, dim))
+    return e / e.sum(axis=dim, keepdims=True)
+
+
+def softmax_backward(y, gy, dim):
+    """gx = y * (gy - sum(gy * y, dim)), from the softmax Jacobian (module docstring)."""
+    return y * (gy - (gy * y).sum(axis=dim, keepdims=True))
+
+
+def log_softmax_forward(x, dim):
+    """log p = (x - max) - log sum exp(x - max) along ``dim``."""
+    z = _shifted(x, dim)
+    return z - np.log(np.exp(z).sum(axis=dim, keepdims=True))
+
+
+def log_softmax_backward(y, gy, dim):
+    """gx = gy - exp(y) * sum(gy, dim), y = log p (module docstring)."""
+    return gy - np.exp(y) * gy.sum(axis=dim, keepdims=True)
+
+
+def _pixel_weights(target, weight, ignore_index, num_classes, dtype):
+    """(valid, t, w, w_t): the non-ignored mask, targets with ignored pixels set to
+    class 0 (any valid index, so gathers stay in range), the class weights (ones
+    when None) and each pixel's weight w[t_i] (0 where ignored)."""
+    valid = target != ignore_index
+    t = np.where(valid, target, 0)
+    w = np.ones(num_classes, dtype) if weight is None else weight
+    return valid, t, w, np.where(valid, w[t], 0).astype(dtype)
+
+
+def _lse(logits):
+    """log-sum-exp over the class axis 1 of (N, C, S) logits, max-subtracted."""
+    m = logits.max(axis=1)
+    return m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+
+
+def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label_smoothing):
+    """(loss, lse): loss per the module docstring, lse (N, S) saved for backward.
+
+    logits (N, C, S), target (N, S) int64, weight (C,) or None.
+    """
+    n_classes, eps = logits.shape[1], label_smoothing
+    lse = _lse(logits)
+    logp = logits - lse[:, None]
+    valid, t, w, w_t = _pixel_weights(target, weight, ignore_index, n_classes, logits.dtype)
+    nll = -np.take_along_axis(logp, t[:, None], axis=1)[:, 0]
+    smooth = -(w[None, :, None] * logp).sum(axis=1)
+    loss = np.where(valid, (1 - eps) * w_t * nll + (eps / n_classes) * smooth, 0).astype(logits.dtype)
+    if reduction == "none":
+        return loss, lse
+    total = loss.sum()
+    if reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):  # every pixel ignored: 0/0 = NaN, as torch
+            total = total / w_t.sum()
+    return np.asarray(total, dtype=logits.dtype), lse
+
+
+def cross_entropy_backward(logits, target, weight, ignore_index, reduction, label_smoothing, lse, gloss):
+    """glogits = scale_i * A_i (p - q_i), written out as A_i p - (1-eps) w[t_i] onehot - (eps/C) w.
+
+    scale_i = gloss_i ('none'), gloss ('sum') or gloss / D ('mean'), and 0 at
+    ignored pixels (derivation in the module docstring).
+    """
+    n_classes, eps = logits.shape[1], label_smoothing
+    valid, t, w, w_t = _pixel_weights(target, weight, ignore_index, n_classes, logits.dtype)
+    p = np.exp(logits - lse[:, None])
+    a = (1 - eps) * w_t + (eps / n_classes) * w.sum()
+    onehot = np.arange(n_classes)[None, :, None] == t[:, None, :]
+    g = a[:, None] * p - (1 - eps) * w_t[:, None] * onehot - (eps / n_classes) * w[None, :, None]
+    with np.errstate(invalid="ignore", divide="ignore"):  # D = 0 only when 'mean' is NaN anyway
+        scale = gloss / w_t.sum() if reduction == "mean" else gloss
+    scale = np.where(valid, scale, 0)
+    return (g * scale[:, None]).astype(logits.dtype)

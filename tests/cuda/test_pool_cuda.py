@@ -1,0 +1,71 @@
+"""max_pool2d's CUDA kernels against the NumPy reference, under the simulator when there is no GPU.
+
+The inputs are small integers, so windows hold ties (the first maximum must
+win) and sums of gradients are exact; some draws add NaN (the last NaN of a
+window wins) and -inf. Forward outputs and indices must match exactly: a max is
+a copy. The backward adds at most kh*kw gradients per input pixel in a
+different order than ``np.add.at``: float32 rtol 1e-4 / atol 1e-5 covers a few
+roundings of O(1) terms (``tests.helpers.tol``).
+
+Output planes up to 2*3*9*9 = 486 elements span several 128-thread blocks with
+a partial last one; outputs are NaN/INT_MAX-poisoned (``cuda_common.empty``).
+"""
+import numpy as np
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from kernels.pool import cuda as K
+from tests.helpers import assert_close, reference, tol
+
+R = reference("pool")
+
+
+@st.composite
+def pools(draw):
+    """(x, kernel_size, stride, padding, dilation, ceil_mode) with every window touching the image."""
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, k[0] // 2)), draw(st.integers(0, k[1] // 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    ceil_mode = draw(st.booleans())
+    for a, size in enumerate((h, w)):
+        out = R._out_size(size, k[a], stride[a], padding[a], dilation[a], ceil_mode)
+        assume(out >= 1)
+        taps = R._taps(out, stride[a], padding[a], dilation[a], k[a])
+        assume((((taps >= 0) & (taps < size)).any(axis=1)).all())  # functional rejects all-padding windows
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.integers(-3, 4, (n, c, h, w)).astype(dtype)
+    special = draw(st.sampled_from(["none", "nan", "-inf"]))
+    if special != "none":
+        x[rng.random(x.shape) < 0.2] = np.nan if special == "nan" else -np.inf
+    return x, k, stride, padding, dilation, ceil_mode, rng
+
+
+@settings(max_examples=25)
+@given(problem=pools())
+def test_forward_and_backward_match_reference(problem):
+    x, *args, rng = problem
+    y, idx = K.max_pool2d_forward(x, *args)
+    y_ref, idx_ref = R.max_pool2d_forward(x, *args)
+    assert y.dtype == x.dtype and idx.dtype == np.int64
+    assert_close(y, y_ref, rtol=0, atol=0, name="y")
+    np.testing.assert_array_equal(idx, idx_ref, err_msg="indices")
+
+    gy = rng.standard_normal(y_ref.shape).astype(x.dtype)
+    gx = K.max_pool2d_backward(gy, idx_ref, x.shape)
+    assert_close(gx, R.max_pool2d_backward(gy, idx_ref, x.shape), *tol(x.dtype), name="gx")
+
+
+def test_overlapping_windows_add_in_one_thread():
+    """Stride 1, kernel 3 on a plane with one large value: all 9 windows over it pick it; their gy add up."""
+    x = np.zeros((1, 1, 5, 5), np.float32)
+    x[0, 0, 2, 2] = 1
+    y, idx = K.max_pool2d_forward(x, (3, 3), (1, 1), (0, 0), (1, 1), False)
+    assert (idx == 12).all()
+    gx = K.max_pool2d_backward(np.ones_like(y), idx, x.shape)
+    expected = np.zeros_like(x)
+    expected[0, 0, 2, 2] = 9
+    assert_close(gx, expected, rtol=0, atol=0)

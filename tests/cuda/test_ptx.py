@@ -1,0 +1,60 @@
+"""Every CUDA kernel compiles for real GPUs (sm_80 and sm_90), not just in the simulator.
+
+The simulator runs kernels as Python, so it accepts code that Numba's CUDA
+compiler rejects (unsupported NumPy calls, a variable typed float64 in one
+branch and int in another, reading a Python object). ``benchmarks.ptx_report``
+compiles each kernel listed in a module's ``PTX_SIGNATURES`` to PTX and
+assembles it (ptxas or nvJitLink, when one is installed). It runs in a
+subprocess because this process imported numba with the simulator on.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.ptx_report import ROOT, cuda_modules
+
+CCS = ("80", "90")
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ptx_report", "--json", "--cc", *CCS],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.stdout, f"ptx_report printed nothing; stderr:\n{run.stderr[-3000:]}"
+    result = json.loads(run.stdout)
+    assert not result["worker_errors"], "\n".join(result["worker_errors"])
+    if not result["nvvm"]:  # the compiler itself is an optional extra; without it there is nothing to run
+        pytest.skip("NVVM is not installed: pip install 'minseg[cuda]' to compile kernels to PTX")
+    return result
+
+
+def test_there_are_cuda_modules():
+    assert "kernels.conv2d.cuda" in cuda_modules()
+
+
+@pytest.mark.parametrize("modname", cuda_modules())
+def test_every_kernel_is_listed_and_compiles(report, modname):
+    info = report["modules"][modname]
+    assert info["error"] is None, f"{modname} did not import or lacks PTX_SIGNATURES: {info['error']}"
+    assert info["kernels"], f"{modname}.PTX_SIGNATURES is empty"
+    problems = [f"@cuda.jit kernel missing from PTX_SIGNATURES: {name}" for name in info["unlisted"]]
+    rows = [r for r in report["rows"] if r["module"] == modname]
+    for kernel in info["kernels"]:
+        signatures = {r["signature"] for r in rows if r["kernel"] == kernel}
+        for dtype in ("float32", "float64"):
+            if not any(dtype in s for s in signatures):
+                problems.append(f"{kernel} has no {dtype} signature")
+        if {r["cc"] for r in rows if r["kernel"] == kernel} != set(CCS):
+            problems.append(f"{kernel} was not compiled for every cc in {CCS}")
+    problems += [
+        f"{r['kernel']} {r['signature']} sm_{r['cc']}: {r['error'] or r['log']}"
+        for r in rows
+        if not r["compiled"] or r.get("assembled") is False
+    ]
+    assert not problems, f"{modname}:\n" + "\n\n".join(problems)
