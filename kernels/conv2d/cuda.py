@@ -1,0 +1,494 @@
+"""conv2d on the GPU: Numba CUDA kernels, the forward in numbered versions.
+
+Read ``reference.py`` first: it defines the op and derives the gradients. Here
+the same sums are spread over CUDA threads. Notation (as in the reference)::
+
+    x (N, C_in, H, W)   w (C_out, Cg, kh, kw)   y, gy (N, C_out, Ho, Wo)
+    G groups, Cg = C_in/G input and Og = C_out/G output channels per group;
+    output channel o is in group g = o // Og and reads input channels g*Cg + c, c < Cg.
+    Output (i, j) reads, through kernel tap (p, q), the input pixel
+        h = i*sh - pt + p*dh,   v = j*sw - pl + q*dw     (zero outside [0, H) x [0, W))
+
+The kernels derive G, Cg, Og, kh, kw and the sizes from the array shapes, so a
+launch passes only stride, the top/left padding and dilation (bottom/right
+padding only decide Ho, Wo, i.e. the shape of y).
+
+Forward versions (llm.c dev/cuda style: each is checked against the reference by
+tests/cuda/test_conv2d_cuda.py and can be timed on its own through
+``conv2d_forward(..., version=k)`` or ``FORWARD_VERSIONS``):
+
+* **v1 direct** -- one thread per output element runs the whole
+  Cg*kh*kw-term dot product from global memory. Simple and fully parallel, but
+  every input pixel is fetched by up to Og*kh*kw threads and every weight by all
+  N*Ho*Wo threads of its channel: memory traffic, not arithmetic, bounds it.
+* **v2 implicit GEMM** -- per group, conv2d is the matrix product
+  ``Y[o, m] = sum_k W[o, k] * X[k, m]`` with k = (c, p, q) running over
+  K = Cg*kh*kw and m = (n, i, j) over N*Ho*Wo; ``X[k, m]`` is the input pixel
+  that tap k of output m reads (the im2col matrix). v2 never builds X in memory
+  (that would take kh*kw times the input): a TILE x TILE block computes a tile of
+  TILE channels x TILE output pixels, and for each slice of TILE values of k it
+  stages a tile of W and a tile of X -- gathered on the fly with the index
+  arithmetic above, zero for padding -- in shared memory, then every thread
+  reads TILE values of each from there. Each global value is now loaded once
+  per block instead of once per thread: TILE times less traffic. Loads are
+  coalesced (neighbouring threads read neighbouring k of a weight row, or
+  neighbouring output columns of an image row), and the inner loop is free of
+  bank conflicts (``ws[ty, t]`` is one address per warp row, a broadcast;
+  ``xs[t, tx]`` is consecutive addresses). Partial tiles at every edge load
+  zeros and skip their writes. A group with Og < TILE channels gets a block of
+  only Og rows (``_channel_rows``), each thread staging several rows of X, so
+  the thin early layers of a U-Net do not launch idle rows of threads.
+
+v2 is the default: it moves TILE = 16 times fewer bytes from global memory
+for the same arithmetic, and convolutions with tens of channels are memory bound
+in v1. (No GPU was available when this was written; the benchmarks measure it.)
+
+Backward (no atomics anywhere, so results are deterministic):
+
+* **grad_input** is a *gather*: one thread per input element sums
+  ``w[o, c, p, q] * gy[n, o, i, j]`` over the taps (p, q) whose output position
+  ``i = (h + pt - p*dh) / sh`` (and j likewise) is an integer inside [0, Ho) --
+  the transposed index map of the forward. A scatter from the outputs would
+  need atomic adds, which serialise on collisions and make float sums
+  order-dependent.
+* **grad_weight** needs, per weight, a sum over all N*Ho*Wo output pixels --
+  far too long for one thread. Two numbered versions (``GRAD_WEIGHT_VERSIONS``,
+  ``conv2d_grad_weight(..., version=k)``), checked and timed like the forward's:
+
+  * **v1 block reduction** -- one block per weight element; its threads stride
+    over m = (n, i, j) (consecutive threads read consecutive j: coalesced), then
+    a shared-memory tree reduction adds the per-thread partial sums. Every block
+    re-reads the gy plane of its output channel and an x plane: gy is read
+    Cg*kh*kw times and x Og*kh*kw times from global memory, and the launch is
+    C_out*Cg*kh*kw blocks of up to REDUCE_THREADS threads.
+  * **v2 implicit GEMM** -- the forward's product seen from the weights: per
+    group, ``gW[o, k] = sum_m gY[o, m] * X[k, m]`` with the same im2col matrix X
+    (k = (c, p, q), m = (n, i, j)), i.e. (Og x M) @ (M x K) with a long
+    reduction dimension M. A block computes a tile of TILE output channels
+    (fewer when Og is smaller, as in the forward) x TILE taps of gW and walks M
+    in TILE-wide slices; for each it
+    stages a tile of gy and a tile of X (gathered as in the forward, zero for
+    padding and past the edges) in shared memory, then every thread reads TILE
+    values of each from there. Each gy and x value is loaded once per tile
+    instead of once per weight: gy ceil(K/TILE) times instead of K times, x
+    ceil(Og/TILE)*kh*kw times instead of Og*kh*kw times. And the launch is one
+    thread per weight, rounded up to whole tiles, not a block per weight.
+    When the weight tiles alone are too few blocks to fill the GPU (few
+    channels, large images), M is also split over S blocks per tile (split-K,
+    see ``_grad_weight_splits``); each writes a partial gW and one array sum
+    adds the S partials, so there are still no atomics.
+
+  v2 is the default: less global traffic, and C_out*Cg*kh*kw threads instead
+  of ~that many blocks. (Under the simulator, one Python thread per CUDA
+  thread, v1's 32-thread block per weight made tests/cuda/test_unet_step_cuda.py
+  take minutes; v2 is ~15x faster there on its 4-channel 16x16 3x3 layer.)
+* **grad_bias** is grad_weight v1's block reduction over gy's (n, i, j) per channel.
+
+Block sizes of the reductions are the smallest power of two covering N*Ho*Wo,
+between one warp and REDUCE_THREADS, so small images do not idle threads.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from kernels import cuda_common as cc
+
+__all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
+
+THREADS = 128  # block size of the one-thread-per-element kernels
+TILE = 16  # v2: a TILE x TILE block computes TILE output channels x TILE output pixels (or taps)
+TILE_PADDED = TILE + 1  # a named constant: shared-array shapes must be compile-time literals
+REDUCE_THREADS = 128  # largest block (a power of two) of the reductions
+SPLIT_TARGET_BLOCKS = 512  # grad_weight v2 splits M until its grid has about this many blocks ...
+SPLIT_MIN_TILES = 8  # ... but keeps at least this many TILE-wide slices of M per split
+
+
+# ------------------------------------------------------------------------ forward
+
+
+@cuda.jit
+def _forward_direct_kernel(x, w, b, y, sh, sw, pt, pl, dh, dw):
+    """v1: thread e computes y.flat[e] as one dot product read from global memory."""
+    e = cuda.grid(1)
+    if e >= y.size:
+        return
+    _, c_out, ho, wo = y.shape
+    _, c_in, h_in, w_in = x.shape
+    cg, kh, kw = w.shape[1], w.shape[2], w.shape[3]
+    # j fastest: consecutive threads write consecutive addresses of y.
+    j = e % wo
+    i = (e // wo) % ho
+    o = (e // (wo * ho)) % c_out
+    n = e // (wo * ho * c_out)
+    c0 = (o // (c_out // (c_in // cg))) * cg  # first input channel of o's group
+    acc = b[o]
+    for c in range(cg):
+        for p in range(kh):
+            h = i * sh - pt + p * dh
+            if 0 <= h < h_in:
+                for q in range(kw):
+                    v = j * sw - pl + q * dw
+                    if 0 <= v < w_in:
+                        acc += w[o, c, p, q] * x[n, c0 + c, h, v]
+    y[n, o, i, j] = acc
+
+
+@cuda.jit
+def _forward_gemm_kernel(x, w2, b, y, sh, sw, pt, pl, dh, dw, kh, kw):
+    """v2: block (bx, by, g) computes channels g*Og + by*R + ty, pixels m = bx*TILE + tx.
+
+    The block is TILE x R with R = blockDim.y <= TILE rows of channels (see
+    ``_channel_rows``). ``w2`` is w viewed as (C_out, K); thread (tx, ty) stages
+    W[o0 + ty, k0 + tx] and the rows X[k0 + r, m0 + tx], r = ty, ty + R, ... < TILE,
+    of each K-slice, so both loads have tx on the contiguous axis.
+    """
+    ws = cuda.shared.array((TILE, TILE), dtype=w2.dtype)
+    xs = cuda.shared.array((TILE, TILE), dtype=x.dtype)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    g = cuda.blockIdx.z
+    zero = x.dtype.type(0)
+    n_img, c_in, h_in, w_in = x.shape
+    _, c_out, ho, wo = y.shape
+    k_total = w2.shape[1]
+    cg = c_in // cuda.gridDim.z
+    og = c_out // cuda.gridDim.z
+    rows = cuda.blockDim.y
+    o_in_group = cuda.blockIdx.y * rows + ty  # this thread's output channel within the group ...
+    o = g * og + o_in_group
+    m = cuda.blockIdx.x * TILE + tx  # ... and output pixel m = (n, i, j)
+    j = m % wo
+    i = (m // wo) % ho
+    n = m // (wo * ho)
+    # The weight row this thread loads is its own output channel's (same ty).
+    acc = zero
+    for k0 in range(0, k_total, TILE):
+        k = k0 + tx
+        ws[ty, tx] = w2[o, k] if o_in_group < og and k < k_total else zero
+        # The X column this thread loads is its own pixel m; the rows are taps k = (c, p, q).
+        for r in range(ty, TILE, rows):
+            k = k0 + r
+            val = zero
+            if k < k_total and n < n_img:
+                c = k // (kh * kw)
+                p = (k // kw) % kh
+                q = k % kw
+                h = i * sh - pt + p * dh
+                v = j * sw - pl + q * dw
+                if 0 <= h < h_in and 0 <= v < w_in:
+                    val = x[n, g * cg + c, h, v]
+            xs[r, tx] = val
+        cuda.syncthreads()  # tiles complete before anyone reads them
+        for t in range(TILE):
+            acc += ws[ty, t] * xs[t, tx]
+        cuda.syncthreads()  # everyone done reading before the next slice overwrites them
+    if o_in_group < og and n < n_img:
+        y[n, o, i, j] = acc + b[o]
+
+
+def _float_inputs(*arrays):
+    """Contiguous device arrays, all of the first one's float dtype (float32 or float64)."""
+    dtype = np.dtype(arrays[0].dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"conv2d cuda kernels take float32 or float64, got {dtype}")
+    for a in arrays[1:]:
+        if np.dtype(a.dtype) != dtype:
+            raise TypeError(f"conv2d cuda kernels need one dtype for all arrays, got {dtype} and {a.dtype}")
+    return [cc.as_input(a) for a in arrays]
+
+
+def _forward_setup(x, w, b, stride, padding, dilation):
+    """Checked inputs (a zero bias when b is None), the fresh output y, and the scalar launch arguments."""
+    x, w = _float_inputs(x, w)
+    b = cc.zeros((w.shape[0],), x.dtype) if b is None else _float_inputs(x, b)[1]
+    n, _, h, wd = x.shape
+    c_out, _, kh, kw = w.shape
+    (pt, pb), (pl, pr) = padding
+    ho = (h + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wd + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = cc.empty((n, c_out, ho, wo), x.dtype)
+    return x, w, b, y, (stride[0], stride[1], pt, pl, dilation[0], dilation[1])
+
+
+def _forward_v1(x, w, b, stride, padding, dilation, groups):
+    x, w, b, y, args = _forward_setup(x, w, b, stride, padding, dilation)
+    _forward_direct_kernel[cc.blocks(y.size, THREADS), THREADS](x, w, b, y, *args)
+    return y
+
+
+def _channel_rows(og: int) -> int:
+    """Block height of the v2 kernels: TILE rows of output channels, or Og when a group has fewer.
+
+    A U-Net's first layers have 4-16 channels; with TILE = 16 rows a 4-channel
+    layer would launch 3 idle threads per busy one (on a GPU: wasted warps; in
+    the simulator: 4x the Python threads). With R < TILE rows each thread
+    stages TILE/R rows of the X tile instead of one.
+    """
+    return min(TILE, og)
+
+
+def _forward_v2(x, w, b, stride, padding, dilation, groups):
+    x, w, b, y, args = _forward_setup(x, w, b, stride, padding, dilation)
+    c_out, cg, kh, kw = w.shape
+    n, _, ho, wo = y.shape
+    rows = _channel_rows(c_out // groups)
+    grid = (cc.blocks(n * ho * wo, TILE), cc.blocks(c_out // groups, rows), groups)
+    _forward_gemm_kernel[grid, (TILE, rows)](x, w.reshape(c_out, cg * kh * kw), b, y, *args, kh, kw)
+    return y
+
+
+FORWARD_VERSIONS = {1: _forward_v1, 2: _forward_v2}
+DEFAULT_FORWARD_VERSION = 2
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, groups, version=DEFAULT_FORWARD_VERSION):
+    """y (N, C_out, Ho, Wo); ``version`` picks a kernel of FORWARD_VERSIONS (see the module docstring)."""
+    return FORWARD_VERSIONS[version](x, w, b, stride, padding, dilation, groups)
+
+
+# ----------------------------------------------------------------------- backward
+
+
+@cuda.jit
+def _grad_input_kernel(gy, w, gx, sh, sw, pt, pl, dh, dw):
+    """Thread e computes gx.flat[e] by gathering over the taps that read it (see the module docstring)."""
+    e = cuda.grid(1)
+    if e >= gx.size:
+        return
+    _, c_in, h_in, w_in = gx.shape
+    _, c_out, ho, wo = gy.shape
+    cg, kh, kw = w.shape[1], w.shape[2], w.shape[3]
+    v = e % w_in
+    h = (e // w_in) % h_in
+    c = (e // (w_in * h_in)) % c_in
+    n = e // (w_in * h_in * c_in)
+    og = c_out // (c_in // cg)
+    o0 = (c // cg) * og  # first output channel of c's group ...
+    cw = c % cg  # ... and c's index in their weights
+    acc = gx.dtype.type(0)
+    for p in range(kh):
+        # Output row i reads row h through tap p iff i*sh = h + pt - p*dh.
+        ri = h + pt - p * dh
+        if ri < 0:
+            break  # ri only falls as p grows
+        if ri % sh != 0 or ri // sh >= ho:
+            continue
+        i = ri // sh
+        for q in range(kw):
+            rj = v + pl - q * dw
+            if rj < 0:
+                break
+            if rj % sw != 0 or rj // sw >= wo:
+                continue
+            j = rj // sw
+            for o in range(o0, o0 + og):
+                acc += w[o, cw, p, q] * gy[n, o, i, j]
+    gx[n, c, h, v] = acc
+
+
+def conv2d_grad_input(gy, w, x_shape, stride, padding, dilation, groups):
+    """gx (x_shape): the adjoint of the forward in x, one thread per input element."""
+    gy, w = _float_inputs(gy, w)
+    gx = cc.empty(tuple(x_shape), gy.dtype)
+    (pt, _), (pl, _) = padding
+    _grad_input_kernel[cc.blocks(gx.size, THREADS), THREADS](
+        gy, w, gx, stride[0], stride[1], pt, pl, dilation[0], dilation[1]
+    )
+    return gx
+
+
+@cuda.jit
+def _grad_weight_reduce_kernel(x, gy, gw, sh, sw, pt, pl, dh, dw):
+    """v1: block e computes gw.flat[e] = sum over (n, i, j) of gy * the input pixel its tap read."""
+    buf = cuda.shared.array(REDUCE_THREADS, dtype=gw.dtype)
+    e = cuda.blockIdx.x
+    c_out, cg, kh, kw = gw.shape
+    n_img, c_in, h_in, w_in = x.shape
+    _, _, ho, wo = gy.shape
+    q = e % kw
+    p = (e // kw) % kh
+    c = (e // (kw * kh)) % cg
+    o = e // (kw * kh * cg)
+    ci = (o // (c_out // (c_in // cg))) * cg + c  # the input channel this weight reads
+    acc = gw.dtype.type(0)
+    for m in range(cuda.threadIdx.x, n_img * ho * wo, cuda.blockDim.x):
+        j = m % wo
+        i = (m // wo) % ho
+        n = m // (wo * ho)
+        h = i * sh - pt + p * dh
+        v = j * sw - pl + q * dw
+        if 0 <= h < h_in and 0 <= v < w_in:
+            acc += gy[n, o, i, j] * x[n, ci, h, v]
+    total = cc.block_sum(acc, buf)
+    if cuda.threadIdx.x == 0:
+        gw[o, c, p, q] = total
+
+
+@cuda.jit
+def _grad_weight_gemm_kernel(x, gy, part, sh, sw, pt, pl, dh, dw, kh, kw):
+    """v2: block (bx, by, z) computes part[s, o, k] for o = g*Og + by*R + ty, k = bx*TILE + tx.
+
+    The block is TILE x R with R = blockDim.y <= TILE rows of channels (see
+    ``_channel_rows``). ``part`` is (S, C_out, K): split s of S sums the m of
+    its own range of M-slices, and z = g*S + s. Thread (tx, ty) stages
+    gy[o0 + ty, m0 + tx] and the rows X[k0 + r, m0 + tx], r = ty, ty + R, ... < TILE,
+    of each M-slice, so both loads have tx on the contiguous pixel axis; X goes
+    into ``xs`` transposed (m, k), so the inner loop reads ``xs[t, tx]`` at
+    consecutive addresses as in the forward.
+    """
+    gys = cuda.shared.array((TILE, TILE), dtype=gy.dtype)
+    # One padding column (TILE_PADDED = TILE + 1): the transposed store xs[tx, r]
+    # then steps TILE + 1 words per tx, so a warp's stores spread over the banks
+    # (at most 2-way conflicts) instead of piling TILE-way onto a few.
+    xs = cuda.shared.array((TILE, TILE_PADDED), dtype=x.dtype)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    zero = x.dtype.type(0)
+    n_img, c_in, h_in, w_in = x.shape
+    _, c_out, ho, wo = gy.shape
+    splits, _, k_total = part.shape
+    g = cuda.blockIdx.z // splits
+    s = cuda.blockIdx.z % splits
+    cg = c_in // (cuda.gridDim.z // splits)
+    og = c_out // (cuda.gridDim.z // splits)
+    m_total = n_img * ho * wo
+    # Split s covers whole tiles [m_begin, m_end) of M; the last split may be short or empty.
+    m_per_split = TILE * ((m_total + splits * TILE - 1) // (splits * TILE))
+    m_begin = s * m_per_split
+    m_end = min(m_total, m_begin + m_per_split)
+    rows = cuda.blockDim.y
+    o_in_group = cuda.blockIdx.y * rows + ty  # the gy row this thread loads and the gw row it computes
+    o = g * og + o_in_group
+    k0 = cuda.blockIdx.x * TILE
+    acc = zero
+    for m0 in range(m_begin, m_end, TILE):
+        m = m0 + tx
+        j = m % wo
+        i = (m // wo) % ho
+        n = m // (wo * ho)
+        gys[ty, tx] = gy[n, o, i, j] if o_in_group < og and m < m_end else zero
+        for r in range(ty, TILE, rows):  # X rows: taps k = (c, p, q)
+            k = k0 + r
+            val = zero
+            if k < k_total and m < m_end:
+                c = k // (kh * kw)
+                p = (k // kw) % kh
+                q = k % kw
+                h = i * sh - pt + p * dh
+                v = j * sw - pl + q * dw
+                if 0 <= h < h_in and 0 <= v < w_in:
+                    val = x[n, g * cg + c, h, v]
+            xs[tx, r] = val
+        cuda.syncthreads()  # tiles complete before anyone reads them
+        for t in range(TILE):
+            acc += gys[ty, t] * xs[t, tx]
+        cuda.syncthreads()  # everyone done reading before the next slice overwrites them
+    if o_in_group < og and k0 + tx < k_total:
+        part[s, o, k0 + tx] = acc
+
+
+def _grad_weight_setup(x, gy, padding):
+    """Checked inputs, the number N*Ho*Wo of terms per weight, and the top/left padding."""
+    x, gy = _float_inputs(x, gy)
+    n, _, ho, wo = gy.shape  # gy's own size: conv_transpose2d's output_padding may have trimmed it
+    return x, gy, n * ho * wo, padding[0][0], padding[1][0]
+
+
+def _grad_weight_v1(x, gy, w_shape, stride, padding, dilation, groups):
+    x, gy, m_total, pt, pl = _grad_weight_setup(x, gy, padding)
+    gw = cc.empty(tuple(w_shape), x.dtype)
+    _grad_weight_reduce_kernel[gw.size, cc.reduce_threads(m_total, REDUCE_THREADS)](
+        x, gy, gw, stride[0], stride[1], pt, pl, dilation[0], dilation[1]
+    )
+    return gw
+
+
+def _grad_weight_splits(blocks: int, m_total: int) -> int:
+    """How many slices of M v2 sums in separate blocks (split-K), for a grid of ``blocks`` tiles.
+
+    A layer with few output channels and taps but large images is a handful of
+    tiles each running a long loop over M: too few blocks to fill a GPU. Split
+    M until there are about SPLIT_TARGET_BLOCKS blocks, keeping at least
+    SPLIT_MIN_TILES M-slices per split so the extra partial sums stay cheap.
+    Under the simulator always 1: a split only multiplies Python threads.
+    """
+    if cc.SIMULATOR:
+        return 1
+    by_occupancy = -(-SPLIT_TARGET_BLOCKS // blocks)
+    by_length = cc.blocks(m_total, TILE * SPLIT_MIN_TILES)
+    return max(1, min(by_occupancy, by_length))
+
+
+def _grad_weight_v2(x, gy, w_shape, stride, padding, dilation, groups, splits=None):
+    """``splits`` (default: ``_grad_weight_splits``) is a parameter so tests can exercise split-K."""
+    x, gy, m_total, pt, pl = _grad_weight_setup(x, gy, padding)
+    c_out, cg, kh, kw = w_shape
+    k_total = cg * kh * kw
+    rows = _channel_rows(c_out // groups)
+    tiles = (cc.blocks(k_total, TILE), cc.blocks(c_out // groups, rows))
+    if splits is None:
+        splits = _grad_weight_splits(tiles[0] * tiles[1] * groups, m_total)
+    part = cc.empty((splits, c_out, k_total), x.dtype)
+    _grad_weight_gemm_kernel[(*tiles, groups * splits), (TILE, rows)](
+        x, gy, part, stride[0], stride[1], pt, pl, dilation[0], dilation[1], kh, kw
+    )
+    # Adding the S partials is a fixed-order array sum: deterministic, unlike atomics.
+    gw = part[0] if splits == 1 else part.sum(axis=0)
+    return gw.reshape(tuple(w_shape))
+
+
+GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_v2}
+DEFAULT_GRAD_WEIGHT_VERSION = 2
+
+
+def conv2d_grad_weight(x, gy, w_shape, stride, padding, dilation, groups, version=DEFAULT_GRAD_WEIGHT_VERSION):
+    """gw (w_shape); ``version`` picks a kernel of GRAD_WEIGHT_VERSIONS (see the module docstring)."""
+    return GRAD_WEIGHT_VERSIONS[version](x, gy, w_shape, stride, padding, dilation, groups)
+
+
+@cuda.jit
+def _grad_bias_kernel(gy, gb):
+    """Block o computes gb[o] = sum over (n, i, j) of gy[n, o, i, j]."""
+    buf = cuda.shared.array(REDUCE_THREADS, dtype=gb.dtype)
+    o = cuda.blockIdx.x
+    n_img, _, ho, wo = gy.shape
+    acc = gb.dtype.type(0)
+    for m in range(cuda.threadIdx.x, n_img * ho * wo, cuda.blockDim.x):
+        acc += gy[m // (ho * wo), o, (m // wo) % ho, m % wo]
+    total = cc.block_sum(acc, buf)
+    if cuda.threadIdx.x == 0:
+        gb[o] = total
+
+
+def conv2d_grad_bias(gy):
+    """gb (C_out,): one block per channel, a shared-memory reduction over (n, i, j)."""
+    (gy,) = _float_inputs(gy)
+    n, c_out, ho, wo = gy.shape
+    gb = cc.empty((c_out,), gy.dtype)
+    _grad_bias_kernel[c_out, cc.reduce_threads(n * ho * wo, REDUCE_THREADS)](gy, gb)
+    return gb
+
+
+# ------------------------------------------------------------ PTX compile targets
+
+
+def _signatures(template: str) -> list[str]:
+    """``template`` for float32 and for float64: {t} is the float type, {A} a C-contiguous 4-D array of it."""
+    return [template.format(t=t, A=f"{t}[:, :, :, ::1]") for t in ("float32", "float64")]
+
+
+PTX_SIGNATURES = [
+    (_forward_direct_kernel, _signatures("void({A}, {A}, {t}[::1], {A}, int64, int64, int64, int64, int64, int64)")),
+    (
+        _forward_gemm_kernel,
+        _signatures("void({A}, {t}[:, ::1], {t}[::1], {A}, int64, int64, int64, int64, int64, int64, int64, int64)"),
+    ),
+    (_grad_input_kernel, _signatures("void({A}, {A}, {A}, int64, int64, int64, int64, int64, int64)")),
+    (_grad_weight_reduce_kernel, _signatures("void({A}, {A}, {A}, int64, int64, int64, int64, int64, int64)")),
+    (
+        _grad_weight_gemm_kernel,
+        _signatures("void({A}, {A}, {t}[:, :, ::1], int64, int64, int64, int64, int64, int64, int64, int64)"),
+    ),
+    (_grad_bias_kernel, _signatures("void({A}, {t}[::1])")),
+]

@@ -1,0 +1,192 @@
+"""conv2d's CUDA kernels -- every forward version and each gradient -- against the NumPy reference.
+
+Under the simulator (no GPU) each CUDA thread is a Python thread, so the shapes
+are tiny: at most ~50 output pixels, which still spans several 16-wide tiles of
+the v2 forward and several 128-thread blocks of the element-wise kernels, with
+partial blocks at every edge (sizes are drawn, so they are rarely multiples of a
+block). Outputs come from ``cuda_common.empty``, filled with NaN under the
+simulator: an element a kernel forgets to write fails the whole-array comparison.
+
+Tolerances (``tests.helpers.tol``): float32 rtol 1e-4, atol 1e-5. The kernels
+and the reference add the same products in different orders (sequential loops
+or a shared-memory tree here, einsum/BLAS blocking there); each of the at most
+~50 terms of a sum, products of unit normals, contributes a rounding error of
+~6e-8 relative to the partial sum, so the difference stays ~1e-6 and below
+1e-5 absolute even when the sum cancels to near 0. float64: 1e-10 / 1e-12.
+"""
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from kernels.conv2d import cuda as K
+from tests.helpers import assert_close, reference, tol
+
+R = reference("conv2d")
+FLOATS = st.sampled_from([np.float32, np.float64])
+
+
+def _tiles(size):
+    return -(-size // K.TILE)
+
+
+def _out(size, pads, dilation, k, stride):
+    return (size + sum(pads) - dilation * (k - 1) - 1) // stride + 1
+
+
+@st.composite
+def problems(draw, max_pixels=48, max_weights=None, max_og=3, max_cg=2, max_weight_tiles=None):
+    """A random conv2d: arrays (x, w, b) and the hyper-parameters, sized for the simulator.
+
+    ``max_pixels`` bounds N*Ho*Wo (threads of the forward), ``max_weights`` the
+    weight count (blocks of grad_weight v1), ``max_weight_tiles`` the TILE x TILE
+    tiles of grad_weight v2's per-group (Og x Cg*kh*kw) products over all groups
+    (its blocks); ``max_og``/``max_cg`` bound the channels per group.
+    """
+    dtype = draw(FLOATS)
+    groups, cg, og = draw(st.integers(1, 3)), draw(st.integers(1, max_cg)), draw(st.integers(1, max_og))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(2))  # asymmetric
+    n, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    ho, wo = _out(h, padding[0], dilation[0], kh, stride[0]), _out(w, padding[1], dilation[1], kw, stride[1])
+    assume(ho >= 1 and wo >= 1 and n * ho * wo <= max_pixels)
+    assume(max_weights is None or groups * og * cg * kh * kw <= max_weights)
+    assume(max_weight_tiles is None or groups * _tiles(og) * _tiles(cg * kh * kw) <= max_weight_tiles)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal((n, groups * cg, h, w)).astype(dtype)
+    weight = rng.standard_normal((groups * og, cg, kh, kw)).astype(dtype)
+    bias = rng.standard_normal(groups * og).astype(dtype) if draw(st.booleans()) else None
+    return x, weight, bias, (stride, padding, dilation, groups), rng
+
+
+def _grad_output(x, w, b, args, rng, trim):
+    """A random dL/dy; ``trim`` drops bottom rows/right columns (conv_transpose2d's output_padding case)."""
+    _, _, ho, wo = R.conv2d_forward(x, w, b, *args).shape
+    return rng.standard_normal((x.shape[0], w.shape[0], max(ho - trim, 1), max(wo - trim, 1))).astype(x.dtype)
+
+
+@pytest.mark.parametrize("version", sorted(K.FORWARD_VERSIONS))
+@given(problem=problems(), contiguous=st.booleans())
+def test_forward_matches_reference(version, problem, contiguous):
+    x, w, b, args, _ = problem
+    if not contiguous:  # a strided view: the wrapper must copy it before the kernel indexes flat memory
+        x = np.repeat(x, 2, axis=3)[..., ::2]
+    y = K.conv2d_forward(x, w, b, *args, version=version)
+    assert y.dtype == x.dtype
+    assert_close(y, R.conv2d_forward(x, w, b, *args), *tol(x.dtype), name=f"forward v{version}")
+
+
+@pytest.mark.parametrize("version", sorted(K.FORWARD_VERSIONS))
+def test_forward_several_tiles_in_every_direction(version):
+    """17 channels, K = 2*3*3 = 18 taps and 20 pixels: two v2 tiles along each GEMM axis, the second partial."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 5, 4)).astype(np.float32)
+    w = rng.standard_normal((17, 2, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(17).astype(np.float32)
+    args = ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    assert_close(K.conv2d_forward(x, w, b, *args, version=version), R.conv2d_forward(x, w, b, *args), *tol(np.float32))
+
+
+def test_default_forward_is_a_listed_version():
+    assert K.DEFAULT_FORWARD_VERSION in K.FORWARD_VERSIONS
+
+
+@given(problem=problems(), trim=st.integers(0, 1))
+def test_grad_input_matches_reference(problem, trim):
+    x, w, b, args, rng = problem
+    gy = _grad_output(x, w, b, args, rng, trim)
+    expected = R.conv2d_grad_input(gy, w, x.shape, *args)
+    assert_close(K.conv2d_grad_input(gy, w, x.shape, *args), expected, *tol(x.dtype), name="grad_input")
+
+
+def _check_grad_weight(x, w, args, gy, version, **kwargs):
+    gw = K.GRAD_WEIGHT_VERSIONS[version](x, gy, w.shape, *args, **kwargs)
+    assert gw.dtype == x.dtype
+    expected = R.conv2d_grad_weight(x, gy, w.shape, *args)
+    assert_close(gw, expected, *tol(x.dtype), name=f"grad_weight v{version} {kwargs}")
+
+
+@settings(max_examples=12)
+@given(problem=problems(max_pixels=40, max_weights=12), trim=st.integers(0, 1))
+def test_grad_weight_v1_matches_reference(problem, trim):
+    """v1 launches ~32 simulator threads per weight: at most 12 weights."""
+    x, w, b, args, rng = problem
+    _check_grad_weight(x, w, args, _grad_output(x, w, b, args, rng, trim), version=1)
+
+
+@settings(max_examples=15)
+@given(
+    problem=problems(max_pixels=48, max_og=18, max_cg=3, max_weight_tiles=2),
+    trim=st.integers(0, 1),
+    splits=st.integers(1, 3),
+)
+def test_grad_weight_v2_matches_reference(problem, trim, splits):
+    """Up to 18 channels per group and Cg*kh*kw up to 27 taps, so either GEMM axis of
+    gW may span two tiles (the second partial), and N*Ho*Wo up to 48 = three M-slices,
+    often partial; ``splits`` exercises split-K (the GPU's default) under the simulator,
+    including splits with a partial or no M-slice."""
+    x, w, b, args, rng = problem
+    _check_grad_weight(x, w, args, _grad_output(x, w, b, args, rng, trim), version=2, splits=splits)
+
+
+def test_grad_weight_v2_several_tiles_in_every_direction():
+    """17 channels x K = 2*3*3 = 18 taps of gW and M = 20 pixels: two tiles along each
+    GEMM axis, the second partial, in a group that does not start at channel 0; float32.
+    (v1 is left out: 612 weights would be ~20k simulator threads.)"""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 5, 4)).astype(np.float32)
+    w = rng.standard_normal((34, 2, 3, 3)).astype(np.float32)
+    args = ((1, 1), ((1, 1), (1, 1)), (1, 1), 2)
+    gy = rng.standard_normal((1, 34, 5, 4)).astype(np.float32)
+    _check_grad_weight(x, w, args, gy, version=2)
+
+
+@pytest.mark.parametrize("version", sorted(K.GRAD_WEIGHT_VERSIONS))
+def test_grad_weight_long_reduction(version):
+    """N*Ho*Wo = 2*12*12 = 288 terms per weight: v1 threads add several terms before
+    the tree (288 > 128 threads), v2 walks 18 M-slices, the last one partial."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 1, 12, 12))
+    gy = rng.standard_normal((2, 2, 12, 12))
+    args = ((1, 1), ((1, 1), (0, 2)), (1, 1), 1)
+    _check_grad_weight(x, np.empty((2, 1, 3, 1)), args, gy, version=version)
+
+
+def test_default_grad_weight_is_a_listed_version():
+    assert K.DEFAULT_GRAD_WEIGHT_VERSION in K.GRAD_WEIGHT_VERSIONS
+    assert K.conv2d_grad_weight.__defaults__ == (K.DEFAULT_GRAD_WEIGHT_VERSION,)
+
+
+def test_grad_weight_split_policy(monkeypatch):
+    """On a GPU, v2 splits M only when its tiles are too few blocks, and never below
+    SPLIT_MIN_TILES slices per split; the simulator never splits."""
+    assert K._grad_weight_splits(1, 10**6) == 1  # simulator
+    monkeypatch.setattr(K.cc, "SIMULATOR", False)
+    long_m = 10**6
+    assert K._grad_weight_splits(K.SPLIT_TARGET_BLOCKS, long_m) == 1  # enough blocks already
+    few = K._grad_weight_splits(4, long_m)
+    assert few == -(-K.SPLIT_TARGET_BLOCKS // 4)  # fills the target
+    m = 3 * K.TILE * K.SPLIT_MIN_TILES  # only enough M for three splits of SPLIT_MIN_TILES slices
+    assert K._grad_weight_splits(1, m) == 3
+
+
+@settings(max_examples=10)
+@given(
+    dtype=FLOATS,
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_grad_bias_matches_reference(dtype, shape, seed):
+    gy = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+    assert_close(K.conv2d_grad_bias(gy), R.conv2d_grad_bias(gy), *tol(dtype), name="grad_bias")
+
+
+def test_rejects_non_float_and_mixed_dtypes():
+    x, w = np.zeros((1, 1, 3, 3), np.int64), np.zeros((1, 1, 1, 1), np.int64)
+    args = ((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        K.conv2d_forward(x, w, None, *args)
+    with pytest.raises(TypeError, match="one dtype"):
+        K.conv2d_forward(x.astype(np.float32), w.astype(np.float64), None, *args)
