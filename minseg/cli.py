@@ -1,0 +1,589 @@
+"""The ``minseg`` command: train, eval, predict, info, bench.
+
+    minseg train                       UNet on SyntheticScenes with the defaults below
+    minseg train --dataset DIR         your images/ + masks/ folder (split 80/20 by a seeded shuffle)
+    minseg train --dataset scratch-assay   the real microscopy tiles (pip install 'minseg[real]')
+    minseg eval --checkpoint runs/minseg/last.npz
+    minseg predict a.png b.jpg --checkpoint runs/minseg/best.npz --out preds --probs --boxes
+    minseg info                        versions, backends, GPU or simulator
+    minseg bench ...                   forwards to ``python -m benchmarks ...``
+
+``train`` writes into ``--out``: ``last.npz`` (every epoch, atomically: a
+temporary file renamed over the old one, so a kill never leaves a broken
+checkpoint) and ``best.npz`` (best validation mIoU), ``history.json``, and a
+report: ``curves_loss.png``, ``curves_miou.png``, ``samples.png`` (image |
+truth | prediction for validation samples) and ``metrics.md`` (per-class table).
+``--resume`` continues from ``last.npz``: finished epochs are kept, and since
+every epoch's batches depend only on (seed, epoch) the run continues exactly
+as if it had not stopped.
+
+Bad input (a missing or corrupt file, mismatched sizes, invalid mask values,
+a checkpoint of another model) ends with a one-line message on stderr and
+exit code 2; set ``MINSEG_DEBUG=1`` to see the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REAL_DATASETS = ("scratch-assay",)
+SYNTHETIC_TRAIN, SYNTHETIC_VAL = 320, 64
+CHECKPOINT_FORMAT = "minseg-checkpoint-1"
+
+# Defaults of `minseg train`, chosen so that the run finishes within 3 minutes on
+# 2 CPU cores with the cpu backend and reaches validation mIoU >= 0.85 on SyntheticScenes.
+DEFAULTS = dict(
+    model="unet",
+    dataset="synthetic",
+    epochs=8,
+    batch_size=8,
+    lr=3e-3,
+    optimizer="adamw",
+    weight_decay=1e-4,
+    schedule="cosine",
+    seed=0,
+    size=64,
+    num_images=None,  # synthetic: 320 scenes; other datasets: every training image
+    val_images=None,  # synthetic: 64 scenes; other datasets: the whole validation split
+    base_channels=16,
+    depth=3,
+    upsampling="bilinear",
+)
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: exit code 130 after saying where the last checkpoint is."""
+
+
+# --------------------------------------------------------------------- data sets
+
+
+def build_datasets(config: dict):
+    """(train, val) datasets of a run's config; updates config with num_classes and class names."""
+    from .data import FolderDataset, ScratchAssay, Subset, SyntheticScenes, random_split
+
+    name = config["dataset"]
+    if name == "synthetic":
+        n_train, n_val = config["num_images"] or SYNTHETIC_TRAIN, config["val_images"] or SYNTHETIC_VAL
+        # One generator; validation scenes are the indices after the training ones, so they never overlap.
+        scenes = SyntheticScenes(n_train + n_val, size=config["size"], seed=config["seed"])
+        train, val = Subset(scenes, range(n_train)), Subset(scenes, range(n_train, n_train + n_val))
+    elif name in REAL_DATASETS:
+        train, val = ScratchAssay("train", tile=config["size"]), ScratchAssay("val", tile=config["size"])
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise CLIError(f"--dataset {name!r} is neither 'synthetic', one of {list(REAL_DATASETS)}, nor an existing folder")
+        full = FolderDataset(path, num_classes=config.get("num_classes"))
+        train, val = random_split(full, val_fraction=0.2, seed=config["seed"])
+    if name != "synthetic":
+        train, val = _subset(train, config["num_images"], config["seed"]), _subset(val, config["val_images"], config["seed"])
+    given = config.get("num_classes")
+    if given is not None and given != train.num_classes:
+        raise CLIError(f"{given} classes were asked for, but dataset {name!r} has {train.num_classes} classes")
+    config["num_classes"] = train.num_classes
+    config["classes"] = list(train.classes)
+    return train, val
+
+
+def _subset(dataset, n, seed):
+    """A seeded random subset of n items (all of them when n is None or too large)."""
+    from .data import Subset
+
+    if n is None or n >= len(dataset):
+        return dataset
+    return Subset(dataset, sorted(np.random.default_rng(seed).permutation(len(dataset))[:n]))
+
+
+def train_transform(config: dict):
+    from .data import Compose, RandomCrop, RandomFlip
+
+    steps = [RandomCrop(config["crop"])] if config.get("crop") else []
+    return Compose(steps + [RandomFlip()])
+
+
+def _uniform_size(dataset) -> bool:
+    """Whether all samples share one size (datasets that know it say so; else every sample is read)."""
+    known = getattr(dataset, "uniform_size", None)
+    if known is not None:
+        return known
+    return len({dataset[i][1].shape for i in range(len(dataset))}) <= 1
+
+
+# ---------------------------------------------------------------------- model
+
+
+def build_model(config: dict):
+    from .nn import build_model as build
+
+    kwargs = dict(in_channels=3, num_classes=config["num_classes"], base_channels=config["base_channels"], depth=config["depth"])
+    if config["model"] == "unet":
+        kwargs["upsampling"] = config["upsampling"]
+    return build(config["model"], **kwargs)
+
+
+def build_optimizer(config: dict, model, steps_per_epoch: int):
+    from . import optim
+
+    params = model.parameters()
+    name = config["optimizer"]
+    if name == "sgd":
+        opt = optim.SGD(params, lr=config["lr"], momentum=0.9, weight_decay=config["weight_decay"], nesterov=True)
+    else:
+        opt = optim.OPTIMIZERS[name](params, lr=config["lr"], weight_decay=config["weight_decay"])
+    total = max(1, config["epochs"] * steps_per_epoch)
+    schedule = optim.SCHEDULES[config["schedule"]](opt, total_steps=total)
+    return opt, schedule
+
+
+# ----------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model, optimizer, schedule, meta: dict) -> None:
+    """Weights, optimizer state and ``meta`` (epoch, config, history) in one .npz, written atomically.
+
+    The file is written under a temporary name in the same folder, flushed to
+    disk, then renamed over ``path`` (``os.replace`` is atomic), so ``path``
+    always holds either the previous or the new complete checkpoint.
+    """
+    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    scalars = {}
+    for i, state in opt_state["state"].items():
+        for k, v in state.items():
+            if isinstance(v, np.ndarray):
+                arrays[f"optim/{i}/{k}"] = v
+            else:
+                scalars.setdefault(str(i), {})[k] = v
+    meta = dict(meta, format=CHECKPOINT_FORMAT, optim={"lr": opt_state["lr"], "steps": opt_state["steps"], "scalars": scalars})
+    meta["schedule"] = schedule.state_dict()
+    arrays["meta"] = np.array(json.dumps(meta))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> tuple[dict, dict, dict]:
+    """(meta, model state, optimizer state) of a checkpoint file; CLIError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"checkpoint {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except Exception as e:
+        raise CLIError(f"{path} is not a readable minseg checkpoint ({type(e).__name__}: {e})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CLIError(f"{path} is not a minseg checkpoint (format {meta.get('format')!r})")
+    model_state = {k[len("model/") :]: v for k, v in arrays.items() if k.startswith("model/")}
+    state: dict = {}
+    for k, v in arrays.items():
+        if k.startswith("optim/"):
+            _, i, name = k.split("/", 2)
+            state.setdefault(int(i), {})[name] = v
+    for i, s in meta["optim"]["scalars"].items():
+        state.setdefault(int(i), {}).update(s)
+    optim_state = {"lr": meta["optim"]["lr"], "steps": meta["optim"]["steps"], "state": state}
+    return meta, model_state, optim_state
+
+
+def model_from_checkpoint(path, args=None):
+    """The model of a checkpoint, weights loaded; checks --model/--num-classes if the user gave them."""
+    meta, state, _ = load_checkpoint(path)
+    config = meta["config"]
+    if args is not None:
+        for key, flag in (("model", "--model"), ("num_classes", "--num-classes")):
+            given = getattr(args, key, None)
+            if given is not None and given != config[key]:
+                raise CLIError(f"checkpoint {path} holds a {config['model']} with {config['num_classes']} classes, but {flag} {given} was given")
+    model = build_model(config)
+    try:
+        model.load_state_dict(state)
+    except (KeyError, ValueError) as e:
+        raise CLIError(f"checkpoint {path} does not fit a {config['model']} model: {e}") from None
+    return model.eval(), meta
+
+
+# ------------------------------------------------------------------ train loop
+
+
+def _progress(iterable, desc: str, disable):
+    """A tqdm bar on stderr (``disable=None``: shown only on a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr, disable=disable)
+
+
+def train_epoch(model, loader, optimizer, schedule, desc: str = "", quiet: bool = False) -> float:
+    """One pass over ``loader``: returns the mean training loss over the batches."""
+    from . import functional as F
+    from .tensor import tensor
+
+    model.train()
+    total, count = 0.0, 0
+    bar = _progress(loader, desc=desc, disable=quiet or None)
+    for images, masks in bar:
+        if (masks == 255).all():
+            continue  # nothing to learn from a fully ignored batch (its mean loss is 0/0)
+        loss = F.cross_entropy(model(tensor(images)), tensor(masks), ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        total += loss.item()
+        count += 1
+        bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.lr:.2e}")
+    return total / max(count, 1)
+
+
+def evaluate(model, dataset, num_classes: int, batch_size: int = 16, keep: int = 0, quiet: bool = True):
+    """(scores, mean loss per pixel, first ``keep`` (image, truth, prediction) triples) on ``dataset``."""
+    from . import functional as F
+    from .autograd import no_grad
+    from .data import DataLoader
+    from .metrics import ConfusionMatrix
+    from .tensor import tensor
+
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index=255)
+    loader = DataLoader(dataset, batch_size if _uniform_size(dataset) else 1)
+    loss_sum, pixels, samples = 0.0, 0, []
+    with no_grad():
+        for images, masks in _progress(loader, desc="eval", disable=quiet or None):
+            logits = model(tensor(images))
+            valid = int((masks != 255).sum())
+            if valid:
+                loss_sum += F.cross_entropy(logits, tensor(masks), ignore_index=255, reduction="sum").item()
+                pixels += valid
+            pred = logits.argmax(1).numpy()
+            cm.update(pred, masks)
+            for k in range(min(keep - len(samples), len(images))):
+                samples.append((images[k], masks[k], pred[k]))
+    return cm.scores(), loss_sum / max(pixels, 1), samples
+
+
+def write_report(out: Path, history: list, scores: dict, samples, classes) -> None:
+    from .metrics import format_table
+    from .viz import plot_curves, prediction_grid, save_png
+
+    plot_curves(
+        out / "curves_loss.png",
+        {"train loss": [h["train_loss"] for h in history], "val loss": [h["val_loss"] for h in history]},
+        title="cross-entropy per pixel",
+    )
+    plot_curves(out / "curves_miou.png", {"val mIoU": [h["val_mIoU"] for h in history]}, title="validation mIoU")
+    if samples:
+        save_png(out / "samples.png", prediction_grid(*zip(*samples)))
+    epoch = history[-1]["epoch"] if history else 0
+    (out / "metrics.md").write_text(
+        f"# Validation metrics after epoch {epoch}\n\n{format_table(scores, classes, fmt='markdown')}"
+    )
+
+
+def _config_from_args(args) -> dict:
+    config = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in DEFAULTS.items()}
+    config["num_classes"] = args.num_classes
+    config["crop"] = args.crop
+    config["backend"] = args.backend
+    return config
+
+
+def cmd_train(args) -> int:
+    from . import backend
+    from .data import DataLoader
+    from .functional import manual_seed
+
+    out = Path(args.out)
+    last = out / "last.npz"
+    history: list = []
+    start_epoch = 1
+    if args.resume:
+        if not last.is_file():
+            raise CLIError(f"--resume: no checkpoint {last} to resume from (train without --resume first)")
+        meta, model_state, optim_state = load_checkpoint(last)
+        config = meta["config"]
+        for key in ("model", "dataset", "num_classes", "base_channels", "depth", "upsampling", "size", "seed"):
+            given = getattr(args, key, None)
+            if given is not None and given != config[key]:
+                raise CLIError(f"--resume: the checkpoint in {out} was trained with {key}={config[key]!r}, but {given!r} was given")
+        if args.epochs is not None:
+            config["epochs"] = args.epochs
+        if args.backend is not None:
+            config["backend"] = args.backend
+        history, start_epoch = meta["history"], meta["epoch"] + 1
+    else:
+        config = _config_from_args(args)
+    backend.set_backend(config["backend"] or backend.get_backend())
+    manual_seed(config["seed"])
+
+    train_set, val_set = build_datasets(config)
+    transform = train_transform(config)
+    if not config.get("crop") and not _uniform_size(train_set):
+        raise CLIError("the training images differ in size, so they cannot be batched: give --crop SIZE")
+    loader = DataLoader(train_set, config["batch_size"], shuffle=True, seed=config["seed"], transform=transform)
+    model = build_model(config)
+    optimizer, schedule = build_optimizer(config, model, len(loader))
+    if args.resume:
+        try:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optim_state)
+            schedule.load_state_dict(meta["schedule"])
+        except (KeyError, ValueError) as e:
+            raise CLIError(f"--resume: checkpoint {last} does not fit the model: {e}") from None
+        if start_epoch > config["epochs"]:
+            print(f"{last} already holds all {config['epochs']} epochs; raise --epochs to train longer")
+            return 0
+        print(f"resuming from {last} after epoch {start_epoch - 1}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"training {config['model']} ({model.num_parameters():,} parameters) on {config['dataset']}: "
+        f"{len(train_set)} train / {len(val_set)} val images, {config['num_classes']} classes, "
+        f"backend {backend.get_backend()}, {config['epochs']} epochs"
+    )
+    best = max((h["val_mIoU"] for h in history), default=-1.0)
+    epoch, t_start = start_epoch - 1, time.perf_counter()
+    try:
+        for epoch in range(start_epoch, config["epochs"] + 1):
+            t0 = time.perf_counter()
+            loader.set_epoch(epoch)
+            desc = f"epoch {epoch}/{config['epochs']}"
+            train_loss = train_epoch(model, loader, optimizer, schedule, desc=desc, quiet=args.quiet)
+            scores, val_loss, samples = evaluate(model, val_set, config["num_classes"], keep=8)
+            history.append(
+                dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_mIoU=scores["mIoU"], val_aAcc=scores["aAcc"], seconds=time.perf_counter() - t0)
+            )
+            meta = dict(epoch=epoch, config=config, history=history)
+            save_checkpoint(last, model, optimizer, schedule, meta)
+            if scores["mIoU"] > best:
+                best = scores["mIoU"]
+                save_checkpoint(out / "best.npz", model, optimizer, schedule, meta)
+            print(
+                f"epoch {epoch}/{config['epochs']}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+                f"val mIoU {scores['mIoU']:.4f}  aAcc {scores['aAcc']:.4f}  ({time.perf_counter() - t0:.1f} s)",
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted during epoch {epoch}; {last} holds the finished epochs "
+            f"(up to {epoch - 1}); continue with: minseg train --out {out} --resume"
+        ) from None
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    if history and history[-1]["epoch"] == config["epochs"] and start_epoch <= config["epochs"]:
+        write_report(out, history, scores, samples, config["classes"])
+    from .metrics import format_table
+
+    print(format_table(scores, config["classes"]))
+    print(f"finished in {time.perf_counter() - t_start:.1f} s; val mIoU {scores['mIoU']:.4f}; checkpoints and report in {out}")
+    return 0
+
+
+# ----------------------------------------------------------------- eval, predict
+
+
+def cmd_eval(args) -> int:
+    from . import backend
+    from .data import DataError
+    from .metrics import format_table
+
+    if args.backend:
+        backend.set_backend(args.backend)
+    model, meta = model_from_checkpoint(args.checkpoint, args)
+    config = dict(meta["config"])
+    if args.dataset is not None:
+        config["dataset"] = args.dataset
+    expected = config["num_classes"]
+    try:
+        _, val_set = build_datasets(config)  # mask values are checked against the model's classes
+    except (CLIError, DataError) as e:
+        raise CLIError(f"{e} (the checkpoint's model predicts {expected} classes)") from None
+    scores, val_loss, _ = evaluate(model, val_set, expected, quiet=args.quiet)
+    print(f"{args.checkpoint} (epoch {meta['epoch']}) on {config['dataset']} validation ({len(val_set)} images), loss {val_loss:.4f}")
+    print(format_table(scores, meta["config"]["classes"], fmt="markdown" if args.markdown else "text"))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from . import backend
+    from .autograd import no_grad
+    from .data import load_image
+    from .metrics import masks_to_boxes
+    from .tensor import tensor
+    from .viz import draw_boxes, mask_image, overlay, save_png
+
+    if args.backend:
+        backend.set_backend(args.backend)
+    model, meta = model_from_checkpoint(args.checkpoint, args)
+    classes = meta["config"]["classes"]
+    paths = [Path(p) for p in args.images]
+    stems = [p.stem for p in paths]
+    if len(set(stems)) != len(stems):
+        raise CLIError("two input images share a file name stem; their outputs would overwrite each other")
+    images = [load_image(p) if p.is_file() else _missing(p) for p in paths]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, image in _progress(list(zip(paths, images)), desc="predict", disable=args.quiet or None):
+        with no_grad():
+            probs = model(tensor(image[None])).softmax(1).numpy()[0]
+        pred = probs.argmax(0)
+        mask_image(pred).save(out / f"{path.stem}_mask.png")
+        over = overlay(image, pred)
+        if args.boxes:
+            boxes, labels, _ = masks_to_boxes(pred, classes=[c for c in range(len(classes)) if c != 0])
+            over = draw_boxes(over, boxes, labels)
+        save_png(out / f"{path.stem}_overlay.png", over)
+        if args.probs:
+            np.save(out / f"{path.stem}_probs.npy", probs.astype(np.float32))
+            for c, name in enumerate(classes):
+                save_png(out / f"{path.stem}_prob_{c}_{name}.png", np.rint(probs[c] * 255).astype(np.uint8))
+    print(f"wrote predictions for {len(paths)} image(s) to {out}")
+    return 0
+
+
+def _missing(path):
+    raise CLIError(f"image {path} not found")
+
+
+# ------------------------------------------------------------------ info, bench
+
+
+def cmd_info(args) -> int:
+    from . import __version__, backend
+
+    def version(module):
+        try:
+            return __import__(module).__version__
+        except Exception:
+            return "not installed"
+
+    print(f"minseg {__version__}")
+    print(f"python {platform.python_version()} ({platform.platform()})")
+    for module in ("numpy", "numba", "PIL", "tqdm", "cupy", "torch"):
+        print(f"{'pillow' if module == 'PIL' else module:<8} {version(module)}")
+    print(f"cpu cores: {os.cpu_count()}")
+    print(f"backends available: {', '.join(backend.available_backends()) or 'none'}")
+    print(f"default backend: {backend.default_backend()}")
+    status = backend.cuda_status()
+    print(f"cuda: {'real GPU' if status == 'gpu' else 'CUDA simulator (NUMBA_ENABLE_CUDASIM=1)' if status == 'simulator' else status}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    return subprocess.call([sys.executable, "-m", "benchmarks", *args.bench_args])
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minseg", description="Semantic segmentation from scratch on NumPy and Numba.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,info,bench}")
+
+    def common(p):
+        p.add_argument("--backend", choices=["numpy", "cpu", "cuda"], default=None, help="kernel set (default: the fastest available)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("train", help="train a model; writes checkpoints and a report to --out")
+    common(t)
+    t.add_argument("--model", choices=["unet", "fcn"], default=None, help="default: unet")
+    t.add_argument("--dataset", default=None, help="'synthetic' (default), a folder with images/ and masks/, or 'scratch-assay'")
+    t.add_argument("--epochs", type=int, default=None, help=f"default: {DEFAULTS['epochs']}")
+    t.add_argument("--batch-size", type=int, default=None, help=f"default: {DEFAULTS['batch_size']}")
+    t.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {DEFAULTS['lr']})")
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=None, help=f"default: {DEFAULTS['optimizer']}")
+    t.add_argument("--weight-decay", type=float, default=None, help=f"default: {DEFAULTS['weight_decay']}")
+    t.add_argument("--schedule", choices=["cosine", "poly"], default=None, help=f"learning-rate schedule (default: {DEFAULTS['schedule']})")
+    t.add_argument("--seed", type=int, default=None, help="seeds data order, augmentation and initialisation (default: 0)")
+    t.add_argument("--out", default="runs/minseg", help="output folder (default: runs/minseg)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
+    t.add_argument("--num-classes", type=int, default=None, help="number of classes (default: read from the masks)")
+    t.add_argument("--size", type=int, default=None, help=f"synthetic scene / real tile size in pixels (default: {DEFAULTS['size']})")
+    t.add_argument("--num-images", type=int, default=None, help=f"training images: synthetic scenes to generate (default: {SYNTHETIC_TRAIN}), or a seeded subset of another dataset (default: all)")
+    t.add_argument("--val-images", type=int, default=None, help=f"validation images, likewise (default: {SYNTHETIC_VAL} synthetic scenes, or all)")
+    t.add_argument("--crop", type=int, default=None, help="random training crops of this size (needed when folder images differ in size)")
+    t.add_argument("--base-channels", type=int, default=None, help=f"width of the first stage (default: {DEFAULTS['base_channels']})")
+    t.add_argument("--depth", type=int, default=None, help=f"number of down-sampling stages (default: {DEFAULTS['depth']})")
+    t.add_argument("--upsampling", choices=["bilinear", "transpose"], default=None, help="UNet decoder upsampling (default: bilinear)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="metrics of a checkpoint on its validation data")
+    common(e)
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--dataset", default=None, help="evaluate on another dataset (default: the checkpoint's)")
+    e.add_argument("--model", choices=["unet", "fcn"], default=None, help="expected model (checked against the checkpoint)")
+    e.add_argument("--num-classes", type=int, default=None, help="expected number of classes (checked)")
+    e.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    e.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="masks, overlays and probabilities for images")
+    common(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--probs", action="store_true", help="also write the per-class probability maps (.npy and one PNG per class)")
+    p.add_argument("--boxes", action="store_true", help="draw a box around each connected region on the overlay")
+    p.add_argument("--model", choices=["unet", "fcn"], default=None, help="expected model (checked against the checkpoint)")
+    p.add_argument("--num-classes", type=int, default=None, help="expected number of classes (checked)")
+    p.set_defaults(func=cmd_predict)
+
+    i = sub.add_parser("info", help="versions, backends, GPU or simulator")
+    i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="run the benchmarks (python -m benchmarks ...)", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _check_ranges(args):
+    for name in ("epochs", "batch_size", "num_images", "val_images", "size", "crop", "base_channels", "depth", "num_classes"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not lr > 0:
+        raise CLIError(f"--lr must be > 0, got {lr}")
+
+
+def main(argv=None) -> int:
+    from .data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        _check_ranges(args)
+        return args.func(args)
+    except Interrupted as e:
+        print(f"minseg: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("minseg: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, DataError, OSError) as e:
+        if os.environ.get("MINSEG_DEBUG"):
+            raise
+        print(f"minseg: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # never a traceback for the user; MINSEG_DEBUG=1 shows it
+        if os.environ.get("MINSEG_DEBUG"):
+            raise
+        print(f"minseg: error: {type(e).__name__}: {e} (set MINSEG_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

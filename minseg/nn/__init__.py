@@ -1,0 +1,22 @@
+"""Neural-network building blocks (torch.nn's names and defaults) and segmentation models."""
+from .layers import BatchNorm2d, Conv2d, ConvTranspose2d, Dropout, MaxPool2d, ReLU, Sequential, Upsample
+from .models import FCN, MODELS, UNet, build_model, double_conv
+from .module import Module, Parameter
+
+__all__ = [
+    "Module",
+    "Parameter",
+    "Conv2d",
+    "ConvTranspose2d",
+    "BatchNorm2d",
+    "ReLU",
+    "MaxPool2d",
+    "Upsample",
+    "Dropout",
+    "Sequential",
+    "UNet",
+    "FCN",
+    "MODELS",
+    "build_model",
+    "double_conv",
+]

@@ -1,0 +1,153 @@
+"""Layers: thin Modules over minseg.functional, with torch's constructor arguments and defaults."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from .init import kaiming_uniform, uniform_bias
+from .module import Module, Parameter
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class _ConvNd(Module):
+    def __init__(self, weight_shape, out_channels, bias, stride, padding, dilation, groups):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.weight = Parameter(kaiming_uniform(weight_shape))
+        self.bias = Parameter(uniform_bias(out_channels, weight_shape)) if bias else None
+
+    def extra_repr(self):
+        k = tuple(self.weight.shape[2:])
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={k}, stride={self.stride}, padding={self.padding}"
+
+
+class Conv2d(_ConvNd):
+    """y = conv2d(x, weight, bias); weight (C_out, C_in/groups, kh, kw)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        self_shape = (out_channels, in_channels // groups, *_pair(kernel_size))
+        super().__init__(self_shape, out_channels, bias, stride, padding, dilation, groups)
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ConvTranspose2d(_ConvNd):
+    """The adjoint of a convolution (learned upsampling); weight (C_in, C_out/groups, kh, kw)."""
+
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1, bias=True, dilation=1
+    ):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        shape = (in_channels, out_channels // groups, *_pair(kernel_size))
+        super().__init__(shape, out_channels, bias, stride, padding, dilation, groups)
+        self.in_channels, self.out_channels, self.output_padding = in_channels, out_channels, output_padding
+
+    def forward(self, x):
+        return F.conv_transpose2d(
+            x, self.weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+        )
+
+
+class BatchNorm2d(Module):
+    """Per-channel batch normalisation with learned scale/shift and running statistics.
+
+    Training normalises with the batch statistics and updates the running ones
+    (``momentum`` weights the new batch); eval uses the running statistics.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = Parameter(np.ones(num_features, np.float32)) if affine else None
+        self.bias = Parameter(np.zeros(num_features, np.float32)) if affine else None
+        self.track_running_stats = track_running_stats
+        if track_running_stats:
+            self.register_buffer("running_mean", np.zeros(num_features, np.float32))
+            self.register_buffer("running_var", np.ones(num_features, np.float32))
+            self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+
+    def forward(self, x):
+        use_batch = self.training or not self.track_running_stats
+        running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.data += 1
+        return F.batch_norm(x, *running, self.weight, self.bias, training=use_batch, momentum=self.momentum, eps=self.eps)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class ReLU(Module):
+    def forward(self, x):
+        return F.relu(x)
+
+
+class MaxPool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.dilation, self.ceil_mode = dilation, ceil_mode
+
+    def forward(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride or self.kernel_size}"
+
+
+class Upsample(Module):
+    """Resize by ``scale_factor`` or to ``size`` ('nearest' by default, as torch)."""
+
+    def __init__(self, size=None, scale_factor=None, mode="nearest", align_corners=None):
+        super().__init__()
+        self.size, self.scale_factor, self.mode, self.align_corners = size, scale_factor, mode, align_corners
+
+    def forward(self, x):
+        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners)
+
+    def extra_repr(self):
+        return f"scale_factor={self.scale_factor}, mode={self.mode!r}" if self.size is None else f"size={self.size}, mode={self.mode!r}"
+
+
+class Dropout(Module):
+    """Zero activations with probability p while training (scaled by 1/(1-p)); identity in eval."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training)
+
+
+class Sequential(Module):
+    """Modules applied in order; children are named '0', '1', ..."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        for i, m in enumerate(modules):
+            setattr(self, str(i), m)
+
+    def __getitem__(self, i):
+        return list(self._modules.values())[i]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for m in self._modules.values():
+            x = m(x)
+        return x

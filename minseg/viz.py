@@ -1,0 +1,192 @@
+"""Pictures: coloured masks (Pascal VOC palette), overlays, boxes, image grids, training curves.
+
+Everything is drawn with Pillow; no plotting library is needed. Images come
+in as float (3, H, W) arrays in [0, 1] (minseg's layout) or uint8 (H, W, 3).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The Pascal VOC colour map, (n, 3) uint8: class 0 black, 1 dark red, 2 green, 3 olive, ...
+
+    The bits of the class id are spread over the colour channels, highest
+    bits first: bit 3k of the id sets bit (7 - k) of red, bit 3k+1 green, 3k+2 blue.
+    """
+    ids = np.arange(n)
+    colours = np.zeros((n, 3), dtype=np.int64)
+    for k in range(8):
+        for channel in range(3):
+            colours[:, channel] |= ((ids >> (3 * k + channel)) & 1) << (7 - k)
+    return colours.astype(np.uint8)
+
+
+PALETTE = voc_palette()
+
+
+def to_uint8(image) -> np.ndarray:
+    """(H, W, 3) uint8 from float (3, H, W) in [0, 1] or an (H, W, 3) uint8 array."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image
+    if image.ndim == 3 and image.shape[0] in (1, 3):
+        image = image.transpose(1, 2, 0)
+    image = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+
+
+def mask_image(mask):
+    """An indexed ('P') PIL image whose pixel values are the class ids, with the VOC palette."""
+    from PIL import Image
+
+    mask = np.asarray(mask)
+    if mask.min(initial=0) < 0 or mask.max(initial=0) > 255:
+        raise ValueError("mask values must be in [0, 255] to be stored as an indexed PNG")
+    im = Image.fromarray(mask.astype(np.uint8), mode="P")
+    im.putpalette(PALETTE.reshape(-1).tolist())
+    return im
+
+
+def colorize(mask) -> np.ndarray:
+    """(H, W, 3) uint8 colours of a class mask."""
+    return PALETTE[np.asarray(mask).astype(np.int64) % 256]
+
+
+def overlay(image, mask, alpha: float = 0.5, ignore_index: int | None = 255, background: int | None = 0) -> np.ndarray:
+    """The image with the mask colours blended in (``alpha`` = mask weight).
+
+    Pixels of the ``background`` class (black in the VOC palette, which would
+    only darken the picture) and ignored pixels are left as they are.
+    """
+    mask = np.asarray(mask)
+    base = to_uint8(image).astype(np.float32)
+    blend = (1 - alpha) * base + alpha * colorize(mask).astype(np.float32)
+    for untouched in (ignore_index, background):
+        if untouched is not None:
+            blend[mask == untouched] = base[mask == untouched]
+    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+
+
+def draw_boxes(image, boxes, labels, width: int = 1) -> np.ndarray:
+    """Rectangles (``[x0, y0, x1, y1]`` inclusive, as ``masks_to_boxes``) in their class colour."""
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(to_uint8(image).copy())
+    draw = ImageDraw.Draw(im)
+    for (x0, y0, x1, y1), c in zip(np.asarray(boxes).tolist(), np.asarray(labels).tolist()):
+        colour = tuple(int(v) for v in PALETTE[c]) if c else (255, 255, 255)
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+    return np.asarray(im)
+
+
+def save_png(path, array) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.asarray(array)).save(path)
+
+
+def grid(rows, scale: int = 2, gap: int = 2) -> np.ndarray:
+    """Tile a list of rows (each a list of (H, W, 3) uint8 images of one size) into one picture."""
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    out = np.full((len(rows) * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            out[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = im
+    return out.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else out
+
+
+def prediction_grid(images, truths, preds, scale: int = 2) -> np.ndarray:
+    """One row per sample: image | ground truth | prediction (ignored truth pixels shown white)."""
+    rows = []
+    for image, truth, pred in zip(images, truths, preds):
+        truth_rgb = colorize(truth)
+        truth_rgb[np.asarray(truth) == 255] = 255
+        rows.append([to_uint8(image), truth_rgb, colorize(pred)])
+    return grid(rows, scale=scale)
+
+
+# -------------------------------------------------------------------- line plots
+
+SERIES_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0)
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 5, 10) if m * mag >= raw), default=10 * mag)
+    start = math.floor(lo / step) * step
+    return [start + k * step for k in range(int(math.ceil((hi - start) / step)) + 1)]
+
+
+def plot_curves(path, series: dict, title: str = "", xlabel: str = "epoch", size=(480, 320)) -> None:
+    """A PNG line plot of ``{name: [y per x = 1, 2, ...]}`` with axes, ticks and a legend.
+
+    NaN values are skipped. Drawn with Pillow's ImageDraw and default font.
+    """
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 56, 12, 26, 36
+    im = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(im)
+    values = [v for ys in series.values() for v in ys if v is not None and math.isfinite(v)]
+    n = max((len(ys) for ys in series.values()), default=1)
+    ticks = _nice_ticks(min(values, default=0.0), max(values, default=1.0))
+    y_lo, y_hi = ticks[0], ticks[-1]
+    x_hi = max(n, 2)
+
+    def px(x, y):
+        return (
+            left + (x - 1) / (x_hi - 1) * (width - left - right),
+            top + (y_hi - y) / (y_hi - y_lo) * (height - top - bottom),
+        )
+
+    for t in ticks:
+        _, y = px(1, t)
+        draw.line([(left, y), (width - right, y)], fill=(230, 230, 230))
+        draw.text((4, y - 6), f"{t:.3g}", fill="black")
+    for x in sorted({1, x_hi, *range(1, x_hi + 1, max(1, x_hi // 8))}):
+        xp, _ = px(x, y_lo)
+        draw.line([(xp, height - bottom), (xp, height - bottom + 4)], fill="black")
+        draw.text((xp - 4, height - bottom + 6), str(x), fill="black")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.text((width // 2 - 3 * len(xlabel), height - 14), xlabel, fill="black")
+    draw.text((left, 6), title, fill="black")
+    for k, (name, ys) in enumerate(series.items()):
+        colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
+        points = [px(i + 1, y) for i, y in enumerate(ys) if y is not None and math.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    # the legend, in a framed box above the curves, in the top-right corner
+    lx = width - right - 116
+    draw.rectangle([lx - 4, top + 3, width - right - 4, top + 7 + 14 * len(series)], fill="white", outline=(160, 160, 160))
+    for k, name in enumerate(series):
+        colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
+        ly = top + 6 + 14 * k
+        draw.line([(lx, ly + 6), (lx + 16, ly + 6)], fill=colour, width=2)
+        draw.text((lx + 20, ly), name, fill="black")
+    im.save(path)
+
+
+__all__ = [
+    "voc_palette",
+    "PALETTE",
+    "to_uint8",
+    "mask_image",
+    "colorize",
+    "overlay",
+    "draw_boxes",
+    "save_png",
+    "grid",
+    "prediction_grid",
+    "plot_curves",
+]
