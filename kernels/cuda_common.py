@@ -26,6 +26,41 @@ from numba import config, cuda
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
+
+def _fix_simulator_shared_arrays():
+    """Make the simulator's ``cuda.shared.array`` thread-safe.
+
+    The simulator gives all threads of a block the same NumPy array by keying
+    allocations on the calling line: ``get`` the key, and on a miss ``set`` a new
+    array. Its threads are real Python threads, so two of them can both miss and
+    each keep a *different* array: a block reduction then sums garbage, rarely
+    and only under load (seen as a flaky U-Net gradient). ``dict.setdefault``
+    is atomic under the GIL, so every thread gets the one stored array.
+    """
+    import sys
+
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    original = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory / unsupported: unchanged
+            return original(self, shape, dtype, alignment)
+        if not isinstance(dtype, np.dtype):
+            dtype = np.dtype(numpy_support.as_dtype(dtype)) if isinstance(dtype, types.Type) else np.dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        return self._allocations.setdefault(key, np.empty(shape, dtype))
+
+    array.thread_safe = True
+    kernelapi.FakeCUDAShared.array = array
+
+
+if SIMULATOR:
+    _fix_simulator_shared_arrays()
+
 if SIMULATOR:
     xp = np
 else:  # a real GPU: arrays live in CuPy
