@@ -1,0 +1,517 @@
+"""conv2d on the CPU: matrix products in BLAS, one per work item, work items in parallel in Numba.
+
+The math is in ``reference.py``; this module computes the same four functions
+fast, as matrix products (GEMMs) of two kinds.
+
+*Taps* (stride 1: the forward, grad_weight, and grad_input, see below). Pad a
+band of rows of one image to ``xb`` (C_in rows of ``R*Wq`` values: R padded
+rows of ``Wq = Wo + (kw-1)*dw`` columns) and lay the output out *wide*, with
+Wq columns per row of which the last ``(kw-1)*dw`` are garbage. Then every
+tap (p, q) of the kernel is one product with a *shifted view* of xb::
+
+    y_wide[o, ii*Wq + j] += sum_c w[o, c, p, q] * xb[c, (ii + p*dh)*Wq + j + q*dw]
+    (Og x Cg) @ (Cg x rows*Wq): the operand's rows start at c*R*Wq + p*dh*Wq + q*dw, stride R*Wq
+
+so no column matrix is built at all. grad_weight is the same product the
+other way round, ``gw[:, :, p, q] += gy_wide @ view^T``, with zeros in gy's
+garbage columns.
+
+*im2col* (any stride). Every receptive field becomes a column. For one image
+and a band of output rows ``[i0, i1)``::
+
+    cols[(c, p, q), (i - i0)*Wo + j] = xp[c, i*sh + p*dh, j*sw + q*dw]      (C_in*kh*kw rows)
+
+    forward      y[n, g][:, band]  = W[g] @ cols[g]              (Og x K) @ (K x band)
+    grad_weight  gw[g]            += gy[n, g][:, band] @ cols[g]^T
+    grad_input   dcols[g]          = W[g]^T @ gy[n, g][:, band], then col2im adds dcols into gx
+
+where ``cols[g]`` is rows ``g*K .. (g+1)*K`` (K = Cg*kh*kw). It copies x kh*kw
+times (measured: 40% of the forward's time single-threaded for (8, 32, 64, 64)),
+which the taps avoid; strided convolutions cannot use taps because a view
+with stride sw > 1 along a row is not a BLAS operand.
+
+grad_input at stride 1 is a forward: ``gx[c, r, s] = sum_{o,p,q} w[o, c, p, q] *
+gy[o, r + pt - p*dh, s + pl - q*dw]`` is the convolution of gy with the kernel
+flipped in (p, q) and its channel axes swapped, padded by ``(kh-1)*dh - pt``
+on top and ``(kw-1)*dw - pl`` on the left (a negative pad crops), with gx's
+size as output size. Other strides use col2im, im2col's adjoint (the same
+index map with ``+=`` in the other direction).
+
+Optimisations:
+
+* One parallel region per call. A *work item* is one (image, band of output
+  rows); ``prange`` gives each Numba thread a contiguous run of items (an
+  image can be split between two threads), and the thread pads or im2cols the
+  item and multiplies it itself with a **single-threaded** BLAS GEMM, so the
+  copies run on every core and no core idles between them and the products.
+  col2im's items are whole images, because bands of one image add into
+  overlapping rows of gx.
+* ``_gemm`` calls SciPy's BLAS (the one ``np.dot`` uses in ``@njit`` code,
+  through Numba's binding) row-major with explicit leading dimensions, so it
+  reads the shifted views and writes strided bands in place; grad_weight
+  accumulates (beta = 1) into one partial sum per thread, added at the end
+  in a fixed order (results do not depend on scheduling).
+* While a kernel runs, that OpenBLAS is set to one thread (``_one_blas_thread``):
+  a multi-threaded BLAS call nested in the parallel region fights the other
+  threads for the cores (measured: 4-15x slower, and OpenBLAS warns that it
+  may hang). When the BLAS is not an OpenBLAS this module can find, the work
+  items run on one Numba thread and the BLAS keeps its own threads. An earlier
+  version alternated a serial im2col with NumPy's multi-threaded GEMM: BLAS's
+  threads spin for a while after each call, so the copies could not be
+  parallelised, and it was 2.5-4x slower than this one (measured on 2 cores).
+* Bands: a band's buffers (``_TAPS_BAND_BYTES``: ~11 rows of a 64x64 image,
+  measured fastest; ``_BAND_BYTES`` of im2col columns, half a core's L2) stay
+  in the core's cache between the copy and the GEMMs that read it. Each
+  thread's buffers are rows of a workspace kept between calls (``_WORKSPACE``),
+  so a call does not pay fresh page faults for them; it is never returned,
+  every output is a fresh array. (The shared buffer makes these functions
+  unsafe to call from several Python threads at once.)
+* The copies never materialise more padding than a band needs: each row
+  computes once which columns fall inside the image, zero-fills the rest and
+  copies the inside (contiguously when the stride is 1, which LLVM vectorises).
+
+The first call of each kernel compiles it (``cache=True`` stores the machine
+code in ``__pycache__``, so later processes load it instead).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+import numba
+import numpy as np
+from numba import njit, prange
+from numba.extending import overload
+from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
+
+__all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
+
+_BAND_BYTES = 1 << 20  # one thread's band of im2col columns: half a core's 2 MB L2, the rest for W and the output
+_TAPS_BAND_BYTES = 192 << 10  # one thread's band of padded input + wide output rows at stride 1 (measured best)
+_WORKSPACE: dict[tuple, np.ndarray] = {}
+_N, _T = ord("n"), ord("t")  # BLAS's transpose flags
+
+
+def _workspace(size: int, dtype) -> np.ndarray:
+    """A reusable flat scratch array (contents undefined), one per (size, dtype)."""
+    key = (size, np.dtype(dtype).str)
+    buf = _WORKSPACE.get(key)
+    if buf is None:
+        if len(_WORKSPACE) >= 8:  # a handful of layer shapes; forget the oldest beyond that
+            _WORKSPACE.pop(next(iter(_WORKSPACE)))
+        buf = _WORKSPACE[key] = np.empty(size, dtype)
+    return buf
+
+
+def _gemm(ta, tb, m, n, k, a, a0, lda, b, b0, ldb, beta, c, c0, ldc):
+    """Row-major ``C = op(A) @ op(B) + beta*C`` on flat arrays (compiled only, see the overload below).
+
+    A starts at ``a[a0]`` with row stride ``lda`` (likewise B, C); op(A) is A, or
+    A^T when ``ta == _T``; op(A) is (m, k), op(B) is (k, n), C is (m, n).
+    """
+    raise TypeError("_gemm is only callable from Numba-compiled code")
+
+
+@overload(_gemm)
+def _gemm_overload(ta, tb, m, n, k, a, a0, lda, b, b0, ldb, beta, c, c0, ldc):
+    xxgemm = _BLAS().numba_xxgemm(a.dtype)  # Fortran ?gemm from scipy.linalg.cython_blas
+    kind = ord(get_blas_kind(a.dtype))
+    dtype = a.dtype
+
+    def impl(ta, tb, m, n, k, a, a0, lda, b, b0, ldb, beta, c, c0, ldc):
+        # BLAS is column-major: a row-major (m, n) C is a column-major (n, m) C^T = op(B)^T op(A)^T,
+        # so swap the operands and keep each one's flag and leading dimension.
+        scalars = np.empty(2, dtype)
+        scalars[0], scalars[1] = 1, beta
+        status = xxgemm(kind, tb, ta, n, m, k, scalars[0:].ctypes, b[b0:].ctypes, ldb,
+                        a[a0:].ctypes, lda, scalars[1:].ctypes, c[c0:].ctypes, ldc)
+        if status != 0:
+            raise RuntimeError("BLAS gemm failed")
+
+    return impl
+
+
+@njit(cache=True, inline="always")
+def _inside(out_size, in_size, offset, step):
+    """[lo, hi): the output positions o with 0 <= o*step + offset < in_size (lo <= hi)."""
+    lo = 0 if offset >= 0 else (-offset + step - 1) // step
+    last = in_size - 1 - offset  # o*step <= last
+    hi = 0 if last < 0 else last // step + 1
+    lo = min(lo, out_size)
+    return lo, max(lo, min(hi, out_size))
+
+
+@njit(cache=True, inline="always")
+def _share(t, nt, total):
+    """Thread t's contiguous run [lo, hi) of ``total`` work items split evenly over nt threads."""
+    return t * total // nt, (t + 1) * total // nt
+
+
+@njit(cache=True)
+def _im2col(x, cols, i0, kh, kw, sh, sw, pt, pl, dh, dw, wo):
+    """cols[(c, p, q), (i - i0)*Wo + j] = x[c, i*sh + p*dh - pt, j*sw + q*dw - pl], 0 outside x."""
+    c_in, h, w = x.shape
+    rows = cols.shape[1] // wo
+    for c in range(c_in):
+        for p in range(kh):
+            for q in range(kw):
+                r = (c * kh + p) * kw + q
+                off = q * dw - pl
+                j0, j1 = _inside(wo, w, off, sw)
+                for ii in range(rows):
+                    xi = (i0 + ii) * sh + p * dh - pt
+                    base = ii * wo
+                    if xi < 0 or xi >= h:
+                        for j in range(wo):
+                            cols[r, base + j] = 0
+                        continue
+                    for j in range(j0):
+                        cols[r, base + j] = 0
+                    for j in range(j1, wo):
+                        cols[r, base + j] = 0
+                    if sw == 1:
+                        for j in range(j0, j1):
+                            cols[r, base + j] = x[c, xi, j + off]
+                    else:
+                        for j in range(j0, j1):
+                            cols[r, base + j] = x[c, xi, j * sw + off]
+
+
+@njit(cache=True)
+def _col2im(cols, gx, i0, kh, kw, sh, sw, pt, pl, dh, dw, wo):
+    """gx[c, i*sh + p*dh - pt, j*sw + q*dw - pl] += cols[(c, p, q), (i - i0)*Wo + j] (the adjoint of _im2col)."""
+    c_in, h, w = gx.shape
+    rows = cols.shape[1] // wo
+    for c in range(c_in):
+        for p in range(kh):
+            for q in range(kw):
+                r = (c * kh + p) * kw + q
+                off = q * dw - pl
+                j0, j1 = _inside(wo, w, off, sw)
+                for ii in range(rows):
+                    xi = (i0 + ii) * sh + p * dh - pt
+                    if xi < 0 or xi >= h:
+                        continue
+                    base = ii * wo
+                    if sw == 1:
+                        for j in range(j0, j1):
+                            gx[c, xi, j + off] += cols[r, base + j]
+                    else:
+                        for j in range(j0, j1):
+                            gx[c, xi, j * sw + off] += cols[r, base + j]
+
+
+@njit(parallel=True, cache=True)
+def _forward_im2col_kernel(x, w, b, y, ws, step, kh, kw, sh, sw, pt, pl, dh, dw, groups):
+    """y[i, g][:, band] = w[g] @ im2col(x[i])[g] (+ b; ``b.size == 0``: no bias); bands of ``step`` rows of y."""
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    og, kg = c_out // groups, c_in // groups * kh * kw
+    bands = (ho + step - 1) // step
+    wf, yf = w.reshape(w.size), y.reshape(y.size)
+    nt = ws.shape[0]
+    for t in prange(nt):
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0 = item // bands, item % bands * step
+            npix = (min(i0 + step, ho) - i0) * wo
+            cols = ws[t, : groups * kg * npix]
+            _im2col(x[i], cols.reshape((groups * kg, npix)), i0, kh, kw, sh, sw, pt, pl, dh, dw, wo)
+            for g in range(groups):
+                y0 = ((i * c_out + g * og) * ho + i0) * wo
+                _gemm(_N, _N, og, npix, kg, wf, g * og * kg, kg, cols, g * kg * npix, npix, 0.0, yf, y0, ho * wo)
+            if b.size:  # while the band is in cache
+                for o in range(c_out):
+                    y0 = ((i * c_out + o) * ho + i0) * wo
+                    yf[y0 : y0 + npix] += b[o]
+
+
+@njit(cache=True)
+def _pad_band(x, xb, r0, rows, pl, wq):
+    """xb[c, r, s] = x[c, r0 + r, s - pl], 0 outside x: ``rows`` rows of the zero-padded (or cropped) image.
+
+    Whatever of xb lies past those C_in*rows*Wq values is zeroed too (the taps' slack).
+    """
+    c_in, h, w = x.shape
+    s0 = min(max(0, pl), wq)  # xb[.., s] for s in [s0, s1) comes from x; the rest is padding
+    s1 = max(s0, min(wq, pl + w))
+    for c in range(c_in):
+        for r in range(rows):
+            base = (c * rows + r) * wq
+            xi = r0 + r
+            if xi < 0 or xi >= h:
+                xb[base : base + wq] = 0
+                continue
+            xb[base : base + s0] = 0
+            xb[base + s1 : base + wq] = 0
+            xb[base + s0 : base + s1] = x[c, xi, s0 - pl : s1 - pl]
+    xb[c_in * rows * wq :] = 0
+
+
+@njit(parallel=True, cache=True)
+def _forward_taps_kernel(x, wt, b, y, ws, step, kh, kw, pt, pl, dh, dw, groups):
+    """Stride 1: y[i, g][:, band] = sum over taps (p, q) of wt[p, q, g] @ (shifted band of padded x[i])[g] (+ b).
+
+    With the band's padded rows xb (R = rows + (kh-1)*dh of Wq = Wo + (kw-1)*dw columns) and the
+    output laid out "wide" (Wq columns per row, the last (kw-1)*dw of them garbage), tap (p, q)'s
+    operand is xb shifted by p*dh*Wq + q*dw: C_in rows of stride R*Wq, no im2col copy.
+    """
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    og, cg = c_out // groups, c_in // groups
+    wq = wo + (kw - 1) * dw
+    rows_max = step + (kh - 1) * dh
+    xb_size = c_in * rows_max * wq + (kw - 1) * dw  # the last tap's garbage columns read past the end
+    bands = (ho + step - 1) // step
+    wf, yf = wt.reshape(wt.size), y.reshape(y.size)
+    nt = ws.shape[0]
+    for t in prange(nt):
+        xb, yw = ws[t, :xb_size], ws[t, xb_size:]
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0 = item // bands, item % bands * step
+            rows = min(i0 + step, ho) - i0
+            r_all = rows + (kh - 1) * dh
+            npix = rows * wq
+            _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw], i0 - pt, r_all, pl, wq)
+            for p in range(kh):
+                for q in range(kw):
+                    for g in range(groups):
+                        _gemm(_N, _N, og, npix, cg, wf, ((p * kw + q) * c_out + g * og) * cg, cg,
+                              xb, g * cg * r_all * wq + p * dh * wq + q * dw, r_all * wq,
+                              0.0 if p == 0 and q == 0 else 1.0, yw, g * og * npix, npix)
+            for o in range(c_out):  # drop the garbage columns, add the bias while the band is in cache
+                bias = b[o] if b.size else yw.dtype.type(0)
+                for ii in range(rows):
+                    y0, src = ((i * c_out + o) * ho + i0 + ii) * wo, o * npix + ii * wq
+                    for j in range(wo):
+                        yf[y0 + j] = yw[src + j] + bias
+
+
+@njit(parallel=True, cache=True)
+def _grad_weight_taps_kernel(x, gy, part, ws, step, kh, kw, pt, pl, dh, dw, groups):
+    """Stride 1: part[t, p, q, g*Og + o] = thread t's share of the sum over items of gy_wide[i, g] @ view_pq[g]^T.
+
+    The operands are the forward's (see ``_forward_taps_kernel``); gy's band is copied to the wide
+    layout with zeros in the garbage columns, so those columns add nothing.
+    """
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    og, cg = c_out // groups, c_in // groups
+    wq = wo + (kw - 1) * dw
+    xb_size = c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw
+    bands = (ho + step - 1) // step
+    pf = part.reshape(part.size)
+    nt = ws.shape[0]
+    for t in prange(nt):
+        xb, gyw = ws[t, :xb_size], ws[t, xb_size:]
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0 = item // bands, item % bands * step
+            rows = min(i0 + step, ho) - i0
+            r_all = rows + (kh - 1) * dh
+            npix = rows * wq
+            _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw], i0 - pt, r_all, pl, wq)
+            _pad_band(gy[i], gyw[: c_out * npix], i0, rows, 0, wq)
+            for p in range(kh):
+                for q in range(kw):
+                    for g in range(groups):
+                        _gemm(_N, _T, og, cg, npix, gyw, g * og * npix, npix,
+                              xb, g * cg * r_all * wq + p * dh * wq + q * dw, r_all * wq,
+                              1.0, pf, (((t * kh + p) * kw + q) * c_out + g * og) * cg, cg)
+
+
+@njit(parallel=True, cache=True)
+def _grad_weight_im2col_kernel(x, gy, part, ws, step, kh, kw, sh, sw, pt, pl, dh, dw, groups):
+    """part[t, g*Og + o] = thread t's share of sum over (image, band) items of gy[i, g][:, band] @ im2col(x[i])[g]^T."""
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    og, kg = c_out // groups, c_in // groups * kh * kw
+    bands = (ho + step - 1) // step
+    gyf, pf = gy.reshape(gy.size), part.reshape(part.size)
+    nt = ws.shape[0]
+    for t in prange(nt):
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0 = item // bands, item % bands * step
+            npix = (min(i0 + step, ho) - i0) * wo
+            cols = ws[t, : groups * kg * npix]
+            _im2col(x[i], cols.reshape((groups * kg, npix)), i0, kh, kw, sh, sw, pt, pl, dh, dw, wo)
+            for g in range(groups):
+                gy0 = ((i * c_out + g * og) * ho + i0) * wo
+                part0 = (t * c_out + g * og) * kg
+                _gemm(_N, _T, og, kg, npix, gyf, gy0, ho * wo, cols, g * kg * npix, npix, 1.0, pf, part0, kg)
+
+
+@njit(parallel=True, cache=True)
+def _grad_input_col2im_kernel(gy, w, gx, ws, step, kh, kw, sh, sw, pt, pl, dh, dw, groups):
+    """gx[i] += col2im(w[g]^T @ gy[i, g][:, band]) over bands; one work item per image (bands overlap in gx)."""
+    n, c_out, ho, wo = gy.shape
+    c_in = gx.shape[1]
+    og, kg = c_out // groups, c_in // groups * kh * kw
+    gyf, wf = gy.reshape(gy.size), w.reshape(w.size)
+    nt = ws.shape[0]
+    for t in prange(nt):
+        lo, hi = _share(t, nt, n)
+        for i in range(lo, hi):
+            for i0 in range(0, ho, step):
+                npix = (min(i0 + step, ho) - i0) * wo
+                cols = ws[t, : groups * kg * npix]
+                for g in range(groups):
+                    gy0 = ((i * c_out + g * og) * ho + i0) * wo
+                    _gemm(_T, _N, kg, npix, og, wf, g * og * kg, kg, gyf, gy0, ho * wo, 0.0, cols, g * kg * npix, npix)
+                _col2im(cols.reshape((groups * kg, npix)), gx[i], i0, kh, kw, sh, sw, pt, pl, dh, dw, wo)
+
+
+def _openblas_threads():
+    """(get, set) of the thread count of the OpenBLAS behind scipy.linalg.cython_blas, or None.
+
+    That is the BLAS that ``_gemm`` calls. ``dlsym`` on the Cython module's handle also searches
+    the libraries it links, so this finds OpenBLAS under its plain names (system or conda
+    builds) or under SciPy's wheels' ``scipy_`` prefix.
+    """
+    ensure_blas()
+    import scipy.linalg.cython_blas
+
+    lib = ctypes.CDLL(scipy.linalg.cython_blas.__file__)
+    for prefix in ("scipy_openblas", "openblas"):
+        get, set_ = getattr(lib, prefix + "_get_num_threads", None), getattr(lib, prefix + "_set_num_threads", None)
+        if get is not None and set_ is not None:
+            set_.argtypes = (ctypes.c_int,)
+            return get, set_
+    return None
+
+
+_OPENBLAS = _openblas_threads()
+
+
+def _item_threads():
+    """How many Numba threads share the work items: all of them when ``_one_blas_thread`` can act, else 1."""
+    return 1 if _OPENBLAS is None else numba.get_num_threads()
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """OpenBLAS runs single-threaded inside (a no-op when it was not found).
+
+    Each thread's GEMM must be single-threaded: a multi-threaded BLAS call nested in the
+    parallel region fights the other threads for the cores (measured: 4-15x slower than the
+    whole call with one BLAS thread, and OpenBLAS warns that it may hang). Without OpenBLAS
+    the items run on one Numba thread instead, and the BLAS keeps its own threads.
+    """
+    if _OPENBLAS is None:
+        yield
+        return
+    get, set_ = _OPENBLAS
+    before = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
+def _band_rows(k, ho, wo, itemsize):
+    """Output rows per band: as many as fit ``_BAND_BYTES`` of k-row columns, at least 1, at most Ho."""
+    return max(1, min(ho, _BAND_BYTES // (k * wo * itemsize)))
+
+
+def _taps_band(c_in, c_out, out_hw, kernel_hw, dilation, itemsize):
+    """(rows per band, padded-input buffer size, Wq) of the stride-1 taps kernels.
+
+    A band row needs C_in padded input rows and C_out wide output rows of Wq = Wo + (kw-1)*dw
+    values; the input buffer has (kh-1)*dh extra rows and (kw-1)*dw values of slack.
+    """
+    (kh, kw), (dh, dw) = kernel_hw, dilation
+    wq = out_hw[1] + (kw - 1) * dw
+    step = max(1, min(out_hw[0], _TAPS_BAND_BYTES // ((c_in + c_out) * wq * itemsize)))
+    return step, c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw, wq
+
+
+def _run(kernel, inputs, out, kernel_hw, band_hw, k, stride, padding, dilation, groups):
+    """kernel(*inputs, out, ...) with a per-thread workspace for bands of output rows (``band_hw``) of k columns."""
+    (kh, kw), (ho, wo) = kernel_hw, band_hw
+    step = _band_rows(k, ho, wo, out.dtype.itemsize)
+    nt = _item_threads()
+    ws = _workspace(nt * k * step * wo, out.dtype).reshape(nt, -1)
+    with _one_blas_thread():
+        kernel(*inputs, out, ws, step, kh, kw, *stride, padding[0][0], padding[1][0], *dilation, groups)
+    return out
+
+
+def _run_taps(kernel, inputs, out, channels, kernel_hw, out_hw, padding, dilation, groups):
+    """kernel(*inputs, out, ...) at stride 1, with a per-thread workspace for a band's padded input and wide output."""
+    c_in, c_out = channels
+    step, xb_size, wq = _taps_band(c_in, c_out, out_hw, kernel_hw, dilation, out.dtype.itemsize)
+    nt = _item_threads()
+    ws = _workspace(nt * (xb_size + c_out * step * wq), out.dtype).reshape(nt, -1)
+    with _one_blas_thread():
+        kernel(*inputs, out, ws, step, *kernel_hw, padding[0][0], padding[1][0], *dilation, groups)
+    return out
+
+
+def _out_size(size, pad, dilation, k, stride):
+    return (size + sum(pad) - dilation * (k - 1) - 1) // stride + 1
+
+
+def _forward(x, w, b, out_hw, stride, padding, dilation, groups):
+    y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
+    b = np.empty(0, x.dtype) if b is None else b
+    if stride != (1, 1):
+        k = x.shape[1] * w.shape[2] * w.shape[3]
+        return _run(_forward_im2col_kernel, (x, w, b), y, w.shape[2:], out_hw, k, stride, padding, dilation, groups)
+    wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # (kh, kw, C_out, Cg): one (C_out, Cg) matrix per tap
+    channels = (x.shape[1], w.shape[0])
+    return _run_taps(_forward_taps_kernel, (x, wt, b), y, channels, w.shape[2:], out_hw, padding, dilation, groups)
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, groups):
+    """y = conv(x, W) + b: taps at stride 1, else im2col; (image, band) items in parallel."""
+    out_hw = tuple(_out_size(x.shape[2 + a], padding[a], dilation[a], w.shape[2 + a], stride[a]) for a in (0, 1))
+    return _forward(x, w, b, out_hw, stride, padding, dilation, groups)
+
+
+def conv2d_grad_input(gy, w, x_shape, stride, padding, dilation, groups):
+    """Stride 1: the forward of gy with the flipped, channel-swapped kernel; else col2im(W^T @ gy) per image."""
+    if stride == (1, 1):
+        return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups)
+    return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
+
+
+def _grad_input_flipped(gy, w, x_shape, padding, dilation, groups):
+    """Stride 1 only: gx = conv2d(gy, w_flip), w_flip[g*Cg + c, o, p, q] = w[g*Og + o, c, kh-1-p, kw-1-q]."""
+    c_out, cg, kh, kw = w.shape
+    og = c_out // groups
+    w_flip = w.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+    w_flip = np.ascontiguousarray(w_flip).reshape(groups * cg, og, kh, kw)
+    pad = tuple(((k - 1) * d - p[0], 0) for k, d, p in zip((kh, kw), dilation, padding))
+    return _forward(gy, w_flip, None, tuple(x_shape[2:]), (1, 1), pad, dilation, groups)
+
+
+def _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups):
+    """Any stride: gx = col2im(W^T @ gy), one image per work item."""
+    kh, kw = w.shape[2:]
+    gx = np.zeros(x_shape, gy.dtype)
+    k = x_shape[1] * kh * kw
+    return _run(_grad_input_col2im_kernel, (gy, w), gx, (kh, kw), gy.shape[2:], k, stride, padding, dilation, groups)
+
+
+def conv2d_grad_weight(x, gy, w_shape, stride, padding, dilation, groups):
+    """gw = sum over (image, band) items of gy @ (taps at stride 1, else im2col of x)^T, in per-thread partial sums."""
+    _, c_out, ho, wo = gy.shape
+    _, cg, kh, kw = w_shape
+    nt = _item_threads()
+    if stride != (1, 1):
+        part = np.zeros((nt, c_out, cg * kh * kw), x.dtype)
+        k = x.shape[1] * kh * kw
+        _run(_grad_weight_im2col_kernel, (x, gy), part, (kh, kw), (ho, wo), k, stride, padding, dilation, groups)
+        return part.sum(axis=0).reshape(w_shape)
+    part = np.zeros((nt, kh, kw, c_out, cg), x.dtype)
+    channels = (x.shape[1], c_out)
+    _run_taps(_grad_weight_taps_kernel, (x, gy), part, channels, (kh, kw), (ho, wo), padding, dilation, groups)
+    return np.ascontiguousarray(part.sum(axis=0).transpose(2, 3, 0, 1))
+
+
+def conv2d_grad_bias(gy):
+    """gb = gy summed over batch, rows and columns."""
+    return gy.sum(axis=(0, 2, 3))

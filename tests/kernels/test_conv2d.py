@@ -1,0 +1,226 @@
+"""conv2d kernels: every backend module vs the reference, for all four functions, plus the
+reference's own index rules (unread pixels get 0, Ho/Wo taken from gy) on hand-made cases.
+
+Shapes stay small enough for the CUDA simulator (every CUDA thread is a Python thread):
+N <= 2, C <= 4, H, W <= 9 and at most 400 outputs, 128 weights; the CUDA module gets fewer,
+smaller problems still.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from minseg.backend import to_numpy
+from tests.helpers import assert_close, kernel_modules, load, reference, tol
+
+ref = reference("conv2d")
+
+
+def conv_out(size, pads, dilation, k, stride):
+    """torch's output length; pads = (before, after)."""
+    return (size + sum(pads) - dilation * (k - 1) - 1) // stride + 1
+
+
+@st.composite
+def conv_cases(draw, max_batch=2, max_channels=4, max_side=9, max_kernel=4, max_elements=None, max_weights=128, max_outputs=400, symmetric=False):
+    """A valid conv2d problem: shapes and (stride, padding, dilation, groups) as the kernels take them.
+
+    groups divides both channel counts; sides from 1 (odd and even), 1x1 kernels, asymmetric
+    padding (unless ``symmetric``), and with probability ~1/4 per axis a kernel that spans the
+    whole padded image (as large as dilation allows: Ho = 1). ``max_weights`` and
+    ``max_outputs`` bound the sizes of w and y (the CUDA simulator runs a thread block per
+    weight in grad_weight and a thread per output in the forward), ``max_elements`` the sizes
+    of x and w (gradcheck perturbs each element).
+    """
+    groups = draw(st.integers(1, max_channels))
+    c_in = groups * draw(st.integers(1, max(1, max_channels // groups)))
+    c_out = groups * draw(st.integers(1, max(1, max_channels // groups)))
+    n = draw(st.integers(1, max_batch))
+    hw = (draw(st.integers(1, max_side)), draw(st.integers(1, max_side)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pads = []
+    for _ in range(2):
+        before = draw(st.integers(0, 2))
+        pads.append((before, before if symmetric else draw(st.integers(0, 2))))
+    kernel = []
+    for a in range(2):
+        if draw(st.integers(0, 3)) == 0:  # the largest kernel that fits the padded image
+            kernel.append((hw[a] + sum(pads[a]) - 1) // dilation[a] + 1)
+        else:
+            kernel.append(draw(st.integers(1, max_kernel)))
+    out = tuple(conv_out(hw[a], pads[a], dilation[a], kernel[a], stride[a]) for a in range(2))
+    assume(min(out) >= 1)
+    w_shape = (c_out, c_in // groups, *kernel)
+    assume(int(np.prod(w_shape)) <= max_weights and n * c_out * out[0] * out[1] <= max_outputs)
+    if max_elements is not None:
+        assume(n * c_in * hw[0] * hw[1] <= max_elements and int(np.prod(w_shape)) <= max_elements)
+    return dict(
+        x_shape=(n, c_in, *hw),
+        w_shape=w_shape,
+        y_shape=(n, c_out, *out),
+        args=(stride, tuple(pads), dilation, groups),
+    )
+
+
+def conv_tol(dtype, case):
+    """tol(dtype) with atol scaled by sqrt(T), T the longest sum (the forward adds Cg*kh*kw
+    products, grad_weight N*Ho*Wo, grad_input at most C_out*kh*kw). A sum of T products of unit
+    normals has magnitude ~sqrt(T), and its round-off is relative to that magnitude, not to the
+    element's own value: an element where the sum cancels to ~0 keeps the absolute error of
+    the big partial sums. tol's atol is for unit-sized results, so it scales with sqrt(T)."""
+    rtol, atol = tol(dtype)
+    _, cg, kh, kw = case["w_shape"]
+    n, c_out, ho, wo = case["y_shape"]
+    terms = max(cg * kh * kw, n * ho * wo, c_out * kh * kw)
+    return rtol, atol * np.sqrt(terms)
+
+
+def arrays(case, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(case["x_shape"]).astype(dtype)
+    w = rng.standard_normal(case["w_shape"]).astype(dtype)
+    b = rng.standard_normal(case["w_shape"][0]).astype(dtype)
+    gy = rng.standard_normal(case["y_shape"]).astype(dtype)
+    return x, w, b, gy
+
+
+def check_against_reference(mod, dtype, case, with_bias, seed):
+    """All four functions of ``mod`` vs the reference: whole arrays, dtypes, fresh outputs."""
+    x, w, b, gy = arrays(case, dtype, seed)
+    b = b if with_bias else None
+    args = case["args"]
+    rtol, atol = conv_tol(dtype, case)
+
+    expected = {
+        "y": ref.conv2d_forward(x, w, b, *args),
+        "gx": ref.conv2d_grad_input(gy, w, x.shape, *args),
+        "gw": ref.conv2d_grad_weight(x, gy, w.shape, *args),
+        "gb": ref.conv2d_grad_bias(gy),
+    }
+    actual = {
+        "y": mod.conv2d_forward(x, w, b, *args),
+        "gx": mod.conv2d_grad_input(gy, w, x.shape, *args),
+        "gw": mod.conv2d_grad_weight(x, gy, w.shape, *args),
+        "gb": mod.conv2d_grad_bias(gy),
+    }
+    assert expected["y"].shape == case["y_shape"]
+    for name, value in actual.items():
+        assert np.dtype(value.dtype) == dtype, f"{name} has dtype {value.dtype}, expected {np.dtype(dtype)}"
+        assert_close(value, expected[name], rtol, atol, name=name)
+
+    # outputs are fresh arrays, not workspaces that a later call overwrites
+    kept = {name: to_numpy(value).copy() for name, value in actual.items()}
+    mod.conv2d_forward(-x, -w, b, *args)
+    mod.conv2d_grad_input(-gy, -w, x.shape, *args)
+    mod.conv2d_grad_weight(-x, -gy, w.shape, *args)
+    mod.conv2d_grad_bias(-gy)
+    for name, value in actual.items():
+        np.testing.assert_array_equal(to_numpy(value), kept[name], err_msg=f"{name} was overwritten")
+
+
+CUDA = "kernels.conv2d.cuda"
+HOST_MODULES = [p for p in kernel_modules("conv2d") if p.values[0] != CUDA]
+CUDA_MODULES = [p for p in kernel_modules("conv2d") if p.values[0] == CUDA]
+
+
+@pytest.mark.parametrize("modname", HOST_MODULES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@settings(max_examples=15)
+@given(case=conv_cases(), with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernels_match_reference(modname, dtype, case, with_bias, seed):
+    check_against_reference(load(modname), dtype, case, with_bias, seed)
+
+
+@pytest.mark.parametrize("modname", CUDA_MODULES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@settings(max_examples=5)
+@given(case=conv_cases(max_side=5, max_weights=16, max_outputs=64), with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_cuda_kernels_match_reference(modname, dtype, case, with_bias, seed):
+    """Under the simulator a grad_weight block of >= 32 Python threads runs per weight: fewer,
+    smaller problems here (tests/cuda/ tests the CUDA kernels in depth)."""
+    check_against_reference(load(modname), dtype, case, with_bias, seed)
+
+
+@pytest.mark.parametrize("modname", ["kernels.conv2d.reference"] + kernel_modules("conv2d"))
+def test_grad_input_is_zero_where_no_output_reads(modname):
+    """Kernel 2, stride 3 on 5 pixels: Ho = 2 windows read rows/cols {0, 1} and {3, 4}; 2 is skipped.
+    A 1x1 kernel at stride 2 skips rows/cols 1 and 3."""
+    mod = load(modname)
+    x_shape = (1, 1, 5, 5)
+    gy = np.ones((1, 1, 2, 2))
+    gx = to_numpy(mod.conv2d_grad_input(gy, np.ones((1, 1, 2, 2)), x_shape, (3, 3), ((0, 0), (0, 0)), (1, 1), 1))
+    read = np.array([1.0, 1.0, 0.0, 1.0, 1.0])
+    assert_close(gx[0, 0], np.outer(read, read), rtol=0, atol=0, name="gx (k=2, s=3)")
+    gx = to_numpy(mod.conv2d_grad_input(np.ones((1, 1, 3, 3)), np.ones((1, 1, 1, 1)), x_shape, (2, 2), ((0, 0), (0, 0)), (1, 1), 1))
+    read = np.array([1.0, 0.0, 1.0, 0.0, 1.0])
+    assert_close(gx[0, 0], np.outer(read, read), rtol=0, atol=0, name="gx (k=1, s=2)")
+
+
+@pytest.mark.parametrize("modname", ["kernels.conv2d.reference"] + kernel_modules("conv2d"))
+@settings(max_examples=8)
+@given(case=conv_cases(max_channels=2, max_side=5, max_weights=16, max_outputs=64), seed=st.integers(0, 2**16))
+def test_gradients_take_ho_wo_from_gy(modname, case, seed):
+    """A gy with fewer rows/cols than the forward's Ho/Wo (conv_transpose2d with output_padding >=
+    stride) acts as the full-size gy with zeros in the rows/cols it lacks."""
+    mod = load(modname)
+    _, _, ho, wo = case["y_shape"]
+    assume(ho > 1 or wo > 1)
+    x, w, _, gy_full = arrays(case, np.float64, seed)
+    gy = np.ascontiguousarray(gy_full[:, :, : max(ho - 1, 1), : max(wo - 1, 1)])
+    gy_full[...] = 0
+    gy_full[:, :, : gy.shape[2], : gy.shape[3]] = gy
+    args = case["args"]
+    assert_close(mod.conv2d_grad_input(gy, w, x.shape, *args), ref.conv2d_grad_input(gy_full, w, x.shape, *args), 1e-10, 1e-12, name="gx")
+    assert_close(mod.conv2d_grad_weight(x, gy, w.shape, *args), ref.conv2d_grad_weight(x, gy_full, w.shape, *args), 1e-10, 1e-12, name="gw")
+
+
+# stride (2, 1), im2col: a band's column matrix has C_in*kh*kw = 24 rows of 8-byte values per output
+# row of Wo = 6 columns (1152 bytes): 1 byte forces bands of one row, 4700 bytes bands of 4 rows out of
+# Ho = 6; 3 images x 6 bands = 18 (image, band) items split over 2 threads as 9 + 9, mid-image.
+# stride 1, taps: a band row holds C_in + C_out = 10 rows of Wq = Wo + (kw-1)*dw = 8 values (640 bytes):
+# bands of 1 row, or of 7 rows out of Ho = 12 (ragged last band)
+@pytest.mark.parametrize("band_bytes", [1, 4700])
+@pytest.mark.parametrize("threads", ["all", "one", "no-openblas"])
+@pytest.mark.parametrize("stride", [(2, 1), (1, 1)])
+def test_cpu_kernels_agree_across_bands_and_threads(monkeypatch, band_bytes, threads, stride):
+    """cpu.py splits (image, band of output rows) work items over Numba threads, each with its own
+    band buffers in a workspace kept between calls, with taps at stride 1 and im2col otherwise.
+    Bands of one row and of several with a ragged last one, an image split between two threads,
+    one thread, and the fallback without OpenBLAS (items on one thread) must give the reference's
+    result, even when the workspace holds garbage (NaN) from before; so must both grad_input
+    paths (stride 1: the flipped-kernel forward, and col2im, which serves every stride).
+    OpenBLAS's thread count is restored after each call."""
+    import numba
+
+    cpu = pytest.importorskip("kernels.conv2d.cpu")
+    monkeypatch.setattr(cpu, "_BAND_BYTES", band_bytes)
+    monkeypatch.setattr(cpu, "_TAPS_BAND_BYTES", band_bytes)
+    assert cpu._band_rows(24, 6, 6, 8) == (1 if band_bytes == 1 else 4)
+    assert cpu._taps_band(4, 6, (12, 6), (3, 2), (1, 2), 8)[0] == (1 if band_bytes == 1 else 7)
+    if threads == "no-openblas":
+        monkeypatch.setattr(cpu, "_OPENBLAS", None)
+    case = dict(x_shape=(3, 4, 11, 7), w_shape=(6, 2, 3, 2), args=(stride, ((1, 2), (0, 1)), (1, 2), 2))
+    case["y_shape"] = (3, 6, conv_out(11, (1, 2), 1, 3, stride[0]), conv_out(7, (0, 1), 2, 2, 1))
+    x, w, b, gy = arrays(case, np.float64, 0)
+    args = case["args"]
+    openblas_threads = cpu._OPENBLAS[0]() if cpu._OPENBLAS is not None else None
+    numba_threads = numba.get_num_threads()
+    try:
+        if threads == "one":
+            numba.set_num_threads(1)
+        for poison in (False, True):
+            if poison:  # im2col must write every column the GEMM reads
+                for buf in cpu._WORKSPACE.values():
+                    buf[...] = np.nan
+            assert_close(cpu.conv2d_forward(x, w, b, *args), ref.conv2d_forward(x, w, b, *args), 1e-10, 1e-12, name="y")
+            gx = ref.conv2d_grad_input(gy, w, x.shape, *args)
+            assert_close(cpu.conv2d_grad_input(gy, w, x.shape, *args), gx, 1e-10, 1e-12, name="gx")
+            assert_close(cpu._grad_input_col2im(gy, w, x.shape, *args), gx, 1e-10, 1e-12, name="gx (col2im)")
+            assert_close(cpu.conv2d_grad_weight(x, gy, w.shape, *args), ref.conv2d_grad_weight(x, gy, w.shape, *args), 1e-10, 1e-12, name="gw")
+    finally:
+        numba.set_num_threads(numba_threads)
+    if openblas_threads is not None:
+        assert cpu._OPENBLAS[0]() == openblas_threads
