@@ -2,7 +2,7 @@
 
     minseg train                       UNet on SyntheticScenes with the defaults below
     minseg train --dataset DIR         your images/ + masks/ folder (split 80/20 by a seeded shuffle)
-    minseg train --dataset scratch-assay   the real microscopy tiles (pip install 'minseg[real]')
+    minseg train --dataset scratch-assay   the real microscopy tiles (pip install --no-deps ndev-sampledata)
     minseg eval --checkpoint runs/minseg/last.npz
     minseg predict a.png b.jpg --checkpoint runs/minseg/best.npz --out preds --probs --boxes
     minseg info                        versions, backends, GPU or simulator

@@ -449,10 +449,13 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         if weight.shape != (c,):
             raise ValueError(f"weight must have shape ({c},), one per class, got {weight.shape}")
     t_np = t.numpy()
-    bad = (t_np != ignore_index) & ((t_np < 0) | (t_np >= c))
-    if bad.any():
-        value = t_np[bad].reshape(-1)[0]
-        raise ValueError(f"target value {value} is out of range: expected class indices in [0, {c - 1}] or ignore_index={ignore_index}")
+    # Two cheap reductions settle the common case; the masked scan runs only when some
+    # value lies outside [0, C) (ignored pixels, or a bad target to report).
+    if t_np.size and (t_np.min() < 0 or t_np.max() >= c):
+        bad = (t_np != ignore_index) & ((t_np < 0) | (t_np >= c))
+        if bad.any():
+            value = t_np[bad].reshape(-1)[0]
+            raise ValueError(f"target value {value} is out of range: expected class indices in [0, {c - 1}] or ignore_index={ignore_index}")
     s = int(np.prod(x.shape[2:], dtype=np.int64))
     logits = x.reshape(n, c, s)
     target_arr = _contiguous(t.data.reshape(n, s).astype(np.int64, copy=False))

@@ -162,7 +162,14 @@ class Tensor:
     def _accumulate(self, g) -> None:
         g = g.astype(self.dtype, copy=False)
         if self.grad is None:
-            self.grad = Tensor(g.copy())  # own the buffer: g may alias another tensor's gradient
+            # Borrow g without copying: it may alias another tensor's gradient (Add
+            # hands the same array to both inputs), so the first accumulation into a
+            # borrowed buffer is out of place; after that the buffer is our own.
+            self.grad = Tensor(g)
+            self.grad._borrowed = True
+        elif getattr(self.grad, "_borrowed", False):
+            self.grad.data = self.grad.data + g
+            self.grad._borrowed = False
         else:
             self.grad.data += g
 
