@@ -67,6 +67,21 @@ def _array(t: Tensor | None):
 # ------------------------------------------------------------------------- conv2d
 
 
+def _conv_operands(input, weight, bias, groups, weight_layout):
+    """Checked (input, weight, bias) of conv2d / conv_transpose2d: 4-D floats of one dtype, groups >= 1."""
+    x = _float_tensor(input, "input")
+    w = _float_tensor(weight, "weight")
+    _ndim(x, 4, "input", "(N, C_in, H, W)")
+    _ndim(w, 4, "weight", weight_layout)
+    _same_dtype(w, x, "weight")
+    if bias is not None:
+        bias = _float_tensor(bias, "bias")
+        _same_dtype(bias, x, "bias")
+    if not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    return x, w, bias
+
+
 def _conv_out(size, pad_total, dilation, kernel, stride):
     return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -98,16 +113,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
     ``padding`` is an int, a pair, ``'valid'`` (0) or ``'same'`` (stride 1 only;
     the total ``dilation*(k-1)`` is split with the extra pixel bottom/right, as torch).
     """
-    x = _float_tensor(input, "input")
-    w = _float_tensor(weight, "weight")
-    _ndim(x, 4, "input", "(N, C_in, H, W)")
-    _ndim(w, 4, "weight", "(C_out, C_in/groups, kH, kW)")
-    _same_dtype(w, x, "weight")
-    if bias is not None:
-        bias = _float_tensor(bias, "bias")
-        _same_dtype(bias, x, "bias")
-    if not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    x, w, bias = _conv_operands(input, weight, bias, groups, "(C_out, C_in/groups, kH, kW)")
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
     n, c_in, h, wd = x.shape
@@ -179,16 +185,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     weight is (C_in, C_out/groups, kH, kW); the output size is
     ``(H - 1)*stride - 2*padding + dilation*(k - 1) + output_padding + 1``.
     """
-    x = _float_tensor(input, "input")
-    w = _float_tensor(weight, "weight")
-    _ndim(x, 4, "input", "(N, C_in, H, W)")
-    _ndim(w, 4, "weight", "(C_in, C_out/groups, kH, kW)")
-    _same_dtype(w, x, "weight")
-    if bias is not None:
-        bias = _float_tensor(bias, "bias")
-        _same_dtype(bias, x, "bias")
-    if not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    x, w, bias = _conv_operands(input, weight, bias, groups, "(C_in, C_out/groups, kH, kW)")
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
     padding = _pair(padding, "padding", 0)

@@ -161,7 +161,7 @@ def test_scratch_assay_tiles():
     try:
         sample_path()
     except DataError:
-        pytest.skip("ndev-sampledata is not installed (pip install 'minseg[real]')")
+        pytest.skip("ndev-sampledata is not installed (pip install --no-deps ndev-sampledata)")
     train, val = ScratchAssay("train", tile=64), ScratchAssay("val", tile=64)
     # 210 x 576 frames give 3 x 9 tiles; 8 training and 2 validation time points
     assert (len(train), len(val)) == (8 * 27, 2 * 27)

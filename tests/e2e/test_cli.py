@@ -212,7 +212,7 @@ def test_train_on_the_real_dataset(tmp_path, capsys):
     try:
         sample_path()
     except DataError:
-        pytest.skip("ndev-sampledata is not installed (pip install 'minseg[real]')")
+        pytest.skip("ndev-sampledata is not installed (pip install --no-deps ndev-sampledata)")
     code, out, _ = run(capsys, "train", "--dataset", "scratch-assay", *TINY, "--val-images", "8", "--epochs", "1", "--out", tmp_path)
     assert code == 0
     assert "on scratch-assay: 8 train / 8 val images, 3 classes" in out and "nucleus" in out
