@@ -101,11 +101,6 @@ def blocks(n: int, threads: int) -> int:
     return max(1, math.ceil(n / threads))
 
 
-def grid_2d(rows: int, cols: int, block=(16, 16)):
-    """(grid, block) covering a rows x cols output with 2-D blocks; edges are partial."""
-    return (blocks(cols, block[0]), blocks(rows, block[1])), block
-
-
 def reduce_threads(terms: int, largest: int) -> int:
     """Block size of a block reduction over ``terms`` values: a power of two in [32, largest].
 

@@ -114,10 +114,6 @@ class Function:
         return result
 
 
-def _as_tuple(x):
-    return x if isinstance(x, tuple) else (x,)
-
-
 class GradcheckError(AssertionError):
     """Raised by :func:`gradcheck` when analytic and numerical gradients disagree."""
 

@@ -318,7 +318,7 @@ def cmd_train(args) -> int:
             raise CLIError(f"--resume: no checkpoint {last} to resume from (train without --resume first)")
         meta, model_state, optim_state = load_checkpoint(last)
         config = meta["config"]
-        for key in ("model", "dataset", "num_classes", "base_channels", "depth", "upsampling", "size", "seed"):
+        for key in (*(k for k in DEFAULTS if k != "epochs"), "num_classes", "crop"):
             given = getattr(args, key, None)
             if given is not None and given != config[key]:
                 raise CLIError(f"--resume: the checkpoint in {out} was trained with {key}={config[key]!r}, but {given!r} was given")
@@ -558,6 +558,9 @@ def _check_ranges(args):
     lr = getattr(args, "lr", None)
     if lr is not None and not lr > 0:
         raise CLIError(f"--lr must be > 0, got {lr}")
+    weight_decay = getattr(args, "weight_decay", None)
+    if weight_decay is not None and not weight_decay >= 0:
+        raise CLIError(f"--weight-decay must be >= 0, got {weight_decay}")
 
 
 def main(argv=None) -> int:

@@ -508,6 +508,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
     if not (isinstance(eps, numbers.Real) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
+        raise ValueError(f"momentum must be a number in [0, 1] (the cumulative average, momentum=None, is not supported), got {momentum!r}")
     K = backend.current()
     xa = _contiguous(x.data)
     if training:

@@ -125,12 +125,13 @@ class Tensor:
             grad = grad.astype(self.dtype, copy=False)
 
         grads = {id(self): grad}
+        handed = {id(grad)}  # arrays some tensor's .grad (or the caller) already holds
         for node in reversed(_topological_order(self)):
             g = grads.pop(id(node), None)
             if g is None:
                 continue
             if node._ctx is None or node._retains_grad:
-                node._accumulate(g)
+                node._accumulate(g, handed)
             ctx = node._ctx
             if ctx is None:
                 continue
@@ -159,17 +160,19 @@ class Tensor:
             if not retain_graph:
                 ctx.free()
 
-    def _accumulate(self, g) -> None:
+    def _accumulate(self, g, handed: set) -> None:
+        """Add g into ``.grad``. The first gradient is kept without a copy when nothing else
+        can see its memory: a writeable array such that neither it nor the array it views
+        went to another tensor in this backward (Add hands one array to both inputs) or
+        came from the caller. Otherwise it is copied, so in-place updates of one ``.grad``
+        never show up in another."""
         g = g.astype(self.dtype, copy=False)
         if self.grad is None:
-            # Borrow g without copying: it may alias another tensor's gradient (Add
-            # hands the same array to both inputs), so the first accumulation into a
-            # borrowed buffer is out of place; after that the buffer is our own.
+            owner = g if g.base is None else g.base
+            if not g.flags.writeable or id(g) in handed or id(owner) in handed:
+                g = owner = g.copy()
+            handed.update((id(g), id(owner)))
             self.grad = Tensor(g)
-            self.grad._borrowed = True
-        elif getattr(self.grad, "_borrowed", False):
-            self.grad.data = self.grad.data + g
-            self.grad._borrowed = False
         else:
             self.grad.data += g
 
@@ -239,6 +242,7 @@ class Tensor:
         return Permute.apply(self, dims=dims)
 
     def transpose(self, dim0: int, dim1: int):
+        dim0, dim1 = _norm_dims((dim0,), self.ndim)[0], _norm_dims((dim1,), self.ndim)[0]
         dims = list(range(self.ndim))
         dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
         return self.permute(dims)
@@ -266,6 +270,8 @@ class Tensor:
 
     def argmax(self, dim=None, keepdim: bool = False):
         """Index of the largest value (first one on ties); not differentiable."""
+        if dim is not None:
+            (dim,) = _norm_dims(dim, self.ndim)
         out = self.data.argmax(axis=dim)
         if keepdim and dim is not None:
             out = self.xp.expand_dims(out, dim)
@@ -305,13 +311,17 @@ def _lift(value, like: Tensor) -> Tensor:
 
 
 def _norm_dims(dim, ndim):
+    """``dim`` (int, sequence or None) as a sorted tuple of axes in [0, ndim); clear errors."""
     if dim is None:
         return None
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
     for d in dims:
-        if not -ndim <= d < max(ndim, 1):
-            raise ValueError(f"dim {d} is out of range for a tensor with {ndim} dimensions")
-    return tuple(sorted(d % max(ndim, 1) for d in dims))
+        if not isinstance(d, int) or not -ndim <= d < max(ndim, 1):
+            raise ValueError(f"dim {d!r} is out of range for a tensor with {ndim} dimensions")
+    axes = tuple(sorted(d % max(ndim, 1) for d in dims))
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"dim {dim} names an axis twice")
+    return axes
 
 
 def _topological_order(root: Tensor) -> list[Tensor]:
@@ -462,6 +472,10 @@ class MatMul(Function):
             raise ValueError("matmul: operands must have at least one dimension, got a scalar")
         if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
             raise ValueError(f"matmul: inner dimensions differ: {tuple(a.shape)} @ {tuple(b.shape)}")
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ValueError(f"matmul: batch dimensions of {tuple(a.shape)} and {tuple(b.shape)} cannot be broadcast") from None
         ctx.save_for_backward(a, b)
         return a @ b
 

@@ -88,19 +88,22 @@ __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_
 
 _BAND_BYTES = 1 << 20  # one thread's band of im2col columns: half a core's 2 MB L2, the rest for W and the output
 _TAPS_BAND_BYTES = 192 << 10  # one thread's band of padded input + wide output rows at stride 1 (measured best)
-_WORKSPACE: dict[tuple, np.ndarray] = {}
+_WORKSPACE: dict[str, np.ndarray] = {}
 _N, _T = ord("n"), ord("t")  # BLAS's transpose flags
 
 
 def _workspace(size: int, dtype) -> np.ndarray:
-    """A reusable flat scratch array (contents undefined), one per (size, dtype)."""
-    key = (size, np.dtype(dtype).str)
+    """A reusable flat scratch array of ``size`` elements (contents undefined).
+
+    One buffer per dtype, grown to the largest request: every layer of a network
+    reuses the same (already mapped) pages. Only one call uses it at a time: each
+    kernel call takes it and is done with it before returning.
+    """
+    key = np.dtype(dtype).str
     buf = _WORKSPACE.get(key)
-    if buf is None:
-        if len(_WORKSPACE) >= 8:  # a handful of layer shapes; forget the oldest beyond that
-            _WORKSPACE.pop(next(iter(_WORKSPACE)))
+    if buf is None or buf.size < size:
         buf = _WORKSPACE[key] = np.empty(size, dtype)
-    return buf
+    return buf[:size]
 
 
 def _gemm(ta, tb, m, n, k, a, a0, lda, b, b0, ldb, beta, c, c0, ldc):

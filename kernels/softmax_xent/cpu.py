@@ -160,11 +160,13 @@ def _block(job, n_blocks, inner):
 
 @njit(inline="always")
 def _max_over_classes(x, o, s0, s1, m):
-    """m[s - s0] = max_c x[o, c, s]."""
+    """m[s - s0] = max_c x[o, c, s]; a NaN logit makes the maximum NaN (as np.max and torch)."""
     m[:] = x[o, 0, s0:s1]
     for c in range(1, x.shape[1]):
         for s in range(s0, s1):
-            m[s - s0] = max(m[s - s0], x[o, c, s])
+            v = x[o, c, s]
+            # not max(): Numba's max(a, nan) returns a, which would hide a NaN in class c >= 1
+            m[s - s0] = v if (v > m[s - s0] or v != v) else m[s - s0]
 
 
 @njit(**_BLOCK_OPTIONS)

@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float64
 
 from kernels import cuda_common as cc
 
@@ -159,7 +159,7 @@ def log_softmax_backward(y, gy, dim):
 def _xent_forward_kernel(logits, target, weight, has_weight, ignore_index, eps, loss, lse, partials, reduce):
     """Thread = pixel (n, s): loss and lse in one pass over its logits; if ``reduce``, block b
     adds its pixels' (loss, w[t]) into partials[:, b]."""
-    buf = cuda.shared.array(THREADS, dtype=logits.dtype)
+    buf = cuda.shared.array(THREADS, dtype=float64)  # sums of many pixels: float64, as the cpu backend
     pix = cuda.grid(1)
     n_img, n_c, n_s = logits.shape
     zero = logits.dtype.type(0)
@@ -207,14 +207,14 @@ def _xent_forward_kernel(logits, target, weight, has_weight, ignore_index, eps, 
 @cuda.jit
 def _target_weight_kernel(target, weight, has_weight, ignore_index, partials):
     """Block b adds w[t_i] over its kept pixels into partials[0, b] (D for 'mean' in backward)."""
-    buf = cuda.shared.array(THREADS, dtype=partials.dtype)
+    buf = cuda.shared.array(THREADS, dtype=float64)
     pix = cuda.grid(1)
     n_img, n_s = target.shape
-    w_t = partials.dtype.type(0)
+    w_t = float64(0)
     if pix < n_img * n_s:
         t = target[pix // n_s, pix % n_s]
         if t != ignore_index:
-            w_t = weight[t] if has_weight else partials.dtype.type(1)
+            w_t = float64(weight[t]) if has_weight else float64(1)
     total = cc.block_sum(w_t, buf)
     if cuda.threadIdx.x == 0:
         partials[0, cuda.blockIdx.x] = total
@@ -223,9 +223,9 @@ def _target_weight_kernel(target, weight, has_weight, ignore_index, partials):
 @cuda.jit
 def _sum_partials_kernel(partials, out, divide):
     """One block: out[q] = sum_b partials[q, b]; if ``divide``, out[0] = out[0] / out[1] ('mean')."""
-    buf = cuda.shared.array(THREADS, dtype=out.dtype)
+    buf = cuda.shared.array(THREADS, dtype=float64)
     for q in range(partials.shape[0]):
-        acc = out.dtype.type(0)
+        acc = float64(0)
         for b in range(cuda.threadIdx.x, partials.shape[1], cuda.blockDim.x):
             acc += partials[q, b]
         total = cc.block_sum(acc, buf)
@@ -253,7 +253,7 @@ def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label
     threads = cc.reduce_threads(n * s, THREADS)
     grid = cc.blocks(n * s, threads)
     reduce = reduction != "none"
-    partials = cc.empty((2, grid if reduce else 1), logits.dtype)
+    partials = cc.empty((2, grid if reduce else 1), np.float64)
     eps = logits.dtype.type(label_smoothing)
     _xent_forward_kernel[grid, threads](
         logits, target, weight, has_weight, ignore_index, eps, loss, lse, partials, reduce
@@ -307,7 +307,7 @@ def cross_entropy_backward(logits, target, weight, ignore_index, reduction, labe
     threads = cc.reduce_threads(n * s, THREADS)
     grid = cc.blocks(n * s, threads)
     if reduction == "mean":
-        partials = cc.empty((1, grid), logits.dtype)
+        partials = cc.empty((1, grid), np.float64)
         _target_weight_kernel[grid, threads](target, weight, has_weight, ignore_index, partials)
         denom = cc.empty((1,), logits.dtype)
         _sum_partials_kernel[1, cc.reduce_threads(grid, THREADS)](partials, denom, False)
@@ -330,16 +330,17 @@ def _signatures(template):
 
 
 _L = "{t}[:, :, ::1]"  # a C-contiguous (outer|N, C, inner|S) array
-_P = "{t}[:, ::1]"  # (N, S) per-pixel maps and (quantities, blocks) partial sums
+_P = "{t}[:, ::1]"  # (N, S) per-pixel maps
+_S = "float64[:, ::1]"  # (quantities, blocks) partial sums
 PTX_SIGNATURES = [
     (_softmax_forward_kernel, _signatures(f"void({_L}, {_L}, boolean)")),
     (_softmax_backward_kernel, _signatures(f"void({_L}, {_L}, {_L}, boolean)")),
     (
         _xent_forward_kernel,
-        _signatures(f"void({_L}, int64[:, ::1], {{t}}[::1], boolean, int64, {{t}}, {_P}, {_P}, {_P}, boolean)"),
+        _signatures(f"void({_L}, int64[:, ::1], {{t}}[::1], boolean, int64, {{t}}, {_P}, {_P}, {_S}, boolean)"),
     ),
-    (_target_weight_kernel, _signatures(f"void(int64[:, ::1], {{t}}[::1], boolean, int64, {_P})")),
-    (_sum_partials_kernel, _signatures(f"void({_P}, {{t}}[::1], boolean)")),
+    (_target_weight_kernel, _signatures(f"void(int64[:, ::1], {{t}}[::1], boolean, int64, {_S})")),
+    (_sum_partials_kernel, _signatures(f"void({_S}, {{t}}[::1], boolean)")),
     (
         _xent_backward_kernel,
         _signatures(f"void({_L}, int64[:, ::1], {{t}}[::1], boolean, int64, {{t}}, {_P}, {{t}}[::1], {{t}}[::1], {_L})"),

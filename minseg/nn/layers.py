@@ -8,10 +8,6 @@ from .init import kaiming_uniform, uniform_bias
 from .module import Module, Parameter
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 class _ConvNd(Module):
     def __init__(self, weight_shape, out_channels, bias, stride, padding, dilation, groups):
         super().__init__()
@@ -30,7 +26,7 @@ class Conv2d(_ConvNd):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        self_shape = (out_channels, in_channels // groups, *_pair(kernel_size))
+        self_shape = (out_channels, in_channels // groups, *F._pair(kernel_size, "kernel_size", 1))
         super().__init__(self_shape, out_channels, bias, stride, padding, dilation, groups)
         self.in_channels, self.out_channels = in_channels, out_channels
 
@@ -46,7 +42,7 @@ class ConvTranspose2d(_ConvNd):
     ):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        shape = (in_channels, out_channels // groups, *_pair(kernel_size))
+        shape = (in_channels, out_channels // groups, *F._pair(kernel_size, "kernel_size", 1))
         super().__init__(shape, out_channels, bias, stride, padding, dilation, groups)
         self.in_channels, self.out_channels, self.output_padding = in_channels, out_channels, output_padding
 

@@ -252,3 +252,39 @@ def test_repr_and_basic_accessors():
     assert x.shape == (1, 2) and x.size(1) == 2 and x.numel() == 2 and len(x) == 1
     assert isinstance(x.argmax(1), Tensor)
     assert x.transpose(0, 1).shape == (2, 1)
+
+
+def test_grad_is_independent_of_the_callers_upstream_gradient():
+    x = t64([1.0, 2.0])
+    g = np.array([3.0, 4.0])
+    (x + 0.0).backward(g)
+    g[:] = 7.0
+    np.testing.assert_array_equal(x.grad.numpy(), [3.0, 4.0])
+
+
+def test_grad_of_a_broadcast_backward_is_writeable():
+    # sum's backward broadcasts g (a stride-0 view); .grad must still take in-place updates
+    x = t64([1.0, 2.0, 3.0])
+    x.sum().backward()
+    x.grad.data *= 0.5  # e.g. gradient clipping
+    np.testing.assert_array_equal(x.grad.numpy(), [0.5, 0.5, 0.5])
+
+
+def test_shared_gradient_arrays_are_not_aliased_between_leaves():
+    # Add gives both inputs the same array; a view of it reaches the second leaf
+    a, b = t64(np.ones((2, 3))), t64(np.ones(3))
+    (a + b).sum().backward()
+    a.grad.data += 1
+    np.testing.assert_array_equal(b.grad.numpy(), [2.0, 2.0, 2.0])
+
+
+def test_clear_errors_for_bad_dims():
+    x = t64(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="out of range"):
+        x.transpose(0, 5)
+    with pytest.raises(ValueError, match="out of range"):
+        x.argmax(5)
+    with pytest.raises(ValueError, match="twice"):
+        x.sum((0, 0))
+    with pytest.raises(ValueError, match="batch dimensions"):
+        t64(np.ones((2, 3, 4))) @ t64(np.ones((3, 4, 5)))

@@ -216,3 +216,12 @@ def test_train_on_the_real_dataset(tmp_path, capsys):
     code, out, _ = run(capsys, "train", "--dataset", "scratch-assay", *TINY, "--val-images", "8", "--epochs", "1", "--out", tmp_path)
     assert code == 0
     assert "on scratch-assay: 8 train / 8 val images, 3 classes" in out and "nucleus" in out
+
+
+def test_resume_refuses_changed_hyperparameters(trained, capsys):
+    # --resume continues the same run: a flag that differs from the checkpoint's config is an error
+    for flag, value in (("--lr", "0.5"), ("--batch-size", "2"), ("--optimizer", "sgd")):
+        code, _, err = run(capsys, "train", *TINY, "--resume", flag, value, "--out", trained)
+        assert code == 2 and flag.lstrip("-").replace("-", "_") in err, err
+    code, _, err = run(capsys, "train", *TINY, "--weight-decay", "-1", "--out", trained)
+    assert code == 2 and "--weight-decay must be >= 0" in err

@@ -2,6 +2,7 @@
 import importlib
 import importlib.util
 import inspect
+import os
 import platform
 import resource
 
@@ -56,7 +57,10 @@ def test_available_backends_include_numpy_and_arrays_are_numpy_here():
     assert backend.to_backend_array(np.ones(2), "numpy").__class__ is np.ndarray
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning is glibc-specific")
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or os.environ.get("MINSEG_KEEP_MALLOC") == "1",
+    reason="malloc tuning is glibc-specific and MINSEG_KEEP_MALLOC=1 turns it off",
+)
 def test_cpu_backend_reuses_freed_memory_without_page_faults():
     # A "step" allocates two dozen 1-7 MiB arrays (like a U-Net's activations) and frees
     # them. With glibc's defaults each step mmaps fresh blocks and faults on every page
