@@ -101,6 +101,16 @@ def blocks(n: int, threads: int) -> int:
     return max(1, math.ceil(n / threads))
 
 
+def float_signatures(template: str, **arrays: str) -> list[str]:
+    """PTX signatures of ``template`` for float32 and for float64.
+
+    ``{t}`` in the template is the float type; every keyword names another
+    placeholder, itself written with ``{t}`` (e.g. ``A="{t}[:, :, :, ::1]"``, a
+    C-contiguous 4-D array of the float type).
+    """
+    return [template.format(t=t, **{k: v.format(t=t) for k, v in arrays.items()}) for t in ("float32", "float64")]
+
+
 def reduce_threads(terms: int, largest: int) -> int:
     """Block size of a block reduction over ``terms`` values: a power of two in [32, largest].
 

@@ -178,8 +178,8 @@ def batch_norm_backward(gy, xhat, invstd, weight, training):
 
 
 def _signatures(template):
-    """``template`` for float32 and float64: {t} the float type, {A} a C-contiguous (N, C, S) array of it."""
-    return [template.format(t=t, A=f"{t}[:, :, ::1]") for t in ("float32", "float64")]
+    """PTX signatures for float32 and float64; {A} is a C-contiguous (N, C, S) float array."""
+    return cc.float_signatures(template, A="{t}[:, :, ::1]")
 
 
 PTX_SIGNATURES = [

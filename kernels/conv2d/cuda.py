@@ -474,8 +474,8 @@ def conv2d_grad_bias(gy):
 
 
 def _signatures(template: str) -> list[str]:
-    """``template`` for float32 and for float64: {t} is the float type, {A} a C-contiguous 4-D array of it."""
-    return [template.format(t=t, A=f"{t}[:, :, :, ::1]") for t in ("float32", "float64")]
+    """PTX signatures for float32 and float64; {A} is a C-contiguous 4-D float array."""
+    return cc.float_signatures(template, A="{t}[:, :, :, ::1]")
 
 
 PTX_SIGNATURES = [

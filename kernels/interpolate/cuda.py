@@ -145,8 +145,8 @@ def interpolate_backward(gy, in_shape, mode, align_corners, scales):
 
 
 def _signatures(template):
-    """``template`` for float32 and float64: {t} the float type, {A} a C-contiguous 4-D array of it."""
-    return [template.format(t=t, A=f"{t}[:, :, :, ::1]") for t in ("float32", "float64")]
+    """PTX signatures for float32 and float64; {A} is a C-contiguous 4-D float array."""
+    return cc.float_signatures(template, A="{t}[:, :, :, ::1]")
 
 
 _TAPS = "int64[:, ::1], {t}[:, ::1]"  # idx, w of one axis

@@ -120,8 +120,8 @@ def max_pool2d_backward(gy, indices, x_shape):
 
 
 def _signatures(template):
-    """``template`` for float32 and float64: {A} a C-contiguous (N, C, H, W) float array, {I} the same of int64."""
-    return [template.format(A=f"{t}[:, :, :, ::1]", I="int64[:, :, :, ::1]") for t in ("float32", "float64")]
+    """PTX signatures for float32 and float64; {A} a C-contiguous (N, C, H, W) float array, {I} the same of int64."""
+    return cc.float_signatures(template, A="{t}[:, :, :, ::1]", I="int64[:, :, :, ::1]")
 
 
 PTX_SIGNATURES = [

@@ -324,9 +324,7 @@ def cross_entropy_backward(logits, target, weight, ignore_index, reduction, labe
 # ------------------------------------------------------------ PTX compile targets
 
 
-def _signatures(template):
-    """``template`` for float32 and float64 ({t}: the float type)."""
-    return [template.format(t=t) for t in ("float32", "float64")]
+_signatures = cc.float_signatures  # {t}: the float type
 
 
 _L = "{t}[:, :, ::1]"  # a C-contiguous (outer|N, C, inner|S) array
