@@ -130,6 +130,23 @@ def reduce_threads(terms: int, largest: int) -> int:
 
 
 @cuda.jit(device=True)
+def unravel4(e, d1, d2, d3):
+    """(a, b, c, d) with e = ((a*d1 + b)*d2 + c)*d3 + d: a flat C-order index of a 4-D array.
+
+    One thread per element numbers the elements in memory order, so neighbouring
+    threads touch neighbouring addresses (coalesced) and every kernel maps its
+    thread index back to coordinates the same way.
+    """
+    return e // (d3 * d2 * d1), (e // (d3 * d2)) % d1, (e // d3) % d2, e % d3
+
+
+@cuda.jit(device=True)
+def unravel3(e, d1, d2):
+    """(a, b, c) with e = (a*d1 + b)*d2 + c: a flat C-order index of a 3-D array."""
+    return e // (d2 * d1), (e // d2) % d1, e % d2
+
+
+@cuda.jit(device=True)
 def block_sum(value, buf):
     """Sum of ``value`` over the threads of a 1-D block, returned to every thread.
 

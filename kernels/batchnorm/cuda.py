@@ -94,9 +94,7 @@ def _forward_kernel(x, mean, invstd, weight, has_weight, bias, has_bias, y, xhat
     n_img, n_c, n_s = x.shape
     if e >= n_img * n_c * n_s:
         return
-    s = e % n_s
-    c = (e // n_s) % n_c
-    n = e // (n_s * n_c)
+    n, c, s = cc.unravel3(e, n_c, n_s)
     xh = (x[n, c, s] - mean[c]) * invstd[c]
     xhat[n, c, s] = xh
     v = xh * weight[c] if has_weight else xh
@@ -151,9 +149,7 @@ def _grad_input_kernel(gy, xhat, invstd, weight, has_weight, gweight, gbias, tra
     n_img, n_c, n_s = gy.shape
     if e >= n_img * n_c * n_s:
         return
-    s = e % n_s
-    c = (e // n_s) % n_c
-    n = e // (n_s * n_c)
+    n, c, s = cc.unravel3(e, n_c, n_s)
     scale = invstd[c] * weight[c] if has_weight else invstd[c]
     g = gy[n, c, s]
     if training:

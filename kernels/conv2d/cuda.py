@@ -117,10 +117,7 @@ def _forward_direct_kernel(x, w, b, y, sh, sw, pt, pl, dh, dw):
     _, c_in, h_in, w_in = x.shape
     cg, kh, kw = w.shape[1], w.shape[2], w.shape[3]
     # j fastest: consecutive threads write consecutive addresses of y.
-    j = e % wo
-    i = (e // wo) % ho
-    o = (e // (wo * ho)) % c_out
-    n = e // (wo * ho * c_out)
+    n, o, i, j = cc.unravel4(e, c_out, ho, wo)
     c0 = (o // (c_out // (c_in // cg))) * cg  # first input channel of o's group
     acc = b[o]
     for c in range(cg):
@@ -259,10 +256,7 @@ def _grad_input_kernel(gy, w, gx, sh, sw, pt, pl, dh, dw):
     _, c_in, h_in, w_in = gx.shape
     _, c_out, ho, wo = gy.shape
     cg, kh, kw = w.shape[1], w.shape[2], w.shape[3]
-    v = e % w_in
-    h = (e // w_in) % h_in
-    c = (e // (w_in * h_in)) % c_in
-    n = e // (w_in * h_in * c_in)
+    n, c, h, v = cc.unravel4(e, c_in, h_in, w_in)
     og = c_out // (c_in // cg)
     o0 = (c // cg) * og  # first output channel of c's group ...
     cw = c % cg  # ... and c's index in their weights
@@ -306,10 +300,7 @@ def _grad_weight_reduce_kernel(x, gy, gw, sh, sw, pt, pl, dh, dw):
     c_out, cg, kh, kw = gw.shape
     n_img, c_in, h_in, w_in = x.shape
     _, _, ho, wo = gy.shape
-    q = e % kw
-    p = (e // kw) % kh
-    c = (e // (kw * kh)) % cg
-    o = e // (kw * kh * cg)
+    o, c, p, q = cc.unravel4(e, cg, kh, kw)
     ci = (o // (c_out // (c_in // cg))) * cg + c  # the input channel this weight reads
     acc = gw.dtype.type(0)
     for m in range(cuda.threadIdx.x, n_img * ho * wo, cuda.blockDim.x):

@@ -82,10 +82,7 @@ def _forward_kernel(x, y, idx_h, w_h, idx_w, w_w):
     if e >= y.size:
         return
     _, c_n, ho, wo = y.shape
-    j = e % wo
-    i = (e // wo) % ho
-    c = (e // (wo * ho)) % c_n
-    n = e // (wo * ho * c_n)
+    n, c, i, j = cc.unravel4(e, c_n, ho, wo)
     acc = y.dtype.type(0)
     for a in range(idx_h.shape[1]):
         row = y.dtype.type(0)
@@ -112,10 +109,7 @@ def _backward_kernel(gy, gx, idx_h, w_h, lo_h, hi_h, idx_w, w_w, lo_w, hi_w):
     if e >= gx.size:
         return
     _, c_n, h_in, w_in = gx.shape
-    q = e % w_in
-    p = (e // w_in) % h_in
-    c = (e // (w_in * h_in)) % c_n
-    n = e // (w_in * h_in * c_n)
+    n, c, p, q = cc.unravel4(e, c_n, h_in, w_in)
     zero = gx.dtype.type(0)
     acc = zero
     for i in range(lo_h[p], hi_h[p]):

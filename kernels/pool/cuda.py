@@ -49,10 +49,7 @@ def _forward_kernel(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw):
         return
     _, c_n, ho, wo = y.shape
     h_in, w_in = x.shape[2], x.shape[3]
-    j = e % wo
-    i = (e // wo) % ho
-    c = (e // (wo * ho)) % c_n
-    n = e // (wo * ho * c_n)
+    n, c, i, j = cc.unravel4(e, c_n, ho, wo)
     h0 = i * sh - ph
     v0 = j * sw - pw
     # First in-bounds tap of each axis: the initial index, as torch, for windows of -inf.
