@@ -12,6 +12,9 @@ sm_90 with the simulator off, because the simulator happily runs Python that
 real CUDA rejects. ``python -m benchmarks.ptx_report`` does the same compile
 and prints each kernel's registers, spills and shared memory.
 
+Under the simulator, ``minseg.runtime.fix_simulator_shared_arrays`` (applied when
+the cuda backend loads, and by the tests) makes ``cuda.shared.array`` thread-safe.
+
 The simulator copies NumPy arguments to fake device arrays and back after the
 launch (so a kernel's writes appear in the caller's arrays), and refuses
 non-contiguous arrays: pass everything through ``as_input``.
@@ -26,40 +29,6 @@ from numba import config, cuda
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
-
-def _fix_simulator_shared_arrays():
-    """Make the simulator's ``cuda.shared.array`` thread-safe.
-
-    The simulator gives all threads of a block the same NumPy array by keying
-    allocations on the calling line: ``get`` the key, and on a miss ``set`` a new
-    array. Its threads are real Python threads, so two of them can both miss and
-    each keep a *different* array: a block reduction then sums garbage, rarely
-    and only under load (seen as a flaky U-Net gradient). ``dict.setdefault``
-    is atomic under the GIL, so every thread gets the one stored array.
-    """
-    import sys
-
-    from numba.core import types
-    from numba.cuda.simulator import kernelapi
-    from numba.np import numpy_support
-
-    original = kernelapi.FakeCUDAShared.array
-
-    def array(self, shape, dtype, alignment=None):
-        if shape == 0 or alignment is not None:  # dynamic shared memory / unsupported: unchanged
-            return original(self, shape, dtype, alignment)
-        if not isinstance(dtype, np.dtype):
-            dtype = np.dtype(numpy_support.as_dtype(dtype)) if isinstance(dtype, types.Type) else np.dtype(dtype)
-        caller = sys._getframe(1)
-        key = (caller.f_code.co_filename, caller.f_lineno)
-        return self._allocations.setdefault(key, np.empty(shape, dtype))
-
-    array.thread_safe = True
-    kernelapi.FakeCUDAShared.array = array
-
-
-if SIMULATOR:
-    _fix_simulator_shared_arrays()
 
 if SIMULATOR:
     xp = np

@@ -6,7 +6,7 @@ Start reading at ``minseg/tensor.py`` (Tensor and backward), then
 from . import functional
 from .autograd import Function, GradcheckError, enable_grad, gradcheck, is_grad_enabled, no_grad
 from .backend import available_backends, get_backend, set_backend
-from .functional import manual_seed
+from .rng import manual_seed
 from .metrics import masks_to_boxes
 from .tensor import Tensor, tensor
 

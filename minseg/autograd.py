@@ -8,6 +8,11 @@ dL/d(input) for every input (``None`` where an input needs no gradient).
 when gradients are wanted, records a node that links the output to its inputs.
 ``Tensor.backward`` then walks these nodes in reverse topological order
 (see ``tensor.py``).
+
+This module knows nothing of ``Tensor`` beyond its base class :class:`Node`
+(the part of a Tensor the graph needs), so ``tensor.py`` builds on it and not
+the other way round: the core imports in one direction, autograd <- tensor <-
+functional.
 """
 from __future__ import annotations
 
@@ -42,6 +47,26 @@ class enable_grad(no_grad):
         global _grad_enabled
         self.previous = _grad_enabled
         _grad_enabled = True
+
+
+class Node:
+    """What the graph is made of: a value ``data`` that may want a gradient.
+
+    ``_ctx`` is the :class:`Context` of the Function that made the node (None for a
+    leaf, which the user made). :class:`~minseg.tensor.Tensor` is a Node with an
+    array API and operators; Functions make their outputs of the same class as
+    their first Node argument.
+    """
+
+    def __init__(self, data, requires_grad: bool = False):
+        self.data = data
+        self.requires_grad = bool(requires_grad)
+        self.grad = None
+        self._ctx = None
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._ctx is None
 
 
 class Context:
@@ -101,14 +126,16 @@ class Function:
 
     @classmethod
     def apply(cls, *args, **kwargs):
-        from .tensor import Tensor
-
-        inputs = tuple(a if isinstance(a, Tensor) else None for a in args)
-        arrays = tuple(a.data if isinstance(a, Tensor) else a for a in args)
+        """Run ``forward`` on the arrays of the arguments; record the node when a gradient is wanted."""
+        inputs = tuple(a if isinstance(a, Node) else None for a in args)
+        node_type = next((type(a) for a in inputs if a is not None), None)
+        if node_type is None:
+            raise TypeError(f"{cls.__name__}.apply needs at least one Tensor argument")
+        arrays = tuple(a.data if isinstance(a, Node) else a for a in args)
         ctx = Context(cls, inputs)
         out = cls.forward(ctx, *arrays, **kwargs)
         requires_grad = _grad_enabled and any(ctx.needs_input_grad)
-        result = Tensor(out, requires_grad=requires_grad)
+        result = node_type(out, requires_grad=requires_grad)
         if requires_grad:
             result._ctx = ctx
         return result
@@ -133,10 +160,8 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0) -> bool:
     rtol * |numeric|``. Returns True, or raises :class:`GradcheckError` naming
     the input and its worst element.
     """
-    from .tensor import Tensor
-
     inputs = list(inputs)
-    checked = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    checked = [i for i, t in enumerate(inputs) if isinstance(t, Node) and t.requires_grad]
     if not checked:
         raise ValueError("gradcheck: no input is a Tensor with requires_grad=True")
     for i in checked:
@@ -144,7 +169,7 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0) -> bool:
             raise TypeError(f"gradcheck: input {i} must be float64 for finite differences, got {inputs[i].dtype}")
 
     y = fn(*inputs)
-    if not isinstance(y, Tensor):
+    if not isinstance(y, Node):
         raise TypeError(f"gradcheck: fn must return a Tensor, got {type(y).__name__}")
     rng = np.random.default_rng(seed)
     g = rng.standard_normal(y.shape)
@@ -152,7 +177,7 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0) -> bool:
         inputs[i].grad = None
     if not y.requires_grad:
         raise GradcheckError("gradcheck: the output does not require grad (no differentiable path)")
-    y.backward(Tensor(y.xp.asarray(g, dtype=y.dtype)))
+    y.backward(type(y)(y.xp.asarray(g, dtype=y.dtype)))
 
     def loss():
         with no_grad():
@@ -188,4 +213,4 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0) -> bool:
     return True
 
 
-__all__ = ["Function", "Context", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "GradcheckError"]
+__all__ = ["Node", "Function", "Context", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "GradcheckError"]

@@ -23,7 +23,19 @@ import os
 
 import numpy as np
 
-OPS = ("conv2d", "interpolate", "pool", "softmax_xent", "batchnorm", "elementwise")
+from . import runtime
+
+
+
+def _discover_ops() -> tuple[str, ...]:
+    """Every folder of ``kernels/`` that holds a ``reference.py``: adding an op folder registers it."""
+    import kernels
+
+    root = os.path.dirname(kernels.__file__)
+    return tuple(sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "reference.py"))))
+
+
+OPS = _discover_ops()
 MODULE_OF = {"numpy": "reference", "cpu": "cpu", "cuda": "cuda"}
 BACKENDS = tuple(MODULE_OF)
 
@@ -97,33 +109,8 @@ def load(name: str) -> Backend:
             if status not in ("gpu", "simulator"):
                 raise RuntimeError(f"backend 'cuda' is unavailable: {status}")
         _loaded[name] = Backend(name)
-        if name == "cpu":
-            keep_freed_memory()
+        runtime.apply_for(name)  # process-wide settings live in runtime.py, listed there
     return _loaded[name]
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc reuse freed blocks instead of returning them to the OS.
-
-    A training step allocates the same multi-MB activations and gradients every
-    step. glibc serves blocks above its mmap threshold with fresh ``mmap``s and
-    unmaps them on free, so every step touches new pages and page-faults on each
-    one (a conv can take 2x longer). Raising the mmap threshold to its maximum
-    (32 MiB on 64-bit) and the trim threshold keeps freed blocks in the heap
-    for the next step: a caching allocator for free, the job PyTorch's own
-    allocator does. Set ``MINSEG_KEEP_MALLOC=1`` to leave malloc alone.
-    Returns True when the settings were applied (glibc only).
-    """
-    if os.environ.get("MINSEG_KEEP_MALLOC") == "1":
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return False
 
 
 def available_backends() -> list[str]:

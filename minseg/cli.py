@@ -307,7 +307,7 @@ def _config_from_args(args) -> dict:
 def cmd_train(args) -> int:
     from . import backend
     from .data import DataLoader
-    from .functional import manual_seed
+    from .rng import manual_seed
 
     out = Path(args.out)
     last = out / "last.npz"
@@ -420,6 +420,7 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from . import backend
+    from . import functional as F
     from .autograd import no_grad
     from .data import load_image
     from .metrics import masks_to_boxes
@@ -439,7 +440,7 @@ def cmd_predict(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for path, image in _progress(list(zip(paths, images)), desc="predict", disable=args.quiet or None):
         with no_grad():
-            probs = model(tensor(image[None])).softmax(1).numpy()[0]
+            probs = F.softmax(model(tensor(image[None])), 1).numpy()[0]
         pred = probs.argmax(0)
         mask_image(pred).save(out / f"{path.stem}_mask.png")
         over = overlay(image, pred)

@@ -14,8 +14,11 @@ import numbers
 
 import numpy as np
 
+from kernels.shapes import conv_output_size, conv_transpose_output_size, pool_output_size
+
 from . import backend
 from .autograd import Function
+from .rng import generator
 from .tensor import Tensor
 
 # ----------------------------------------------------------------- argument checks
@@ -82,26 +85,22 @@ def _conv_operands(input, weight, bias, groups, weight_layout):
     return x, w, bias
 
 
-def _conv_out(size, pad_total, dilation, kernel, stride):
-    return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
-
-
-class Conv2d(Function):
+class Conv2dFunction(Function):
     @staticmethod
     def forward(ctx, x, w, b, stride, padding, dilation, groups):
-        ctx.K = backend.current()
+        ctx.kernels = backend.current()
         ctx.save_for_backward(x, w)
         ctx.args = (stride, padding, dilation, groups)
-        return ctx.K.conv2d_forward(x, w, b, stride, padding, dilation, groups)
+        return ctx.kernels.conv2d_forward(x, w, b, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        K, need = ctx.K, ctx.needs_input_grad
+        kernels, need = ctx.kernels, ctx.needs_input_grad
         gy = _contiguous(gy)
-        gx = K.conv2d_grad_input(gy, w, x.shape, *ctx.args) if need[0] else None
-        gw = K.conv2d_grad_weight(x, gy, w.shape, *ctx.args) if need[1] else None
-        gb = K.conv2d_grad_bias(gy) if need[2] else None
+        gx = kernels.conv2d_grad_input(gy, w, x.shape, *ctx.args) if need[0] else None
+        gw = kernels.conv2d_grad_weight(x, gy, w.shape, *ctx.args) if need[1] else None
+        gb = kernels.conv2d_grad_bias(gy) if need[2] else None
         return gx, gw, gb
 
 
@@ -139,8 +138,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
     else:
         p = _pair(padding, "padding", 0)
         pads = ((p[0], p[0]), (p[1], p[1]))
-    ho = _conv_out(h, sum(pads[0]), dilation[0], kh, stride[0])
-    wo = _conv_out(wd, sum(pads[1]), dilation[1], kw, stride[1])
+    ho = conv_output_size(h, sum(pads[0]), dilation[0], kh, stride[0])
+    wo = conv_output_size(wd, sum(pads[1]), dilation[1], kw, stride[1])
     if ho <= 0 or wo <= 0:
         raise ValueError(
             f"conv2d output size would be ({ho}, {wo}) <= 0: input {h}x{wd} with padding {pads} is smaller than "
@@ -148,18 +147,18 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
         )
     x, w = _contig_tensor(x), _contig_tensor(w)  # kernels index flat memory
     bias = None if bias is None else _contig_tensor(bias)
-    return Conv2d.apply(x, w, bias, stride=stride, padding=pads, dilation=dilation, groups=int(groups))
+    return Conv2dFunction.apply(x, w, bias, stride=stride, padding=pads, dilation=dilation, groups=int(groups))
 
 
-class ConvTranspose2d(Function):
+class ConvTranspose2dFunction(Function):
     """The adjoint of conv2d in its input: forward is conv2d's input gradient, and vice versa."""
 
     @staticmethod
     def forward(ctx, x, w, b, out_shape, stride, padding, dilation, groups):
-        ctx.K = backend.current()
+        ctx.kernels = backend.current()
         ctx.save_for_backward(x, w)
         ctx.args = (stride, padding, dilation, groups)
-        y = ctx.K.conv2d_grad_input(x, w, out_shape, *ctx.args)
+        y = ctx.kernels.conv2d_grad_input(x, w, out_shape, *ctx.args)
         if b is not None:
             y += b.reshape(1, -1, 1, 1)
         return y
@@ -167,15 +166,15 @@ class ConvTranspose2d(Function):
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        K, need = ctx.K, ctx.needs_input_grad
+        kernels, need = ctx.kernels, ctx.needs_input_grad
         gy = _contiguous(gy)
         gx = None
         if need[0]:
             # conv2d of gy has H_in + output_padding // stride rows (cols likewise): with
             # output_padding >= stride (allowed when dilation > stride) the extra ones match no pixel of x
-            gx = _contiguous(K.conv2d_forward(gy, w, None, *ctx.args)[:, :, : x.shape[2], : x.shape[3]])
-        gw = K.conv2d_grad_weight(gy, x, w.shape, *ctx.args) if need[1] else None
-        gb = K.conv2d_grad_bias(gy) if need[2] else None
+            gx = _contiguous(kernels.conv2d_forward(gy, w, None, *ctx.args)[:, :, : x.shape[2], : x.shape[3]])
+        gw = kernels.conv2d_grad_weight(gy, x, w.shape, *ctx.args) if need[1] else None
+        gb = kernels.conv2d_grad_bias(gy) if need[2] else None
         return gx, gw, gb
 
 
@@ -204,7 +203,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
                 f"output_padding {output_padding} must be smaller than either stride {stride} or dilation {dilation}"
             )
     out = [
-        (size - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + output_padding[i] + 1
+        conv_transpose_output_size(size, padding[i], dilation[i], w.shape[2 + i], stride[i], output_padding[i])
         for i, size in enumerate((h, wd))
     ]
     if min(out) <= 0:
@@ -212,7 +211,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     pads = ((padding[0], padding[0]), (padding[1], padding[1]))
     x, w = _contig_tensor(x), _contig_tensor(w)  # kernels index flat memory
     bias = None if bias is None else _contig_tensor(bias)
-    return ConvTranspose2d.apply(
+    return ConvTranspose2dFunction.apply(
         x, w, bias, out_shape=(n, c_out, out[0], out[1]), stride=stride, padding=pads, dilation=dilation, groups=int(groups)
     )
 
@@ -222,16 +221,16 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
 INTERPOLATE_MODES = ("nearest", "nearest-exact", "bilinear")
 
 
-class Interpolate(Function):
+class InterpolateFunction(Function):
     @staticmethod
     def forward(ctx, x, out_size, mode, align_corners, scales):
-        ctx.K = backend.current()
+        ctx.kernels = backend.current()
         ctx.args = (x.shape, mode, align_corners, scales)
-        return ctx.K.interpolate_forward(x, out_size, mode, align_corners, scales)
+        return ctx.kernels.interpolate_forward(x, out_size, mode, align_corners, scales)
 
     @staticmethod
     def backward(ctx, gy):
-        return (ctx.K.interpolate_backward(_contiguous(gy), *ctx.args),)
+        return (ctx.kernels.interpolate_backward(_contiguous(gy), *ctx.args),)
 
 
 def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None) -> Tensor:
@@ -263,31 +262,23 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
         if min(out) <= 0:
             raise ValueError(f"interpolate output size {out} <= 0 for input size {in_hw} and scale_factor {scale_factor}")
         scales = (1.0 / sf[0], 1.0 / sf[1])
-    return Interpolate.apply(_contig_tensor(x), out_size=out, mode=mode, align_corners=align_corners, scales=scales)
+    return InterpolateFunction.apply(_contig_tensor(x), out_size=out, mode=mode, align_corners=align_corners, scales=scales)
 
 
 # ---------------------------------------------------------------------- max_pool2d
 
 
-class MaxPool2d(Function):
+class MaxPool2dFunction(Function):
     @staticmethod
     def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
-        K = backend.current()
-        y, idx = K.max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode)
-        ctx.K, ctx.idx, ctx.x_shape = K, idx, x.shape
+        kernels = backend.current()
+        y, idx = kernels.max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.kernels, ctx.idx, ctx.x_shape = kernels, idx, x.shape
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        return (ctx.K.max_pool2d_backward(_contiguous(gy), ctx.idx, ctx.x_shape),)
-
-
-def _pool_out(size, k, s, p, d, ceil_mode):
-    span = size + 2 * p - d * (k - 1) - 1
-    out = (-(-span // s) if ceil_mode else span // s) + 1
-    if ceil_mode and (out - 1) * s >= size + p:
-        out -= 1  # the last window must start inside the input or the left padding
-    return out
+        return (ctx.kernels.max_pool2d_backward(_contiguous(gy), ctx.idx, ctx.x_shape),)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -300,7 +291,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     d = _pair(dilation, "dilation", 1)
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise ValueError(f"padding {p} must be at most half of kernel_size {k}")
-    out = tuple(_pool_out(x.shape[2 + i], k[i], s[i], p[i], d[i], ceil_mode) for i in range(2))
+    out = tuple(pool_output_size(x.shape[2 + i], k[i], s[i], p[i], d[i], ceil_mode) for i in range(2))
     if min(out) <= 0:
         raise ValueError(f"max_pool2d output size would be {out} <= 0 for input size {x.shape[2:]}, kernel {k}, dilation {d}")
     for i in range(2):  # a dilation larger than the input can step a window over it entirely
@@ -310,7 +301,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
                 f"max_pool2d: with dilation {d} and padding {p}, a window of kernel_size {k} reads only padding "
                 f"for input size {x.shape[2:]} (torch returns an index outside the input there)"
             )
-    y = MaxPool2d.apply(_contig_tensor(x), kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode))
+    y = MaxPool2dFunction.apply(_contig_tensor(x), kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode))
     if return_indices:
         idx = y._ctx.idx if y._ctx is not None else None
         if idx is None:  # no graph was recorded: run the kernel for the indices
@@ -322,25 +313,25 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 # ------------------------------------------------------------- relu and softmaxes
 
 
-class ReLU(Function):
+class ReLUFunction(Function):
     """y = max(x, 0);  dy/dx = 1 where x > 0, else 0."""
 
     @staticmethod
     def forward(ctx, x):
-        ctx.K = backend.current()
-        y = ctx.K.relu_forward(x)
+        ctx.kernels = backend.current()
+        y = ctx.kernels.relu_forward(x)
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         (y,) = ctx.saved_tensors
-        return (ctx.K.relu_backward(y, _contiguous(gy)),)
+        return (ctx.kernels.relu_backward(y, _contiguous(gy)),)
 
 
 def relu(input) -> Tensor:
     x = _float_tensor(input, "input")
-    return ReLU.apply(_contig_tensor(x))
+    return ReLUFunction.apply(_contig_tensor(x))
 
 
 def _contig_tensor(x: Tensor) -> Tensor:
@@ -370,31 +361,31 @@ def _softmax_dim(x: Tensor, dim, name):
     return int(dim) % x.ndim
 
 
-class Softmax(Function):
+class SoftmaxFunction(Function):
     @staticmethod
     def forward(ctx, x, dim, log):
-        ctx.K, ctx.dim, ctx.log = backend.current(), dim, log
-        y = (ctx.K.log_softmax_forward if log else ctx.K.softmax_forward)(x, dim)
+        ctx.kernels, ctx.dim, ctx.log = backend.current(), dim, log
+        y = (ctx.kernels.log_softmax_forward if log else ctx.kernels.softmax_forward)(x, dim)
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         (y,) = ctx.saved_tensors
-        fn = ctx.K.log_softmax_backward if ctx.log else ctx.K.softmax_backward
+        fn = ctx.kernels.log_softmax_backward if ctx.log else ctx.kernels.softmax_backward
         return (fn(y, _contiguous(gy), ctx.dim),)
 
 
 def softmax(input, dim) -> Tensor:
     """exp(x_i - max x) / sum_j exp(x_j - max x) along ``dim``."""
     x = _float_tensor(input, "input")
-    return Softmax.apply(_contig_tensor(x), dim=_softmax_dim(x, dim, "softmax"), log=False)
+    return SoftmaxFunction.apply(_contig_tensor(x), dim=_softmax_dim(x, dim, "softmax"), log=False)
 
 
 def log_softmax(input, dim) -> Tensor:
     """x_i - max x - log sum_j exp(x_j - max x) along ``dim``."""
     x = _float_tensor(input, "input")
-    return Softmax.apply(_contig_tensor(x), dim=_softmax_dim(x, dim, "log_softmax"), log=True)
+    return SoftmaxFunction.apply(_contig_tensor(x), dim=_softmax_dim(x, dim, "log_softmax"), log=True)
 
 
 # --------------------------------------------------------------------- cross_entropy
@@ -402,19 +393,19 @@ def log_softmax(input, dim) -> Tensor:
 REDUCTIONS = ("none", "mean", "sum")
 
 
-class CrossEntropy(Function):
+class CrossEntropyFunction(Function):
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing):
-        ctx.K = backend.current()
+        ctx.kernels = backend.current()
         ctx.args = (ignore_index, reduction, label_smoothing)
-        loss, lse = ctx.K.cross_entropy_forward(logits, target, weight, *ctx.args)
+        loss, lse = ctx.kernels.cross_entropy_forward(logits, target, weight, *ctx.args)
         ctx.save_for_backward(logits, target, weight, lse)
         return loss
 
     @staticmethod
     def backward(ctx, gloss):
         logits, target, weight, lse = ctx.saved_tensors
-        g = ctx.K.cross_entropy_backward(logits, target, weight, *ctx.args, lse, _contiguous(gloss))
+        g = ctx.kernels.cross_entropy_backward(logits, target, weight, *ctx.args, lse, _contiguous(gloss))
         return g, None, None
 
 
@@ -456,7 +447,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     s = int(np.prod(x.shape[2:], dtype=np.int64))
     logits = x.reshape(n, c, s)
     target_arr = _contiguous(t.data.reshape(n, s).astype(np.int64, copy=False))
-    loss = CrossEntropy.apply(
+    loss = CrossEntropyFunction.apply(
         _contig_tensor(logits),
         Tensor(target_arr),
         weight,
@@ -470,18 +461,18 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 # ------------------------------------------------------------------------ batch_norm
 
 
-class BatchNorm(Function):
+class BatchNormFunction(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, eps, training):
-        ctx.K, ctx.training = backend.current(), training
-        y, xhat, invstd = ctx.K.batch_norm_forward(x, mean, var, weight, bias, eps)
+        ctx.kernels, ctx.training = backend.current(), training
+        y, xhat, invstd = ctx.kernels.batch_norm_forward(x, mean, var, weight, bias, eps)
         ctx.save_for_backward(xhat, invstd, weight)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         xhat, invstd, weight = ctx.saved_tensors
-        gx, gw, gb = ctx.K.batch_norm_backward(_contiguous(gy), xhat, invstd, weight, ctx.training)
+        gx, gw, gb = ctx.kernels.batch_norm_backward(_contiguous(gy), xhat, invstd, weight, ctx.training)
         need = ctx.needs_input_grad
         return gx, gw if need[1] else None, gb if need[2] else None
 
@@ -510,13 +501,13 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
         raise ValueError(f"momentum must be a number in [0, 1] (the cumulative average, momentum=None, is not supported), got {momentum!r}")
-    K = backend.current()
+    kernels = backend.current()
     xa = _contiguous(x.data)
     if training:
         count = x.numel() // c
         if count <= 1:
             raise ValueError(f"batch_norm in training mode needs more than 1 value per channel, got input shape {x.shape}")
-        mean, var = K.batch_norm_stats(xa)
+        mean, var = kernels.batch_norm_stats(xa)
         if running_mean is not None:
             m = float(momentum)
             running_mean.data *= 1 - m
@@ -527,7 +518,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             running_var.data += (m * count / (count - 1)) * var
     else:
         mean, var = _contiguous(running_mean.data), _contiguous(running_var.data)
-    return BatchNorm.apply(
+    return BatchNormFunction.apply(
         _contig_tensor(x),
         weight,
         bias,
@@ -541,7 +532,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 # ------------------------------------------------------------ compositions: cat, dropout
 
 
-class Cat(Function):
+class CatFunction(Function):
     """y = [x_1, x_2, ...] joined along ``dim``; the gradient is split back into the pieces."""
 
     @staticmethod
@@ -569,20 +560,7 @@ def cat(tensors, dim=0) -> Tensor:
             raise ValueError(f"cat: tensors[{i}] has shape {t.shape}, expected {first.shape} except along dim {dim}")
         if t.dtype != first.dtype:
             raise TypeError(f"cat: tensors[{i}] has dtype {t.dtype}, expected {first.dtype}")
-    return Cat.apply(*tensors, dim=dim)
-
-
-_rng = np.random.default_rng()
-
-
-def manual_seed(seed: int) -> None:
-    """Seed minseg's random generator (dropout masks, parameter initialisation)."""
-    global _rng
-    _rng = np.random.default_rng(seed)
-
-
-def generator() -> np.random.Generator:
-    return _rng
+    return CatFunction.apply(*tensors, dim=dim)
 
 
 def dropout(input, p=0.5, training=True) -> Tensor:
@@ -595,7 +573,7 @@ def dropout(input, p=0.5, training=True) -> Tensor:
         raise ValueError(f"dropout probability p must be in [0, 1], got {p!r}")
     if not training or p == 0:
         return x
-    keep = _rng.random(x.shape) >= p
+    keep = generator().random(x.shape) >= p
     mask = keep.astype(x.dtype) / (1.0 - p) if p < 1 else np.zeros(x.shape, x.dtype)
     return x * Tensor(backend.to_backend_array(mask.astype(x.dtype)))
 
@@ -612,5 +590,4 @@ __all__ = [
     "batch_norm",
     "cat",
     "dropout",
-    "manual_seed",
 ]

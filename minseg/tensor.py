@@ -16,10 +16,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
-from .autograd import Function, is_grad_enabled, no_grad
+from .autograd import Function, Node, is_grad_enabled, no_grad
 
 
-class Tensor:
+class Tensor(Node):
+    """An array (``data``), its gradient (``grad``) and the node of the graph that made it (``_ctx``)."""
+
     __array_priority__ = 1000  # make ndarray <op> Tensor defer to Tensor's reflected operators
 
     def __init__(self, data, requires_grad: bool = False):
@@ -29,10 +31,7 @@ class Tensor:
         data = xp.asarray(data)
         if requires_grad and data.dtype.kind != "f":
             raise TypeError(f"only floating-point tensors can require gradients, got dtype {data.dtype}")
-        self.data = data
-        self.requires_grad = bool(requires_grad)
-        self.grad: Tensor | None = None
-        self._ctx = None
+        super().__init__(data, requires_grad)
         self._retains_grad = False
 
     # ----------------------------------------------------------------- basics
@@ -51,10 +50,6 @@ class Tensor:
     @property
     def xp(self):
         return backend.array_module(self.data)
-
-    @property
-    def is_leaf(self) -> bool:
-        return self._ctx is None
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
@@ -111,70 +106,44 @@ class Tensor:
         ``grad`` defaults to 1 for a one-element tensor. Unless ``retain_graph``,
         the graph's saved arrays are freed afterwards, and a second backward
         through it raises.
+
+        The walk is the whole of reverse-mode autodiff: visit the nodes from the
+        output back to the leaves, each after every node that used it (reverse
+        topological order), so its gradient dL/d(node) is complete -- the sum over
+        all its uses -- before the chain rule passes it on through the Function
+        that made the node: dL/d(input) = backward(ctx, dL/d(node)).
         """
+        grads = {id(self): self._seed_grad(grad)}  # dL/d(node) of the nodes reached so far
+        buffers = GradBuffers(grads[id(self)])
+        for node in reversed(_topological_order(self)):
+            g = grads.pop(id(node), None)
+            if g is None:  # no path from this node to the output carries a gradient
+                continue
+            if node.is_leaf or node._retains_grad:
+                node.grad = buffers.accumulate(node.grad, g, node.dtype)
+            if node.is_leaf:
+                continue
+            ctx = node._ctx
+            input_grads = _call_backward(ctx, g)  # the chain rule, one Function at a time
+            for inp, ig in zip(ctx.inputs, input_grads):
+                if inp is not None and ig is not None and inp.requires_grad:
+                    prev = grads.get(id(inp))
+                    grads[id(inp)] = ig if prev is None else prev + ig  # a node used twice sums
+            if not retain_graph:
+                ctx.free()
+
+    def _seed_grad(self, grad):
+        """dL/d(self): the given gradient (checked) or 1 for a one-element output."""
         if not self.requires_grad:
             raise RuntimeError("backward(): this tensor does not require grad and has no graph")
         if grad is None:
             if self.numel() != 1:
                 raise RuntimeError(f"backward(): grad must be given for a non-scalar output of shape {self.shape}")
-            grad = self.xp.ones(self.shape, dtype=self.dtype)
-        else:
-            grad = grad.data if isinstance(grad, Tensor) else self.xp.asarray(grad)
-            if tuple(grad.shape) != self.shape:
-                raise ValueError(f"backward(): grad has shape {tuple(grad.shape)}, expected the output's {self.shape}")
-            grad = grad.astype(self.dtype, copy=False)
-
-        grads = {id(self): grad}
-        handed = {id(grad)}  # arrays some tensor's .grad (or the caller) already holds
-        for node in reversed(_topological_order(self)):
-            g = grads.pop(id(node), None)
-            if g is None:
-                continue
-            if node._ctx is None or node._retains_grad:
-                node._accumulate(g, handed)
-            ctx = node._ctx
-            if ctx is None:
-                continue
-            if ctx.freed:
-                raise RuntimeError(
-                    f"Trying to backward through {ctx.function.__name__} a second time: the graph was freed "
-                    "by the first backward(). Pass retain_graph=True to the first call to keep it."
-                )
-            in_grads = ctx.function.backward(ctx, g)
-            if not isinstance(in_grads, tuple):
-                in_grads = (in_grads,)
-            if len(in_grads) != len(ctx.inputs):
-                raise RuntimeError(
-                    f"{ctx.function.__name__}.backward returned {len(in_grads)} gradients for {len(ctx.inputs)} inputs"
-                )
-            for inp, ig in zip(ctx.inputs, in_grads):
-                if inp is None or ig is None or not inp.requires_grad:
-                    continue
-                if tuple(ig.shape) != inp.shape:
-                    raise RuntimeError(
-                        f"{ctx.function.__name__}.backward returned a gradient of shape {tuple(ig.shape)} "
-                        f"for an input of shape {inp.shape}"
-                    )
-                prev = grads.get(id(inp))
-                grads[id(inp)] = ig if prev is None else prev + ig
-            if not retain_graph:
-                ctx.free()
-
-    def _accumulate(self, g, handed: set) -> None:
-        """Add g into ``.grad``. The first gradient is kept without a copy when nothing else
-        can see its memory: a writeable array such that neither it nor the array it views
-        went to another tensor in this backward (Add hands one array to both inputs) or
-        came from the caller. Otherwise it is copied, so in-place updates of one ``.grad``
-        never show up in another."""
-        g = g.astype(self.dtype, copy=False)
-        if self.grad is None:
-            owner = g if g.base is None else g.base
-            if not g.flags.writeable or id(g) in handed or id(owner) in handed:
-                g = owner = g.copy()
-            handed.update((id(g), id(owner)))
-            self.grad = Tensor(g)
-        else:
-            self.grad.data += g
+            return self.xp.ones(self.shape, dtype=self.dtype)
+        grad = grad.data if isinstance(grad, Tensor) else self.xp.asarray(grad)
+        if tuple(grad.shape) != self.shape:
+            raise ValueError(f"backward(): grad has shape {tuple(grad.shape)}, expected the output's {self.shape}")
+        return grad.astype(self.dtype, copy=False)
 
     # -------------------------------------------------------------- operators
     def __add__(self, other):
@@ -253,21 +222,6 @@ class Tensor:
     def log(self):
         return Log.apply(self)
 
-    def relu(self):
-        from . import functional
-
-        return functional.relu(self)
-
-    def softmax(self, dim):
-        from . import functional
-
-        return functional.softmax(self, dim)
-
-    def log_softmax(self, dim):
-        from . import functional
-
-        return functional.log_softmax(self, dim)
-
     def argmax(self, dim=None, keepdim: bool = False):
         """Index of the largest value (first one on ties); not differentiable."""
         if dim is not None:
@@ -342,6 +296,57 @@ def _topological_order(root: Tensor) -> list[Tensor]:
                 if parent is not None and parent.requires_grad and id(parent) not in seen:
                     stack.append((parent, False))
     return order
+
+
+def _call_backward(ctx, g) -> tuple:
+    """``ctx.function.backward(ctx, g)``, with clear errors for a freed graph or a wrong answer."""
+    name = ctx.function.__name__
+    if ctx.freed:
+        raise RuntimeError(
+            f"Trying to backward through {name} a second time: the graph was freed "
+            "by the first backward(). Pass retain_graph=True to the first call to keep it."
+        )
+    input_grads = ctx.function.backward(ctx, g)
+    if not isinstance(input_grads, tuple):
+        input_grads = (input_grads,)
+    if len(input_grads) != len(ctx.inputs):
+        raise RuntimeError(f"{name}.backward returned {len(input_grads)} gradients for {len(ctx.inputs)} inputs")
+    for inp, ig in zip(ctx.inputs, input_grads):
+        if inp is not None and ig is not None and inp.requires_grad and tuple(ig.shape) != inp.shape:
+            raise RuntimeError(
+                f"{name}.backward returned a gradient of shape {tuple(ig.shape)} for an input of shape {inp.shape}"
+            )
+    return input_grads
+
+
+class GradBuffers:
+    """Optimisation, not math: store a leaf's first gradient without copying it, when that is safe.
+
+    The lesson needs only ``leaf.grad = g`` (first time) and ``leaf.grad += g``. But
+    copying every gradient into a fresh ``.grad`` costs a pass over memory per
+    parameter per step, and most gradients are private arrays no one else sees.
+    Some are not: ``Add`` hands the *same* array to both its inputs, a backward may
+    return a view of another array, and the caller's ``grad`` argument belongs to the
+    caller. Storing such an array as a ``.grad`` would let an in-place update of one
+    ``.grad`` (``optimizer.step``, ``+=``) change another. So this records every array
+    (and the array a view is cut from) already handed out in this backward, and copies
+    only those, and read-only arrays.
+    """
+
+    def __init__(self, caller_grad):
+        self.handed = {id(caller_grad)}
+
+    def accumulate(self, current, g, dtype):
+        """The new ``.grad``: ``current + g``, or ``g`` itself (as a Tensor) when it is safe to keep."""
+        g = g.astype(dtype, copy=False)
+        if current is not None:
+            current.data += g
+            return current
+        owner = g if g.base is None else g.base
+        if not g.flags.writeable or id(g) in self.handed or id(owner) in self.handed:
+            g = owner = g.copy()
+        self.handed.update((id(g), id(owner)))
+        return Tensor(g)
 
 
 def unbroadcast(grad, shape):

@@ -19,6 +19,12 @@ if os.environ["NUMBA_ENABLE_CUDASIM"] == "1":
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from minseg import runtime  # noqa: E402
+
+# Tests call kernels/<op>/cuda.py directly, not only through backend.load: apply the
+# simulator fix up front (minseg/runtime.py says what it fixes).
+runtime.fix_simulator_shared_arrays()
+
 settings.register_profile(
     "ci",
     deadline=None,

@@ -84,6 +84,8 @@ from numba import njit, prange
 from numba.extending import overload
 from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
+from kernels.shapes import conv_output_size
+
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
 
 _BAND_BYTES = 1 << 20  # one thread's band of im2col columns: half a core's 2 MB L2, the rest for W and the output
@@ -453,10 +455,6 @@ def _run_taps(kernel, inputs, out, channels, kernel_hw, out_hw, padding, dilatio
     return out
 
 
-def _out_size(size, pad, dilation, k, stride):
-    return (size + sum(pad) - dilation * (k - 1) - 1) // stride + 1
-
-
 def _forward(x, w, b, out_hw, stride, padding, dilation, groups):
     y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
     b = np.empty(0, x.dtype) if b is None else b
@@ -470,7 +468,7 @@ def _forward(x, w, b, out_hw, stride, padding, dilation, groups):
 
 def conv2d_forward(x, w, b, stride, padding, dilation, groups):
     """y = conv(x, W) + b: taps at stride 1, else im2col; (image, band) items in parallel."""
-    out_hw = tuple(_out_size(x.shape[2 + a], padding[a], dilation[a], w.shape[2 + a], stride[a]) for a in (0, 1))
+    out_hw = tuple(conv_output_size(x.shape[2 + a], sum(padding[a]), dilation[a], w.shape[2 + a], stride[a]) for a in (0, 1))
     return _forward(x, w, b, out_hw, stride, padding, dilation, groups)
 
 

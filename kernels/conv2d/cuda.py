@@ -93,6 +93,7 @@ import numpy as np
 from numba import cuda
 
 from kernels import cuda_common as cc
+from kernels.shapes import conv_output_size
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
 
@@ -202,8 +203,8 @@ def _forward_setup(x, w, b, stride, padding, dilation):
     n, _, h, wd = x.shape
     c_out, _, kh, kw = w.shape
     (pt, pb), (pl, pr) = padding
-    ho = (h + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (wd + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho = conv_output_size(h, pt + pb, dilation[0], kh, stride[0])
+    wo = conv_output_size(wd, pl + pr, dilation[1], kw, stride[1])
     y = cc.empty((n, c_out, ho, wo), x.dtype)
     return x, w, b, y, (stride[0], stride[1], pt, pl, dilation[0], dilation[1])
 

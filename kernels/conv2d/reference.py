@@ -65,6 +65,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.shapes import conv_output_size
+
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
 
 
@@ -94,8 +96,8 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups):
     """y (N, C_out, Ho, Wo) = b + sum over the group's channels and the kernel taps of w * window(x)."""
     n, _, h, wd = x.shape
     c_out, _, kh, kw = w.shape
-    ho = (h + sum(padding[0]) - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (wd + sum(padding[1]) - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho = conv_output_size(h, sum(padding[0]), dilation[0], kh, stride[0])
+    wo = conv_output_size(wd, sum(padding[1]), dilation[1], kw, stride[1])
     win = _windows(_pad(x, padding), groups, (kh, kw), (ho, wo), stride, dilation)
     y = np.einsum("gocpq,ngcijpq->ngoij", _grouped(w, groups), win, optimize=True)
     y = y.reshape(n, c_out, ho, wo).astype(x.dtype, copy=False)

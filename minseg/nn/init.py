@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from ..functional import generator
+from ..rng import generator
 
 
 def fan_in(shape) -> int:

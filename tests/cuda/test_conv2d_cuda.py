@@ -20,6 +20,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kernels.conv2d import cuda as K
+from kernels.shapes import conv_output_size
 from tests.helpers import assert_close, reference, tol
 
 R = reference("conv2d")
@@ -31,7 +32,7 @@ def _tiles(size):
 
 
 def _out(size, pads, dilation, k, stride):
-    return (size + sum(pads) - dilation * (k - 1) - 1) // stride + 1
+    return conv_output_size(size, sum(pads), dilation, k, stride)
 
 
 @st.composite

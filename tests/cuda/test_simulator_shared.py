@@ -1,7 +1,7 @@
 """The simulator's shared arrays are one array per block, even when its threads race.
 
 Numba's simulator allocates ``cuda.shared.array`` with an unlocked get-then-set,
-so under load two threads of a block could get different arrays (kernels/cuda_common.py
+so under load two threads of a block could get different arrays (minseg/runtime.py
 explains and fixes it). This test hammers the first-allocation window: each launch
 is a fresh kernel context, every thread writes its slot and thread 0 sums them.
 """

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from kernels.shapes import conv_output_size
 from minseg.backend import to_numpy
 from tests.helpers import assert_close, kernel_modules, load, reference, tol
 
@@ -20,7 +21,7 @@ ref = reference("conv2d")
 
 def conv_out(size, pads, dilation, k, stride):
     """torch's output length; pads = (before, after)."""
-    return (size + sum(pads) - dilation * (k - 1) - 1) // stride + 1
+    return conv_output_size(size, sum(pads), dilation, k, stride)
 
 
 @st.composite

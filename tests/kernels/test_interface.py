@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import minseg
-from minseg import backend
+from minseg import backend, runtime
 from tests.helpers import KERNEL_BACKENDS
 
 MODULES = [
@@ -58,15 +58,15 @@ def test_available_backends_include_numpy_and_arrays_are_numpy_here():
 
 
 @pytest.mark.skipif(
-    platform.libc_ver()[0] != "glibc" or os.environ.get("MINSEG_KEEP_MALLOC") == "1",
-    reason="malloc tuning is glibc-specific and MINSEG_KEEP_MALLOC=1 turns it off",
+    platform.libc_ver()[0] != "glibc" or os.environ.get("MINSEG_MALLOC_TUNE") == "0",
+    reason="malloc tuning is glibc-specific and MINSEG_MALLOC_TUNE=0 turns it off",
 )
 def test_cpu_backend_reuses_freed_memory_without_page_faults():
     # A "step" allocates two dozen 1-7 MiB arrays (like a U-Net's activations) and frees
     # them. With glibc's defaults each step mmaps fresh blocks and faults on every page
     # (~12,000 faults per step measured here); after keep_freed_memory the blocks come back
     # from the heap already mapped (0 measured). 1,000 leaves room for interpreter noise.
-    assert backend.keep_freed_memory()
+    assert runtime.keep_freed_memory()
     sizes = [(1 << 18) * (1 + k % 7) for k in range(24)]
 
     def step():

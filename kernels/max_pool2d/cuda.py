@@ -34,7 +34,7 @@ from numba import cuda
 
 from kernels import cuda_common as cc
 
-from .reference import _out_size
+from kernels.shapes import pool_output_size
 
 __all__ = ["max_pool2d_forward", "max_pool2d_backward"]
 
@@ -81,7 +81,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
     """(y, indices): y (N, C, Ho, Wo) the window maxima, indices int64 flat h*W + w per plane."""
     x = cc.as_input(x)
     n, c = x.shape[:2]
-    ho, wo = (_out_size(x.shape[2 + a], kernel_size[a], stride[a], padding[a], dilation[a], ceil_mode) for a in (0, 1))
+    ho, wo = (pool_output_size(x.shape[2 + a], kernel_size[a], stride[a], padding[a], dilation[a], ceil_mode) for a in (0, 1))
     y = cc.empty((n, c, ho, wo), x.dtype)
     idx = cc.empty((n, c, ho, wo), np.int64)
     _forward_kernel[cc.blocks(y.size, THREADS), THREADS](x, y, idx, *kernel_size, *stride, *padding, *dilation)

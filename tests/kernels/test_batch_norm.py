@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from tests.helpers import assert_close, kernel_modules, load, reference, tol
 
-REF = reference("batchnorm")
-MODULES = kernel_modules("batchnorm")
-ALL_MODULES = [pytest.param("kernels.batchnorm.reference", id="numpy")] + MODULES
+REF = reference("batch_norm")
+MODULES = kernel_modules("batch_norm")
+ALL_MODULES = [pytest.param("kernels.batch_norm.reference", id="numpy")] + MODULES
 
 dtypes = st.sampled_from([np.float32, np.float64])
 

@@ -10,10 +10,10 @@ import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kernels.elementwise import cuda as K
+from kernels.relu import cuda as K
 from tests.helpers import assert_close, reference
 
-R = reference("elementwise")
+R = reference("relu")
 
 
 @settings(max_examples=10)

@@ -20,10 +20,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.softmax_xent import cuda as K
+from kernels.softmax_cross_entropy import cuda as K
 from tests.helpers import assert_close, reference, tol
 
-R = reference("softmax_xent")
+R = reference("softmax_cross_entropy")
 FLOATS = st.sampled_from([np.float32, np.float64])
 
 

@@ -17,10 +17,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.batchnorm import cuda as K
+from kernels.batch_norm import cuda as K
 from tests.helpers import assert_close, reference, tol
 
-R = reference("batchnorm")
+R = reference("batch_norm")
 
 
 @st.composite

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .reference import _out_size
+from kernels.shapes import pool_output_size
 
 __all__ = ["max_pool2d_forward", "max_pool2d_backward"]
 
@@ -59,7 +59,7 @@ def _backward_kernel(gy, idx, gx):
 
 def max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
     n, c, h, w = x.shape
-    out = [_out_size(x.shape[2 + a], kernel_size[a], stride[a], padding[a], dilation[a], ceil_mode) for a in range(2)]
+    out = [pool_output_size(x.shape[2 + a], kernel_size[a], stride[a], padding[a], dilation[a], ceil_mode) for a in range(2)]
     r0, r1 = _window_bounds(h, out[0], kernel_size[0], stride[0], padding[0], dilation[0])
     c0, c1 = _window_bounds(w, out[1], kernel_size[1], stride[1], padding[1], dilation[1])
     y = np.empty((n, c, *out), x.dtype)

@@ -1,4 +1,4 @@
-"""softmax_xent kernels: every backend module vs the NumPy reference, plus invariants.
+"""softmax_cross_entropy kernels: every backend module vs the NumPy reference, plus invariants.
 
 Shapes stay under ~2000 elements per call so that CUDA kernels finish quickly
 under the simulator. Values come from a seeded generator whose seed hypothesis
@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from tests.helpers import assert_close, kernel_modules, load, reference, tol
 
-REF = reference("softmax_xent")
-MODULES = kernel_modules("softmax_xent")
-ALL_MODULES = [pytest.param("kernels.softmax_xent.reference", id="numpy")] + MODULES
+REF = reference("softmax_cross_entropy")
+MODULES = kernel_modules("softmax_cross_entropy")
+ALL_MODULES = [pytest.param("kernels.softmax_cross_entropy.reference", id="numpy")] + MODULES
 
 dtypes = st.sampled_from([np.float32, np.float64])
 seeds = st.integers(0, 2**32 - 1)

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.shapes import pool_output_size
+
 __all__ = ["max_pool2d_forward", "max_pool2d_backward"]
 
 
@@ -48,18 +50,10 @@ def _taps(n_out, stride, pad, dilation, kernel):
     return np.arange(n_out)[:, None] * stride - pad + np.arange(kernel)[None, :] * dilation
 
 
-def _out_size(size, k, s, p, d, ceil_mode):
-    span = size + 2 * p - d * (k - 1) - 1
-    out = (-(-span // s) if ceil_mode else span // s) + 1
-    if ceil_mode and (out - 1) * s >= size + p:
-        out -= 1  # the last window must start inside the input or the left padding
-    return out
-
-
 def max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
     """(y, indices): window maxima (N, C, Ho, Wo) and their flat int64 positions in the H*W plane."""
     (kh, kw), (h, w) = kernel_size, x.shape[2:]
-    ho, wo = (_out_size((h, w)[a], kernel_size[a], stride[a], padding[a], dilation[a], ceil_mode) for a in range(2))
+    ho, wo = (pool_output_size((h, w)[a], kernel_size[a], stride[a], padding[a], dilation[a], ceil_mode) for a in range(2))
     rows = _taps(ho, stride[0], padding[0], dilation[0], kh)[:, None, :, None]  # (Ho, 1, kh, 1)
     cols = _taps(wo, stride[1], padding[1], dilation[1], kw)[None, :, None, :]  # (1, Wo, 1, kw)
     inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (Ho, Wo, kh, kw)

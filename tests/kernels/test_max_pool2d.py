@@ -7,16 +7,13 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from kernels.shapes import pool_output_size
 from tests.helpers import assert_close, kernel_modules, load, reference, tol
 
-ref = reference("pool")
+ref = reference("max_pool2d")
 
 
-def pool_out(size, k, s, p, d, ceil_mode):
-    """torch's output length (kernels/README.md)."""
-    span = size + 2 * p - d * (k - 1) - 1
-    out = (-(-span // s) if ceil_mode else span // s) + 1
-    return out - 1 if ceil_mode and (out - 1) * s >= size + p else out
+pool_out = pool_output_size
 
 
 def windows_reach_input(size, k, s, p, d, n_out):
@@ -53,7 +50,7 @@ def draw_input(data, shape, dtype):
     return x, rng
 
 
-@pytest.mark.parametrize("modname", kernel_modules("pool"))
+@pytest.mark.parametrize("modname", kernel_modules("max_pool2d"))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @settings(max_examples=15)
 @given(case=pool_cases(), data=st.data())
@@ -75,7 +72,7 @@ def test_forward_and_backward_match_reference(modname, dtype, case, data):
     assert_close(gx, ref.max_pool2d_backward(gy, idx_ref, case["shape"]), *tol(dtype), name="gx")
 
 
-@pytest.mark.parametrize("modname", ["kernels.pool.reference"] + kernel_modules("pool"))
+@pytest.mark.parametrize("modname", ["kernels.max_pool2d.reference"] + kernel_modules("max_pool2d"))
 def test_tie_nan_and_all_minus_inf_windows(modname):
     """One row, windows of 4 (stride 4): ties -> first max; NaN -> last NaN; all -inf -> first
     in-image tap, never the padding (torch's rules)."""
@@ -90,7 +87,7 @@ def test_tie_nan_and_all_minus_inf_windows(modname):
     assert np.isneginf(np.asarray(y)).all()
 
 
-@pytest.mark.parametrize("modname", ["kernels.pool.reference"] + kernel_modules("pool"))
+@pytest.mark.parametrize("modname", ["kernels.max_pool2d.reference"] + kernel_modules("max_pool2d"))
 def test_backward_accumulates_where_windows_share_a_maximum(modname):
     """3x3 windows at stride 1 over a single peak: every window selects it, so it collects all of gy."""
     x = np.zeros((1, 1, 4, 4))

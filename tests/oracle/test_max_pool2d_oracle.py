@@ -8,7 +8,7 @@ import minseg
 from minseg import backend
 from minseg.functional import max_pool2d
 from tests.helpers import assert_close, torch_or_skip
-from tests.kernels.test_pool import draw_input, pool_cases
+from tests.kernels.test_max_pool2d import draw_input, pool_cases
 
 torch = torch_or_skip()
 F = torch.nn.functional

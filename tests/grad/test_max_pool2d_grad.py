@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import minseg
 from minseg import backend
 from minseg.functional import max_pool2d
-from tests.kernels.test_pool import pool_cases
+from tests.kernels.test_max_pool2d import pool_cases
 
 
 @settings(max_examples=20)

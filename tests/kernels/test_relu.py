@@ -6,9 +6,9 @@ from hypothesis import strategies as st
 
 from tests.helpers import assert_close, kernel_modules, load, reference
 
-REF = reference("elementwise")
-MODULES = kernel_modules("elementwise")
-ALL_MODULES = [pytest.param("kernels.elementwise.reference", id="numpy")] + MODULES
+REF = reference("relu")
+MODULES = kernel_modules("relu")
+ALL_MODULES = [pytest.param("kernels.relu.reference", id="numpy")] + MODULES
 
 
 @pytest.mark.parametrize("modname", MODULES)

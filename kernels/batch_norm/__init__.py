@@ -1,0 +1,1 @@
+"""batch_norm: reference.py (the math), cpu.py (Numba), cuda.py (Numba CUDA)."""

@@ -1,1 +1,0 @@
-"""batchnorm: reference.py (the math), cpu.py (Numba), cuda.py (Numba CUDA)."""

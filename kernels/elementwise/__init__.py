@@ -1,1 +1,0 @@
-"""elementwise: reference.py (the math), cpu.py (Numba), cuda.py (Numba CUDA)."""

@@ -1,0 +1,1 @@
+"""max_pool2d: reference.py (the math), cpu.py (Numba), cuda.py (Numba CUDA)."""

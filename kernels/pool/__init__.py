@@ -1,1 +1,0 @@
-"""pool: reference.py (the math), cpu.py (Numba), cuda.py (Numba CUDA)."""

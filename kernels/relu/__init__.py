@@ -1,0 +1,1 @@
+"""relu: reference.py (the math), cpu.py (Numba), cuda.py (Numba CUDA)."""

@@ -1,1 +1,0 @@
-"""softmax_xent: reference.py (the math), cpu.py (Numba), cuda.py (Numba CUDA)."""

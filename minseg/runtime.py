@@ -1,0 +1,96 @@
+"""Process-wide settings minseg changes, each in one named function you can read and switch off.
+
+Teaching modules (``backend.py``, the kernels) have no side effects on import. The
+settings below change the whole process, so they live here, and ``backend.load``
+applies them when a backend first loads:
+
+* :func:`keep_freed_memory` -- glibc keeps freed blocks mapped (cpu backend);
+  ``MINSEG_MALLOC_TUNE=0`` turns it off.
+* :func:`fix_simulator_shared_arrays` -- Numba's CUDA simulator gives all threads of
+  a block one shared array (cuda backend under the simulator);
+  ``MINSEG_SIMULATOR_FIX=0`` turns it off (not advised: block reductions then fail
+  now and then).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _enabled(variable: str) -> bool:
+    return os.environ.get(variable, "1") != "0"
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed blocks instead of returning them to the OS.
+
+    A training step allocates the same multi-MB activations and gradients every
+    step. glibc serves blocks above its mmap threshold with fresh ``mmap``s and
+    unmaps them on free, so every step touches new pages and page-faults on each
+    one (a conv can take 2x longer). Raising the mmap threshold to its maximum
+    (32 MiB on 64-bit) and the trim threshold keeps freed blocks in the heap
+    for the next step: a caching allocator for free, the job PyTorch's own
+    allocator does. ``MINSEG_MALLOC_TUNE=0`` leaves malloc alone.
+    Returns True when the settings were applied (glibc only).
+    """
+    if not _enabled("MINSEG_MALLOC_TUNE"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+
+
+def fix_simulator_shared_arrays() -> bool:
+    """Make Numba's CUDA simulator give all threads of a block the same ``cuda.shared.array``.
+
+    The simulator keys a block's shared allocations on the calling line: it ``get``s
+    the key and, on a miss, ``set``s a new array. Its threads are real Python threads,
+    so two of them can both miss and each keep a *different* array: a block reduction
+    then sums garbage, rarely and only under load (seen as a flaky U-Net gradient).
+    ``dict.setdefault`` is atomic under the GIL, so every thread gets the one stored
+    array. Only the simulator is touched; a real GPU is unaffected. Returns True when
+    the fix is in place. ``MINSEG_SIMULATOR_FIX=0`` leaves the simulator as it is.
+    """
+    if not _enabled("MINSEG_SIMULATOR_FIX"):
+        return False
+    from numba import config
+
+    if not config.ENABLE_CUDASIM:
+        return False
+    import numpy as np
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    original = kernelapi.FakeCUDAShared.array
+    if getattr(original, "thread_safe", False):
+        return True
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory / unsupported: unchanged
+            return original(self, shape, dtype, alignment)
+        if not isinstance(dtype, np.dtype):
+            dtype = np.dtype(numpy_support.as_dtype(dtype)) if isinstance(dtype, types.Type) else np.dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        return self._allocations.setdefault(key, np.empty(shape, dtype))
+
+    array.thread_safe = True
+    kernelapi.FakeCUDAShared.array = array
+    return True
+
+
+def apply_for(backend_name: str) -> None:
+    """Apply the settings that backend ``backend_name`` benefits from (called by ``backend.load``)."""
+    if backend_name == "cpu":
+        keep_freed_memory()
+    elif backend_name == "cuda":
+        fix_simulator_shared_arrays()
+
+
+__all__ = ["keep_freed_memory", "fix_simulator_shared_arrays", "apply_for"]
