@@ -6,6 +6,8 @@
     minseg eval --checkpoint runs/minseg/last.npz
     minseg predict a.png b.jpg --checkpoint runs/minseg/best.npz --out preds --probs --boxes
     minseg info                        versions, backends, GPU or simulator
+    mpiexec -n 2 minseg train          data-parallel over 2 processes (minseg.distributed);
+                                       --batch-size stays the global batch
     minseg bench ...                   forwards to ``python -m benchmarks ...``
 
 ``train`` writes into ``--out``: ``last.npz`` (every epoch, atomically: a
@@ -232,16 +234,17 @@ def _progress(iterable, desc: str, disable):
 
 def train_epoch(model, loader, optimizer, schedule, desc: str = "", quiet: bool = False) -> float:
     """One pass over ``loader``: returns the mean training loss over the batches."""
-    from . import functional as F
+    from . import distributed
     from .tensor import tensor
 
     model.train()
     total, count = 0.0, 0
     bar = _progress(loader, desc=desc, disable=quiet or None)
     for images, masks in bar:
-        if (masks == 255).all():
+        valid = distributed.count_valid(masks, 255)  # over all ranks' shares of the batch
+        if not valid:
             continue  # nothing to learn from a fully ignored batch (its mean loss is 0/0)
-        loss = F.cross_entropy(model(tensor(images)), tensor(masks), ignore_index=255)
+        loss = distributed.cross_entropy(model(tensor(images)), tensor(masks), ignore_index=255, valid=valid)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -249,17 +252,27 @@ def train_epoch(model, loader, optimizer, schedule, desc: str = "", quiet: bool 
         total += loss.item()
         count += 1
         bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.lr:.2e}")
+    total = distributed.world().allreduce_object(total) / distributed.world_size()  # the ranks' mean: the global batch's
     return total / max(count, 1)
 
 
-def evaluate(model, dataset, num_classes: int, batch_size: int = 16, keep: int = 0, quiet: bool = True):
-    """(scores, mean loss per pixel, first ``keep`` (image, truth, prediction) triples) on ``dataset``."""
+def evaluate(model, dataset, num_classes: int, batch_size: int = 16, keep: int = 0, quiet: bool = True, comm=None):
+    """(scores, mean loss per pixel, first ``keep`` (image, truth, prediction) triples) on ``dataset``.
+
+    Over several ranks (``comm``, default: the world), each evaluates its own unpadded
+    shard and the confusion matrix and loss totals are summed: the scores are those of
+    the whole dataset; the samples are rank 0's (the first images).
+    """
+    from . import distributed
     from . import functional as F
     from .autograd import no_grad
-    from .data import DataLoader
+    from .data import DataLoader, Subset
     from .metrics import ConfusionMatrix
     from .tensor import tensor
 
+    comm = comm or distributed.world()
+    if comm.size > 1:
+        dataset = Subset(dataset, distributed.shard_indices(len(dataset), comm.size, comm.rank))
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=255)
     loader = DataLoader(dataset, batch_size if _uniform_size(dataset) else 1)
@@ -275,6 +288,8 @@ def evaluate(model, dataset, num_classes: int, batch_size: int = 16, keep: int =
             cm.update(pred, masks)
             for k in range(min(keep - len(samples), len(images))):
                 samples.append((images[k], masks[k], pred[k]))
+    comm.allreduce_(cm.matrix)
+    loss_sum, pixels = comm.allreduce_object(loss_sum), comm.allreduce_object(pixels)
     return cm.scores(), loss_sum / max(pixels, 1), samples
 
 
@@ -304,8 +319,21 @@ def _config_from_args(args) -> dict:
     return config
 
 
+def _join_world(args):
+    """Under mpiexec, join the other ranks (minseg.distributed); only rank 0 prints."""
+    from . import distributed
+
+    world = distributed.init()
+    if world.size > 1:
+        distributed.share_cores()
+        if world.rank != 0:
+            sys.stdout, args.quiet = open(os.devnull, "w"), True
+        print(f"data-parallel over {world.size} ranks ({world.name})")
+    return world
+
+
 def cmd_train(args) -> int:
-    from . import backend
+    from . import backend, distributed
     from .data import DataLoader
     from .rng import manual_seed
 
@@ -330,14 +358,21 @@ def cmd_train(args) -> int:
     else:
         config = _config_from_args(args)
     backend.set_backend(config["backend"] or backend.get_backend())
+    world = _join_world(args)
+    if config["batch_size"] % world.size:
+        raise CLIError(f"--batch-size {config['batch_size']} is the global batch; it must be divisible by the {world.size} ranks")
     manual_seed(config["seed"])
 
     train_set, val_set = build_datasets(config)
     transform = train_transform(config)
     if not config.get("crop") and not _uniform_size(train_set):
         raise CLIError("the training images differ in size, so they cannot be batched: give --crop SIZE")
-    loader = DataLoader(train_set, config["batch_size"], shuffle=True, seed=config["seed"], transform=transform)
+    sampler = distributed.DistributedSampler(train_set, seed=config["seed"]) if world.size > 1 else None
+    loader = DataLoader(train_set, config["batch_size"] // world.size, shuffle=sampler is None, seed=config["seed"],
+                        transform=transform, sampler=sampler)
     model = build_model(config)
+    if world.size > 1 and not args.no_sync_bn:
+        model = distributed.convert_sync_batchnorm(model)
     optimizer, schedule = build_optimizer(config, model, len(loader))
     if args.resume:
         try:
@@ -350,6 +385,8 @@ def cmd_train(args) -> int:
             print(f"{last} already holds all {config['epochs']} epochs; raise --epochs to train longer")
             return 0
         print(f"resuming from {last} after epoch {start_epoch - 1}")
+    distributed.broadcast_parameters(model)  # every replica starts from rank 0's weights
+    optimizer = distributed.DistributedOptimizer(optimizer)  # step() averages the gradients first
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"training {config['model']} ({model.num_parameters():,} parameters) on {config['dataset']}: "
@@ -369,10 +406,13 @@ def cmd_train(args) -> int:
                 dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_mIoU=scores["mIoU"], val_aAcc=scores["aAcc"], seconds=time.perf_counter() - t0)
             )
             meta = dict(epoch=epoch, config=config, history=history)
-            save_checkpoint(last, model, optimizer, schedule, meta)
+            if world.rank == 0:
+                save_checkpoint(last, model, optimizer, schedule, meta)
             if scores["mIoU"] > best:
                 best = scores["mIoU"]
-                save_checkpoint(out / "best.npz", model, optimizer, schedule, meta)
+                if world.rank == 0:
+                    save_checkpoint(out / "best.npz", model, optimizer, schedule, meta)
+            world.barrier()  # the other ranks wait while rank 0 writes
             print(
                 f"epoch {epoch}/{config['epochs']}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                 f"val mIoU {scores['mIoU']:.4f}  aAcc {scores['aAcc']:.4f}  ({time.perf_counter() - t0:.1f} s)",
@@ -383,6 +423,8 @@ def cmd_train(args) -> int:
             f"interrupted during epoch {epoch}; {last} holds the finished epochs "
             f"(up to {epoch - 1}); continue with: minseg train --out {out} --resume"
         ) from None
+    if world.rank != 0:
+        return 0
     (out / "history.json").write_text(json.dumps(history, indent=1))
     if history and history[-1]["epoch"] == config["epochs"] and start_epoch <= config["epochs"]:
         write_report(out, history, scores, samples, config["classes"])
@@ -403,6 +445,7 @@ def cmd_eval(args) -> int:
 
     if args.backend:
         backend.set_backend(args.backend)
+    _join_world(args)
     model, meta = model_from_checkpoint(args.checkpoint, args)
     config = dict(meta["config"])
     if args.dataset is not None:
@@ -520,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--base-channels", type=int, default=None, help=f"width of the first stage (default: {DEFAULTS['base_channels']})")
     t.add_argument("--depth", type=int, default=None, help=f"number of down-sampling stages (default: {DEFAULTS['depth']})")
     t.add_argument("--upsampling", choices=["bilinear", "transpose"], default=None, help="UNet decoder upsampling (default: bilinear)")
+    t.add_argument("--no-sync-bn", action="store_true", help="under mpiexec: each rank's batch norm uses its own shard's statistics")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="metrics of a checkpoint on its validation data")
@@ -565,6 +609,15 @@ def _check_ranges(args):
 
 
 def main(argv=None) -> int:
+    from . import distributed
+
+    code = _run(argv)
+    if code and distributed.world_size() > 1:
+        distributed.abort(code)  # the other ranks may be waiting in a collective: end them too
+    return code
+
+
+def _run(argv) -> int:
     from .data import DataError
 
     args = build_parser().parse_args(argv)

@@ -5,6 +5,11 @@ order (or in index order without ``shuffle``) and augments sample ``i`` with
 ``default_rng([seed, e, i])``. So the batches of an epoch depend only on
 (seed, epoch), never on what ran before: a resumed run sees exactly the
 batches an uninterrupted one would have seen.
+
+``sampler`` (e.g. :class:`minseg.distributed.DistributedSampler`) replaces that
+order by the indices it yields; the loader passes its epoch to the sampler's
+``set_epoch`` before each pass, so the augmentation seeds and the sampler's
+order follow the same epoch.
 """
 from __future__ import annotations
 
@@ -14,9 +19,13 @@ from .dataset import DataError
 
 
 class DataLoader:
-    def __init__(self, dataset, batch_size: int = 8, shuffle: bool = False, seed: int = 0, transform=None, drop_last: bool = False):
+    def __init__(self, dataset, batch_size: int = 8, shuffle: bool = False, seed: int = 0, transform=None, drop_last: bool = False,
+                 sampler=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if sampler is not None and shuffle:
+            raise ValueError("sampler and shuffle=True exclude each other: the sampler decides the order")
+        self.sampler = sampler
         self.dataset, self.batch_size, self.shuffle = dataset, int(batch_size), shuffle
         self.seed, self.transform, self.drop_last = int(seed), transform, drop_last
         self.epoch = 0
@@ -26,12 +35,18 @@ class DataLoader:
         self.epoch = int(epoch)
 
     def __len__(self):
-        n = len(self.dataset)
+        n = len(self.dataset) if self.sampler is None else len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n = len(self.dataset)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if self.sampler is not None:
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(self.epoch)
+            order = list(self.sampler)
+        else:
+            n = len(self.dataset)
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        n = len(order)
         stop = n - n % self.batch_size if self.drop_last else n
         for start in range(0, stop, self.batch_size):
             yield self._collate([self._item(int(i)) for i in order[start : start + self.batch_size]])
