@@ -1,0 +1,88 @@
+"""Several MPI ranks as subprocesses (``mpiexec -n 2``): the data-parallel contract end to end.
+
+Each test starts one job with a timeout; the worker scripts in workers/ assert on
+every rank, and a failing assertion aborts the job, so a failure shows as a non-zero
+exit with the traceback in stderr.
+"""
+import json
+import time
+
+import numpy as np
+import pytest
+
+from tests.distributed.mpi import WORKERS, explain, requires_mpi, run_ranks
+
+pytestmark = requires_mpi
+
+
+def test_two_ranks_train_exactly_as_one_process_with_the_global_batch():
+    """SGD+momentum and AdamW, 4 steps, float64: parameters within 1e-6 with SyncBatchNorm2d,
+    NOT with local batch norm; replicas bitwise equal; sharded evaluation; SyncBatchNorm2d
+    against BatchNorm2d on the concatenated batch (see workers/contract.py)."""
+    proc = run_ranks(2, [f"{WORKERS}/contract.py"], timeout=120)
+    assert proc.returncode == 0, explain(proc)
+    for line in ("contract sgd sync-bn", "contract sgd local-bn", "contract adamw sync-bn", "contract adamw local-bn",
+                 "evaluate sharded", "sync-batch-norm vs batch-norm"):
+        assert line in proc.stdout, explain(proc)
+    assert proc.stdout.count(" ok") == 6, explain(proc)  # rank 0 alone prints
+
+
+@pytest.mark.parametrize("runner", [False, True], ids=["excepthook", "python-m-mpi4py"])
+def test_a_rank_that_raises_ends_the_job_within_seconds(runner):
+    """Rank 1 raises while rank 0 waits in a barrier: both must end, non-zero, well before the timeout.
+
+    ``runner=False`` is a plain ``python script.py`` (what the ``minseg`` script is):
+    only minseg's excepthook stands between it and a hang."""
+    start = time.monotonic()
+    proc = run_ranks(2, [f"{WORKERS}/fail_on_rank1.py"], timeout=60, mpi4py_runner=runner)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0, explain(proc)
+    assert elapsed < 10, f"the job took {elapsed:.1f} s to end after rank 1 raised\n{explain(proc)}"
+    assert "rank 1 fails on purpose" in proc.stderr, explain(proc)
+
+
+CLI_ARGS = ["--epochs", "2", "--num-images", "8", "--val-images", "6", "--size", "16", "--base-channels", "4",
+            "--depth", "1", "--batch-size", "4", "--lr", "0.02", "--quiet"]
+
+
+def test_cli_on_two_ranks_matches_the_single_process_run(tmp_path):
+    """``mpiexec -n 2 python -m minseg train`` (cpu backend): last.npz and the validation metrics
+    equal those of one process with the same global batch; only rank 0 prints and writes."""
+    import subprocess
+    import sys
+
+    from tests.distributed.mpi import ROOT, rank_env
+
+    args = ["-m", "minseg", "train", "--backend", "cpu", *CLI_ARGS]
+    # The single-process run first: it also fills Numba's cache for the two ranks.
+    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=rank_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, explain(single)
+    proc = run_ranks(2, args + ["--out", str(tmp_path / "two")], timeout=120, mpi4py_runner=False)
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout.count("data-parallel over 2 ranks (MPI)") == 1, explain(proc)
+    assert proc.stdout.count("finished in") == 1, explain(proc)
+    with np.load(tmp_path / "one" / "last.npz") as a, np.load(tmp_path / "two" / "last.npz") as b:
+        assert a.files == b.files
+        for key in a.files:
+            if key == "meta":
+                continue
+            # float32 training, the same sums in another order (per rank, then across ranks):
+            # rounding differences ~1e-7 relative per step; 8 Adam steps stay well inside 1e-4.
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        assert json.loads(str(a["meta"]))["schedule"] == json.loads(str(b["meta"]))["schedule"]
+    one = json.loads((tmp_path / "one" / "history.json").read_text())
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    for h1, h2 in zip(one, two, strict=True):
+        assert h1["val_mIoU"] == pytest.approx(h2["val_mIoU"], abs=1e-6)
+        for key in ("train_loss", "val_loss"):
+            assert h1[key] == pytest.approx(h2[key], rel=1e-5), key
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_cli_rejects_a_global_batch_the_ranks_cannot_share(tmp_path):
+    # argparse keeps the last --batch-size: 3 replaces CLI_ARGS' 4
+    proc = run_ranks(2, ["-m", "minseg", "train", "--backend", "numpy", *CLI_ARGS, "--batch-size", "3",
+                         "--out", str(tmp_path)], timeout=60, mpi4py_runner=False)
+    assert proc.returncode == 2, explain(proc)
+    assert "--batch-size 3 is the global batch; it must be divisible by the 2 ranks" in proc.stderr, explain(proc)
