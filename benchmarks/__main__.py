@@ -1,4 +1,4 @@
-"""``python -m benchmarks ops|train|gpu [options]``: see ``benchmarks/__init__.py`` and ``--help``."""
+"""``python -m benchmarks ops|train|gpu|ddp [options]``: see ``benchmarks/__init__.py`` and ``--help``."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ import time
 from . import machine
 from .timing import CompileMeter, measure, metered, table
 
-DEFAULT_REPEAT = {"ops": 20, "train": 10, "gpu": 20}
+DEFAULT_REPEAT = {"ops": 20, "train": 10, "gpu": 20, "ddp": 10}
 QUICK_REPEAT = 2
 # Float32 results of the same function land far below this relative error
 # (||a - b|| / ||b|| ~ 1e-7 .. 1e-5); above it an implementation computes something else.
@@ -25,8 +25,9 @@ def parse_args(argv):
         prog="python -m benchmarks",
         description="minseg vs PyTorch: interleaved timings, medians, ratios (see benchmarks/__init__.py).",
     )
-    p.add_argument("mode", choices=["ops", "train", "gpu"], help="ops: the hot ops on the CPU; train: a U-Net training "
-                   "step on the CPU; gpu: the ops on the cuda backend vs torch CUDA")
+    p.add_argument("mode", choices=["ops", "train", "gpu", "ddp"], help="ops: the hot ops on the CPU; train: a U-Net training "
+                   "step on the CPU; gpu: the ops on the cuda backend vs torch CUDA; ddp: a U-Net step on 1 process vs "
+                   "2 MPI ranks, all-reduce time per bucket and the cost model for W machines")
     p.add_argument("--json", metavar="PATH", help="also write every number (and the machine) as JSON to PATH")
     p.add_argument("--repeat", type=int, help="timed calls per implementation (default: ops 20, train 10, gpu 20)")
     p.add_argument("--warmup", type=int, help="untimed calls per implementation, the first included (default 3)")
@@ -287,6 +288,10 @@ def main(argv=None) -> int:
         from .gpu import run_gpu
 
         return run_gpu(args, argv)
+    if args.mode == "ddp":
+        from .ddp import run_ddp
+
+        return run_ddp(args, argv)
     return run_cpu(args, argv)
 
 

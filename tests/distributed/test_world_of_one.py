@@ -218,7 +218,7 @@ def _bn_pair(c, dtype, rng):
     return bn, sync
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "cpu"])
+@pytest.mark.parametrize("backend_name", ["numpy", "cpu", "cuda"])  # cuda: the simulator without a GPU
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_sync_batch_norm_at_world_one_is_batch_norm(backend_name, dtype):
     """Forward, backward (input, weight, bias) and running statistics, two training steps then eval.
