@@ -49,19 +49,17 @@ def worker(argv) -> int:
     p.add_argument("--backend", default="cpu")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, required=True)
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
+
+    import numba
 
     from minseg import backend, distributed, manual_seed, tensor
     from minseg.nn import UNet
     from minseg.optim import SGD as MinsegSGD
 
-    from . import machine
-
     backend.set_backend(args.backend)
-    world = distributed.init()
-    machine.set_threads(args.threads)
+    world = distributed.init()  # threads: NUMBA_NUM_THREADS and the BLAS variables, set by run_ddp
     s = TRAIN_SIZES[args.size]
     if s["batch"] % world.size:
         raise SystemExit(f"the global batch {s['batch']} does not split over {world.size} ranks")
@@ -99,7 +97,7 @@ def worker(argv) -> int:
         if i >= args.warmup:
             steps.append(dict(step_s=time.perf_counter() - t0, buckets=list(buckets)))
     if world.rank == 0:
-        report = dict(world=world.size, threads=args.threads, per_rank_batch=per_rank, size=args.size,
+        report = dict(world=world.size, threads=numba.get_num_threads(), per_rank_batch=per_rank, size=args.size,
                       backend=args.backend, params=model.num_parameters(),
                       bucket_bytes=opt.reducer.bucket_nbytes(), steps=steps)
         with open(args.json, "w") as f:
@@ -133,6 +131,26 @@ def _run(cmd, env, timeout):
         raise RuntimeError(f"{' '.join(cmd)} failed with exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
 
 
+def _header(cores) -> list[str]:
+    """What ran where (machine.describe without torch, which this mode does not use)."""
+    import numba
+
+    import minseg
+
+    from . import machine
+
+    load = os.getloadavg()[0]
+    lines = [
+        f"date (UTC)   {machine.utc_now()}",
+        f"CPU          {machine.cpu_model()}  [{' '.join(machine.cpu_flags())}]",
+        f"cores        {cores} used of {machine.usable_cores()} usable; load average {load:.2f}",
+        f"versions     python {sys.version.split()[0]}, numpy {np.__version__}, numba {numba.__version__}, minseg {minseg.__version__}",
+    ]
+    if load > 0.5 * cores:
+        lines.append(f"NOTE: load average {load:.2f} on {cores} cores: other work is running, timings are noisy.")
+    return lines
+
+
 def run_ddp(args, argv) -> int:
     from . import machine
     from .__main__ import _child_env
@@ -163,14 +181,15 @@ def run_ddp(args, argv) -> int:
         for world, threads, cmd in runs:
             path = os.path.join(tmp, f"world{world}.json")
             print(f"world {world}: {world} x {threads} threads ...", file=sys.stderr, flush=True)
-            _run(cmd + common + ["--threads", str(threads), "--json", path], env, timeout=1800)
+            threads_env = {k: str(threads) for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+            _run(cmd + common + ["--json", path], {**env, **threads_env}, timeout=1800)
             with open(path) as f:
                 reports[world] = json.load(f)
     summaries = {w: _summary(r) for w, r in reports.items()}
 
     print(f"minseg benchmarks: ddp{' (quick)' if args.quick else ''}, {args.repeat} timed steps after {args.warmup} "
           f"warm-up, backend {backend_name}, U-Net {size} (global batch {TRAIN_SIZES[size]['batch']})")
-    for line in machine.header_lines(machine.describe(machine.set_threads(cores))):
+    for line in _header(cores):
         print(line)
     if missing:
         print(f"skipped      world 2: {missing}")

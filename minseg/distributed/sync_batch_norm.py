@@ -29,6 +29,8 @@ identity and the layer computes what BatchNorm2d computes.
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from .. import backend
@@ -74,6 +76,12 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, c
     """Training-mode batch norm with statistics summed over the ranks of ``comm`` (module docstring)."""
     if x.ndim != 4:
         raise ValueError(f"SyncBatchNorm2d expects (N, C, H, W) input, got shape {x.shape}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        F._same_dtype(t, x, name)
+    if not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if not (isinstance(eps, numbers.Real) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
     x = F._contig_tensor(x)
     c = x.shape[1]
     x64 = x.data.astype(np.float64)

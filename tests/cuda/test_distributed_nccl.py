@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from minseg import backend, distributed, nn, tensor
+from minseg.distributed.comm import nccl_module
 
 pytestmark = pytest.mark.skipif(backend.cuda_status() != "gpu", reason=f"needs a real GPU (CUDA: {backend.cuda_status()})")
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.skipif(backend.cuda_status() != "gpu", reason=f"needs a
 @pytest.fixture
 def nccl_comm():
     try:
-        distributed.comm.nccl_module()
+        nccl_module()
     except RuntimeError as e:
         pytest.skip(str(e))
     return distributed.NCCLCommunicator(distributed.LocalCommunicator())

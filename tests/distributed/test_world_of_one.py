@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from minseg import backend, distributed, nn, optim, tensor
 from minseg import functional as F
-from minseg.distributed import comm as comm_module
 from minseg.distributed.comm import _check_array
 from tests.distributed.mpi import ROOT, explain, rank_env
 from tests.helpers import assert_close
@@ -256,6 +255,10 @@ def test_sync_batch_norm_bad_input():
         sync(tensor(np.zeros((1, 3, 1, 1), np.float32)))
     with pytest.raises(TypeError, match="input must be float32 or float64"):
         sync(tensor(np.zeros((2, 3, 2, 2), np.int64)))
+    with pytest.raises(TypeError, match="running_mean has dtype float32 but input has dtype float64"):
+        sync(tensor(np.zeros((2, 3, 2, 2), np.float64)))
+    with pytest.raises(ValueError, match="momentum must be a number in \\[0, 1\\], got None"):
+        distributed.SyncBatchNorm2d(3, momentum=None)(tensor(np.zeros((2, 3, 2, 2), np.float32)))
 
 
 def test_convert_sync_batchnorm_keeps_parameters_buffers_and_names():

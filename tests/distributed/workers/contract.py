@@ -5,7 +5,6 @@ communicator), so one launch checks the contract: 2 ranks x batch B train exactl
 as 1 process x batch 2B. An assertion failing on any rank aborts the job (non-zero
 exit), which fails the test. Rank 0 prints one line per passed check.
 """
-import sys
 
 import numpy as np
 
