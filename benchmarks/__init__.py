@@ -1,10 +1,11 @@
 """minseg's benchmark suite: every op and a whole U-Net training step against PyTorch.
 
-Run it as ``python -m benchmarks ops|train|gpu`` (or ``minseg bench ...``)::
+Run it as ``python -m benchmarks ops|train|gpu|ddp`` (or ``minseg bench ...``)::
 
     python -m benchmarks ops                      # the hot ops, numpy / cpu backends vs torch CPU
     python -m benchmarks train                    # one U-Net training step (forward, backward, SGD)
     python -m benchmarks gpu                      # the ops on the cuda backend vs torch CUDA (cuDNN)
+    python -m benchmarks ddp                      # a U-Net step on 1 process vs 2 MPI ranks (ddp.py)
     python -m benchmarks ops --json out.json --repeat 30 --backends numpy,cpu
     python -m benchmarks ops --quick              # tiny shapes, 2 repeats: checks that it runs
 
@@ -33,6 +34,7 @@ keeping freed memory for reuse (fewer page faults, for both sides).
 
 Files: ``machine.py`` (what ran), ``timing.py`` (how it is timed, the table),
 ``cases.py`` (the op cases), ``train.py`` (the U-Net step and its torch twin),
-``gpu.py`` (the GPU mode), ``__main__.py`` (the command line).
+``gpu.py`` (the GPU mode), ``ddp.py`` (data-parallel over MPI ranks, and the cost model
+for W machines), ``__main__.py`` (the command line).
 ``RESULTS.md`` records measured tables with the machine they ran on.
 """
