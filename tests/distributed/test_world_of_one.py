@@ -273,3 +273,23 @@ def test_convert_sync_batchnorm_keeps_parameters_buffers_and_names():
     assert all(a is b for a, b in zip(model.parameters(), opt.params))  # the optimizer's parameters, not copies
     assert list(model.state_dict()) == list(state)
     assert isinstance(distributed.convert_sync_batchnorm(nn.BatchNorm2d(2)), distributed.SyncBatchNorm2d)
+
+
+def test_share_cores_gives_each_rank_on_a_machine_its_share(monkeypatch):
+    import os
+
+    import numba
+
+    from minseg.distributed import comm as comm_module
+
+    calls = []
+    monkeypatch.setattr(numba, "set_num_threads", calls.append)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(comm_module, "_world", types.SimpleNamespace(size=4, rank=1, local_size=2))  # 2 ranks here
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    distributed.share_cores()
+    assert calls == [min(8 // 2, numba.config.NUMBA_NUM_THREADS)]
+    calls.clear()
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")  # told otherwise: left alone
+    distributed.share_cores()
+    assert calls == []
