@@ -15,11 +15,14 @@ from tests.distributed.mpi import WORKERS, explain, requires_mpi, run_ranks
 pytestmark = requires_mpi
 
 
-def test_two_ranks_train_exactly_as_one_process_with_the_global_batch():
+# cpu: the same in float64 on the Numba kernels (slow only when their float64 versions are not
+# compiled and cached yet; the numpy run covers the distributed code, the CLI test the cpu backend).
+@pytest.mark.parametrize("backend_name", ["numpy", pytest.param("cpu", marks=pytest.mark.slow)])
+def test_two_ranks_train_exactly_as_one_process_with_the_global_batch(backend_name):
     """SGD+momentum and AdamW, 4 steps, float64: parameters within 1e-6 with SyncBatchNorm2d,
     NOT with local batch norm; replicas bitwise equal; sharded evaluation; SyncBatchNorm2d
     against BatchNorm2d on the concatenated batch (see workers/contract.py)."""
-    proc = run_ranks(2, [f"{WORKERS}/contract.py"], timeout=120)
+    proc = run_ranks(2, [f"{WORKERS}/contract.py", backend_name], timeout=300)
     assert proc.returncode == 0, explain(proc)
     for line in ("contract sgd sync-bn", "contract sgd local-bn", "contract adamw sync-bn", "contract adamw local-bn",
                  "evaluate sharded", "sync-batch-norm vs batch-norm"):

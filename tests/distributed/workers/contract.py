@@ -6,6 +6,8 @@ as 1 process x batch 2B. An assertion failing on any rank aborts the job (non-ze
 exit), which fails the test. Rank 0 prints one line per passed check.
 """
 
+import sys
+
 import numpy as np
 
 from minseg import backend, distributed, nn, optim, tensor
@@ -13,7 +15,7 @@ from minseg.cli import evaluate
 from minseg.data import DataLoader, Subset
 from minseg.rng import manual_seed
 
-backend.set_backend("numpy")
+backend.set_backend(sys.argv[1] if len(sys.argv) > 1 else "numpy")
 world = distributed.init()
 local = distributed.LocalCommunicator()
 W, R = world.size, world.rank
