@@ -126,3 +126,24 @@ def test_resume_at_another_world_size_continues_the_same_run(tmp_path):
     two = run_ranks(2, eval_args, timeout=60)
     assert one.returncode == 0 and two.returncode == 0, explain(one) + explain(two)
     assert two.stdout == "data-parallel over 2 ranks (MPI)\n" + one.stdout
+
+
+def test_cli_error_on_one_rank_ends_every_rank(tmp_path):
+    """Rank 1 alone fails (a missing dataset folder) after joining the world, while rank 0 trains
+    on: minseg's main() must abort the job instead of leaving rank 0 in a collective."""
+    import subprocess
+    import sys
+
+    from tests.distributed.mpi import MPIEXEC, ROOT, rank_env
+
+    def rank_cmd(dataset):
+        return ["-n", "1", sys.executable, "-m", "minseg", "train", "--backend", "numpy", *CLI_ARGS,
+                "--dataset", dataset, "--out", str(tmp_path)]
+
+    start = time.monotonic()
+    proc = subprocess.run([MPIEXEC, *rank_cmd("synthetic"), ":", *rank_cmd(str(tmp_path / "missing"))], cwd=ROOT,
+                          env=rank_env(), capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0, explain(proc)
+    assert "is neither 'synthetic'" in proc.stderr, explain(proc)
+    assert elapsed < 15, f"the job took {elapsed:.1f} s to end\n{explain(proc)}"
