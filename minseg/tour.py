@@ -234,7 +234,7 @@ def step_kernels(tour: Tour) -> None:
     tour.read_next(
         "kernels/conv2d/reference.py: conv2d_forward (einsum over strided windows)",
         "kernels/conv2d/cpu.py: conv2d_forward (taps / im2col + BLAS)",
-        "kernels/conv2d/cuda.py: _forward_direct_kernel (v1), _forward_gemm_kernel (v2)",
+        "kernels/conv2d/cuda.py: FORWARD_VERSIONS (v1 _forward_direct_kernel, v2 _forward_gemm_kernel, ...)",
     )
 
 
