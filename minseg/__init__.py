@@ -1,7 +1,11 @@
 """minseg: a from-scratch NumPy/Numba deep-learning engine for semantic segmentation.
 
-Start reading at ``minseg/tensor.py`` (Tensor and backward), then
-``minseg/functional.py`` (the ops), then ``kernels/<op>/reference.py`` (the math).
+Start with the tour, ``python -m minseg.tour`` (or ``minseg tour``): eight checked steps
+from a Tensor to the CUDA kernels, each naming the file to read next. README.md's
+"Start here" gives the reading order file by file: ``minseg/tensor.py`` (Tensor and
+backward), ``minseg/autograd.py`` (Function), ``minseg/functional.py`` (the ops),
+``minseg/backend.py`` (which kernels run), then ``kernels/<op>/reference.py`` (the math),
+``cpu.py`` and ``cuda.py``.
 """
 from . import functional
 from .autograd import Function, GradcheckError, enable_grad, gradcheck, is_grad_enabled, no_grad

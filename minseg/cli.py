@@ -1,4 +1,4 @@
-"""The ``minseg`` command: train, eval, predict, info, bench.
+"""The ``minseg`` command: train, eval, predict, info, bench, tour.
 
     minseg train                       UNet on SyntheticScenes with the defaults below
     minseg train --dataset DIR         your images/ + masks/ folder (split 80/20 by a seeded shuffle)
@@ -9,6 +9,7 @@
     mpiexec -n 2 minseg train          data-parallel over 2 processes (minseg.distributed);
                                        --batch-size stays the global batch
     minseg bench ...                   forwards to ``python -m benchmarks ...``
+    minseg tour                        a printed, checked walk through the engine (= python -m minseg.tour)
 
 ``train`` writes into ``--out``: ``last.npz`` (every epoch, atomically: a
 temporary file renamed over the old one, so a kill never leaves a broken
@@ -531,12 +532,18 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, "-m", "benchmarks", *args.bench_args])
 
 
+def cmd_tour(args) -> int:
+    from .tour import run
+
+    return run(args.out)
+
+
 # ---------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minseg", description="Semantic segmentation from scratch on NumPy and Numba.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,info,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,info,bench,tour}")
 
     def common(p):
         p.add_argument("--backend", choices=["numpy", "cpu", "cuda"], default=None, help="kernel set (default: the fastest available)")
@@ -592,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmarks (python -m benchmarks ...)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("tour", help="a printed, checked walk through the engine (python -m minseg.tour)")
+    r.add_argument("--out", default=None, help="folder for the autograd graph's .dot/.png (default: a new temporary folder)")
+    r.set_defaults(func=cmd_tour)
     return parser
 
 

@@ -1,11 +1,16 @@
-"""Pictures: coloured masks (Pascal VOC palette), overlays, boxes, image grids, training curves.
+"""Pictures: coloured masks (Pascal VOC palette), overlays, boxes, image grids, training
+curves, and the autograd graph.
 
 Everything is drawn with Pillow; no plotting library is needed. Images come
 in as float (3, H, W) arrays in [0, 1] (minseg's layout) or uint8 (H, W, 3).
+The autograd graph (:func:`graph`) is Graphviz DOT text, rendered to PNG by
+Graphviz's ``dot`` program when it is installed (:func:`render_graph`).
 """
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 
 import numpy as np
 
@@ -177,7 +182,100 @@ def plot_curves(path, series: dict, title: str = "", xlabel: str = "epoch", size
     im.save(path)
 
 
+# -------------------------------------------------------------- autograd graph
+
+
+def _dot_string(text: str) -> str:
+    """``text`` as a quoted DOT string; newlines become DOT's centred line breaks."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def graph(root, names: dict | None = None) -> str:
+    """The autograd graph that ends in Tensor ``root``, as Graphviz DOT text.
+
+    Two kinds of node, edges in the direction of the forward pass::
+
+        input Tensor -> Function -> output Tensor
+
+    * a Function node (box, grey) per recorded Function application, labelled
+      with its class name (``Conv2dFunction``, ``Add``, ...): the ``ctx.function``
+      of the Tensor it made;
+    * a Tensor node (ellipse) per Tensor, labelled with its shape and dtype, then
+      ``leaf`` for a Tensor no Function made (parameters, inputs) and
+      ``requires_grad`` for one whose gradient backward computes. Leaves that
+      require grad (what an optimizer updates) are filled blue, leaves that do
+      not (images, targets) grey, the root green.
+
+    ``names`` maps a name to a Tensor (``dict(model.named_parameters())``, or
+    ``{"x": x}``) to put that name on top of the Tensor's label. Node ids are
+    ``t0, t1, ...`` (Tensors) and ``f0, f1, ...`` (Functions), numbered
+    breadth-first from ``root``, so the same graph gives the same text. A
+    Tensor passed twice to one Function (``x * x``) has two edges to it.
+    Non-Tensor arguments (``bias=None``, a stride) are not drawn.
+
+    Render the text with :func:`render_graph`, or ``dot -Tpng graph.dot -o graph.png``.
+    """
+    label_of = {id(t): name for name, t in (names or {}).items()}
+    tensor_ids: dict[int, str] = {}
+    lines = ["digraph autograd {", '  node [fontname="Helvetica", fontsize=10];']
+
+    def tensor_node(t) -> str:
+        key = tensor_ids.get(id(t))
+        if key is None:
+            key = tensor_ids[id(t)] = f"t{len(tensor_ids)}"
+            marks = [m for m, on in (("leaf", t.is_leaf), ("requires_grad", t.requires_grad)) if on]
+            text = "\n".join(
+                ([label_of[id(t)]] if id(t) in label_of else []) + [f"{tuple(t.shape)} {t.dtype}"] + ([", ".join(marks)] if marks else [])
+            )
+            fill = "palegreen" if t is root else "lightblue" if t.is_leaf and t.requires_grad else "lightgrey" if t.is_leaf else "white"
+            lines.append(f"  {key} [label={_dot_string(text)}, shape=ellipse, style=filled, fillcolor={fill}];")
+            queue.append(t)
+        return key
+
+    queue: list = []
+    tensor_node(root)
+    functions = 0
+    while queue:
+        t = queue.pop(0)
+        ctx = t._ctx
+        if ctx is None:
+            continue
+        fn = f"f{functions}"
+        functions += 1
+        lines.append(f"  {fn} [label={_dot_string(ctx.function.__name__)}, shape=box, style=filled, fillcolor=gainsboro];")
+        lines.append(f"  {fn} -> {tensor_ids[id(t)]};")
+        for inp in ctx.inputs:
+            if inp is not None:
+                lines.append(f"  {tensor_node(inp)} -> {fn};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_graph(dot_text: str, path, missing_ok: bool = False) -> bool:
+    """Render DOT text (from :func:`graph`) to a PNG file at ``path`` with Graphviz's ``dot``.
+
+    Returns True when the PNG was written. Without a ``dot`` program on the PATH
+    this raises a RuntimeError saying how to get one -- or, with ``missing_ok``,
+    returns False (the DOT text itself is still readable, and any Graphviz
+    viewer shows it).
+    """
+    dot = shutil.which("dot")
+    if dot is None:
+        if missing_ok:
+            return False
+        raise RuntimeError(
+            "render_graph needs Graphviz's 'dot' program, which is not on the PATH "
+            "(install Graphviz, e.g. 'apt-get install graphviz'); the DOT text can be viewed without it"
+        )
+    done = subprocess.run([dot, "-Tpng", "-o", str(path)], input=dot_text, text=True, capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"dot failed (exit {done.returncode}) rendering {path}: {done.stderr.strip()}")
+    return True
+
+
 __all__ = [
+    "graph",
+    "render_graph",
     "voc_palette",
     "PALETTE",
     "to_uint8",

@@ -41,7 +41,8 @@ tests/cuda/test_conv2d_cuda.py and can be timed on its own through
 
 v2 is the default: it moves TILE = 16 times fewer bytes from global memory
 for the same arithmetic, and convolutions with tens of channels are memory bound
-in v1. (No GPU was available when this was written; the benchmarks measure it.)
+in v1. (Status 2026-11-27: not yet timed on a GPU; ``python -m benchmarks gpu``
+times both versions, and benchmarks/RESULTS.md records each run.)
 
 Backward (no atomics anywhere, so results are deterministic):
 

@@ -47,7 +47,8 @@ against torch 2.13 on every size pair up to 40 and many scale factors):
 * ``bilinear`` copies when ``n_out == n_in``; otherwise it computes in the input's
   dtype, and for float32 ``(d + 0.5)*s - 0.5`` is one fused multiply-add (one
   rounding), which the float64 evaluation below reproduces exactly. For float64
-  torch's weights differ from these in the last bit or two (~1e-15).
+  torch's weights differ from these in the last bit or two (a relative
+  difference of a few 2**-52, i.e. ~1e-15).
 
 Backward
 --------
