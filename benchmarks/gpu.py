@@ -734,7 +734,8 @@ def section_machine(ctx: Context):
 
 def package_versions() -> dict:
     names = ["numpy", "numba", "numba-cuda", "cupy-cuda13x", "cupy-cuda12x", "cupy", "torch", "mpi4py", "nvidia-nccl-cu13",
-             "nvidia-nccl-cu12", "cuda-bindings", "nvidia-nvjitlink", "hypothesis", "pytest"]
+             "nvidia-nccl-cu12", "cuda-bindings", "nvidia-nvjitlink", "nvidia-nvvm", "nvidia-cuda-runtime", "hypothesis",
+             "pytest"]
     versions = {}
     for name in names:
         try:
