@@ -52,6 +52,10 @@ Every section has a time budget (``SECTION_BUDGET_S``; the total stays under
 ~6 minutes); a case that would start after its section's budget is recorded as
 skipped, and a section that raises records the error and the run goes on.
 
+``--sections kernels,train`` runs a subset, ``--only conv2d,bilinear`` only the kernel
+cases whose name contains one of the strings, ``--budget S`` scales every section's
+budget so that they add up to S seconds.
+
 ``--simulate`` runs the same code on a CPU under Numba's CUDA simulator, on tiny
 shapes, with NumPy arrays and the host clock instead of CuPy and CUDA events,
 torch on the CPU as the peer, and only the calls that need a GPU (TF32, the
@@ -93,7 +97,7 @@ SECTIONS = ("machine", "tests", "copy", "launch", "kernels", "train")
 # Seconds per section on a GPU: 345 s in all, leaving ~15 s for imports and the
 # first compilations under the 6-minute limit. 'tests' is a hard limit (the
 # subprocess is killed); the others stop starting new cases.
-SECTION_BUDGET_S = dict(machine=10, tests=120, copy=10, launch=15, kernels=150, train=40)
+SECTION_BUDGET_S = dict(machine=10, tests=140, copy=10, launch=15, kernels=130, train=40)
 SKIP_ON_SIMULATOR = "needs a real GPU (simulator run)"
 
 # Issue 8's shapes: conv 3x3 (N, C_in, H, W, C_out); the memory-bound ops on one
@@ -241,7 +245,7 @@ class Peer:
         from torch.profiler import ProfilerActivity, profile
 
         on_gpu = self.device == "cuda"
-        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
             fn()
             self.sync()
         names = []
@@ -320,8 +324,8 @@ CASE_HEAD = ["case", "impl", "device ms", "R", "host us", "GFLOP/s", "% peak (es
 
 def markdown(data: dict) -> str:
     s = data["sections"]
-    out = [f"# minseg GPU check: {data['device']}", "", f"`{data['command']}`, {data['date_utc']} UTC, "
-           f"mode {data['mode']}. Method: `benchmarks/gpu.py`.", ""]
+    out = [f"# minseg GPU check: {data['device']}", "",
+           f"`{data['command']}`, {data['date_utc']} UTC, mode {data['mode']}. Method: `benchmarks/gpu.py`.", ""]
 
     def head(name, title):
         sec = s[name]
@@ -387,6 +391,7 @@ class Context:
         self.copy_bw = None  # bytes/s, once measured
         self.fp32_peak = None  # FLOP/s estimate
         self.deadline = math.inf
+        self.only = None  # --only: time only the kernel cases whose name contains one of these
 
     def time_left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -567,7 +572,7 @@ def _activation_case(kind):
                     lambda peer, d: list(peer.torch.ops.aten.max_pool2d_with_indices(d["x"], *pool)), None,
                     size + size // 4 + 2 * (size // 4), False)
         if kind == "max_pool2d_backward":  # read gy and indices, write gx
-            y, idx = _pool_reference(x)
+            idx = _pool_indices(x)
             return (f"max_pool2d 2x2 backward {label}", dict(x=x, gy=_normal(rng, n, c, h // 2, w // 2), idx=idx),
                     lambda fn, d: [fn(d["gy"], d["idx"], d["x"].shape)],
                     lambda peer, d: [peer.torch.ops.aten.max_pool2d_with_indices_backward(d["gy"], d["x"], *pool, d["idx"])],
@@ -585,14 +590,14 @@ def _activation_case(kind):
     return "activation", build
 
 
-def _pool_reference(x):
-    """2x2 max-pool output and flat in-plane argmax indices (first maximum), as torch returns them."""
+def _pool_indices(x):
+    """The flat in-plane index of each 2x2 window's (first) maximum, as torch's max_pool2d returns it."""
     n, c, h, w = x.shape
     win = x[:, :, : h // 2 * 2, : w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5)
     arg = win.reshape(n, c, h // 2, w // 2, 4).argmax(-1)
     rows = np.arange(h // 2)[:, None] * 2 + arg // 2
     cols = np.arange(w // 2)[None, :] * 2 + arg % 2
-    return win.max((-2, -1)), (rows * w + cols).astype(np.int64)
+    return (rows * w + cols).astype(np.int64)
 
 
 def _cross_entropy_case(shape, rng):
@@ -601,7 +606,9 @@ def _cross_entropy_case(shape, rng):
     data = dict(logits=_normal(rng, n, c, h * w), target=rng.integers(0, c, (n, h * w)).astype(np.int64),
                 gloss=np.ones((), np.float32))
 
-    def minseg(fn, d, K):
+    K = importlib.import_module("kernels.softmax_cross_entropy.cuda")
+
+    def minseg(fn, d):
         loss, lse = fn(d["logits"], d["target"], None, -100, "mean", 0.0)
         return [loss, K.cross_entropy_backward(d["logits"], d["target"], None, -100, "mean", 0.0, lse, d["gloss"])]
 
@@ -679,19 +686,15 @@ def kernel_cases(ctx: Context) -> tuple[list[Callable[[], KernelCase]], list[str
         for fn_name, (shape_key, build) in cased.items():
             shapes = ctx.shapes[shape_key] if shape_key in ("conv", "cross_entropy") else [ctx.shapes[shape_key]]
             for shape in shapes:
-                builders.append(functools.partial(_make_case, ctx, module, build, shape, versions[fn_name]))
+                builders.append(functools.partial(_make_case, ctx, build, shape, versions[fn_name]))
     return builders, problems
 
 
-def _make_case(ctx: Context, module, build, shape, versions: dict) -> KernelCase:
+def _make_case(ctx: Context, build, shape, versions: dict) -> KernelCase:
     rng = np.random.default_rng(0)
     name, data, minseg_call, torch_call, flops, nbytes, is_conv = build(shape, rng)
     dev_data = {k: ctx.dev.asarray(v) if isinstance(v, np.ndarray) else v for k, v in data.items()}
-    takes_module = len(inspect.signature(minseg_call).parameters) == 3
-    variants = []
-    for label, fn in versions.items():
-        call = functools.partial(minseg_call, fn, dev_data, *([module] if takes_module else []))
-        variants.append(Variant(label, call))
+    variants = [Variant(label, functools.partial(minseg_call, fn, dev_data)) for label, fn in versions.items()]
     case = KernelCase(name, variants, flops, nbytes)
     if ctx.peer is None:
         case.skipped["torch"] = "torch is not installed"
@@ -724,6 +727,12 @@ def section_machine(ctx: Context):
     else:
         info.update(gpu_properties())
         info["nvidia_smi"] = nvidia_smi()
+        if "fp32_peak_estimate_tflops" not in info:  # CUDA 13 dropped clockRate from the properties
+            mhz = smi_field(info["nvidia_smi"], "clocks.max.sm")
+            lanes = FP32_LANES.get(tuple(int(v) for v in info["compute_capability"].split(".")))
+            if mhz and lanes:
+                info["sm_clock_max_mhz"] = mhz
+                info["fp32_peak_estimate_tflops"] = info["multiprocessors"] * lanes * 2 * mhz * 1e6 / 1e12
         ctx.fp32_peak = info.get("fp32_peak_estimate_tflops", 0) * 1e12 or None
     if ctx.peer is not None:
         t = ctx.peer.torch
@@ -779,6 +788,18 @@ def nvidia_smi() -> str:
         return (run.stdout + run.stderr).strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"nvidia-smi failed: {e}"
+
+
+def smi_field(csv: str, name: str) -> float | None:
+    """A number from nvidia-smi's CSV (header line, then the first GPU's line), e.g. 'clocks.max.sm' -> 1980.0."""
+    lines = csv.splitlines()
+    if len(lines) < 2:
+        return None
+    for head, value in zip(lines[0].split(","), lines[1].split(",")):
+        if head.strip().split(" ")[0] == name:
+            match = re.match(r"\s*([\d.]+)", value)
+            return float(match.group(1)) if match else None
+    return None
 
 
 def section_tests(ctx: Context):
@@ -838,7 +859,7 @@ def section_copy(ctx: Context):
         ctx.dev.loop(fn, 1)
         ctx.dev.flush_l2()
         seconds = float(np.median([ctx.dev.loop(fn, 1)[0] for _ in range(ctx.timing.samples)]))
-        if not np.array_equal(to_numpy(dst), to_numpy(src)):
+        if not bool((dst == src).all()):
             raise RuntimeError(f"{name}: the copy differs from its source")
         ctx.dev.asarray(dst).fill(0)
         bw = 2 * 4 * n / seconds
@@ -990,7 +1011,7 @@ def section_launch(ctx: Context):
 
 def section_kernels(ctx: Context):
     builders, problems = kernel_cases(ctx)
-    ctx.report.section("kernels", problems=problems, planned=len(builders))
+    ctx.report.section("kernels", problems=problems, planned=len(builders), only=ctx.only)
     for i, build in enumerate(builders, 1):
         if ctx.time_left() <= 0:
             ctx.report.add_case("kernels", dict(case=f"case {i} of {len(builders)}", results={},
@@ -1001,6 +1022,8 @@ def section_kernels(ctx: Context):
         except Exception as e:
             ctx.report.add_case("kernels", dict(case=f"case {i} of {len(builders)}", results={},
                                                 skipped={"build": f"{type(e).__name__}: {e}"[:500]}))
+            continue
+        if ctx.only and not any(t in case.name for t in ctx.only):
             continue
         _progress(f"  kernels [{i}/{len(builders)}] {case.name}")
         ctx.report.add_case("kernels", measure_case(case, ctx))
@@ -1060,6 +1083,7 @@ def run_all(args, argv) -> int:
                                  command="python -m benchmarks " + " ".join(argv), budget_s=args.budget))
     ctx = Context(dev, peer, report, SHAPES["simulator" if simulate else "gpu"],
                   SIMULATOR_TIMING if simulate else GPU_TIMING, outdir, simulate)
+    ctx.only = args.only
     start = time.perf_counter()
     end = start + args.budget
     failed = []

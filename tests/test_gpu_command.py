@@ -56,7 +56,7 @@ def test_every_kernel_version_is_timed_and_matches_torch(simulated_run):
     section = report["sections"]["kernels"]
     assert section["problems"] == []
     cases = section["cases"]
-    assert len(cases) == section["planned"]
+    assert len(cases) == section["planned"] and section["only"] is None
     for entry in cases + report["sections"]["train"]["cases"]:
         assert not _only_gpu_skips(entry["skipped"]), (entry["case"], entry["skipped"])
         assert "torch" in entry["results"], entry["case"]
@@ -97,3 +97,13 @@ def test_versions_dicts_belong_to_one_function():
     assert versions["conv2d_forward"]["cuda v3 (default)"]("x") == ("x", 3)
     assert list(versions["conv2d_grad_bias"]) == ["cuda"]
     assert len(problems) == 1 and "SHUFFLE_VERSIONS" in problems[0]
+
+
+def test_clock_from_nvidia_smi():
+    """CUDA 13 runtimes no longer report the SM clock: the FP32 peak estimate reads nvidia-smi's CSV."""
+    csv = ("name, driver_version, clocks.sm [MHz], clocks.max.sm [MHz]\n"
+           "NVIDIA H100 80GB HBM3, 580.65.06, 345 MHz, 1980 MHz\n")
+    assert gpu.smi_field(csv, "clocks.max.sm") == 1980.0
+    assert gpu.smi_field(csv, "clocks.sm") == 345.0
+    assert gpu.smi_field(csv, "power.limit") is None
+    assert gpu.smi_field("nvidia-smi not found", "clocks.max.sm") is None
