@@ -156,8 +156,6 @@ def to_numpy(a) -> np.ndarray:
 class GPU:
     """CuPy arrays, CUDA events on the default stream, an L2 flush."""
 
-    simulated = False
-
     def __init__(self):
         import cupy
 
@@ -193,8 +191,6 @@ class GPU:
 
 class Simulator:
     """The CPU stand-in: NumPy arrays, the host clock, no cache to flush."""
-
-    simulated = True
 
     def asarray(self, a):
         return np.asarray(a)
