@@ -69,6 +69,7 @@ import contextlib
 import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import json
 import math
@@ -798,10 +799,23 @@ def smi_field(csv: str, name: str) -> float | None:
     return None
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
 def section_tests(ctx: Context):
     """pytest on the CUDA tests in a subprocess, the simulator off on a GPU; log and JUnit XML into OUTDIR."""
     log, junit = ctx.outdir / "cuda_tests.log", ctx.outdir / "cuda_tests.xml"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NUMBA_ENABLE_CUDASIM="1" if ctx.simulate else "0", MINSEG_POISON="1")
+    env = dict(_child_env(), NUMBA_ENABLE_CUDASIM="1" if ctx.simulate else "0", MINSEG_POISON="1")
+    missing = [m for m in ("pytest", "hypothesis") if not _installed(m)]
+    if missing:
+        raise RuntimeError(f"{' and '.join(missing)} not installed here, so the CUDA tests cannot run (every kernel is "
+                           "still compared with torch in the kernels section). On a machine where nothing can be "
+                           "installed: 'pip install --target .gpu-deps pytest hypothesis' in the checkout beforehand "
+                           "(pure Python), then run with PYTHONPATH=.:.gpu-deps")
     cmd = [sys.executable, "-m", "pytest", *ctx.shapes["tests"], "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     limit = max(1.0, ctx.time_left())
     ctx.report.section("tests", command=" ".join(cmd), log=log.name, limit_s=limit)
@@ -907,7 +921,7 @@ def ptx_entry(ptx: str) -> tuple[str, int]:
 
 def compile_launch_kernels(outdir: Path, cc: str) -> dict:
     """PTX and cubin of the launch kernels, compiled in a subprocess with the simulator off."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NUMBA_ENABLE_CUDASIM="0")
+    env = dict(_child_env(), NUMBA_ENABLE_CUDASIM="0")
     code = f"from benchmarks.gpu import _compile_launch_kernels_main; _compile_launch_kernels_main({str(outdir)!r}, {cc!r})"
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     if run.returncode != 0:
@@ -1106,11 +1120,16 @@ def run_all(args, argv) -> int:
     return 1 if failed else 0
 
 
+def _child_env() -> dict:
+    """This process's environment with the checkout first on PYTHONPATH (and whatever else was there)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
 def _reexec_simulated(argv) -> None:
     """--simulate needs NUMBA_ENABLE_CUDASIM=1 before numba is imported: run the command again in a new process."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], dict(_child_env(), NUMBA_ENABLE_CUDASIM="1"))
 
 
 def run_gpu(args, argv) -> int:
