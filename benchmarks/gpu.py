@@ -355,7 +355,50 @@ def markdown(data: dict) -> str:
     out += _table(CASE_HEAD, case_rows(sec.get("cases", []))) + [""]
     if sec.get("model"):
         out += [f"model: {json.dumps(sec['model'])}", ""]
+    out += ["## Issue 8's targets", ""] + [f"- {line}" for line in target_lines(data)] + [""]
     return "\n".join(out) + "\n"
+
+
+# Issue 8's targets for the memory-bound kernels, as % of the copy bandwidth.
+COPY_TARGETS = {"cross_entropy": 80, "batch_norm": 60, "max_pool2d": 60, "bilinear": 60, "relu": 60}
+
+
+def _fastest_cuda(entry: dict):
+    """(impl, result) of the fastest minseg version in a case, or None."""
+    timed = [(impl, r) for impl, r in entry["results"].items() if impl.startswith("cuda") and "median_s" in r]
+    return min(timed, key=lambda item: item[1]["median_s"], default=None)
+
+
+def target_lines(data: dict) -> list[str]:
+    """Each target of issue 8 with the measured figure (fastest minseg version where there are several)."""
+    cases = data["sections"]["kernels"].get("cases", [])
+    by_name = {e["case"]: e for e in cases}
+    lines = []
+    for e in cases:
+        best = _fastest_cuda(e)
+        if best is None:
+            continue
+        impl, r = best
+        if e["case"].startswith("conv2d 3x3 forward") and r.get("pct_cudnn") is not None:
+            lines.append(f"{e['case']}: {impl} at {r['pct_cudnn']:.0f}% of cuDNN (target >= 50% at 64 and 128 channels)")
+        op = next((k for k in COPY_TARGETS if e["case"].startswith(k)), None)
+        if op and r.get("pct_copy") is not None:
+            lines.append(f"{e['case']}: {impl} at {r['pct_copy']:.0f}% of the copy bandwidth (target >= {COPY_TARGETS[op]}%)")
+    for e in cases:  # forward + backward = forward + grad_input + grad_weight, fastest version of each
+        if not e["case"].startswith("conv2d 3x3 forward "):
+            continue
+        shape = e["case"][len("conv2d 3x3 forward "):]
+        parts = [by_name.get(f"conv2d 3x3 {kind} {shape}") for kind in ("forward", "grad_input", "grad_weight")]
+        if all(p and _fastest_cuda(p) and "median_s" in p["results"].get("torch", {}) for p in parts):
+            ours = sum(_fastest_cuda(p)[1]["median_s"] for p in parts)
+            theirs = sum(p["results"]["torch"]["median_s"] for p in parts)
+            lines.append(f"conv2d 3x3 forward+backward {shape}: {100 * theirs / ours:.0f}% of cuDNN (target >= 35%)")
+    for e in data["sections"]["train"].get("cases", []):
+        r = e["results"]
+        if "median_s" in r.get("cuda", {}) and "median_s" in r.get("torch", {}):
+            ratio = r["cuda"]["median_s"] / r["torch"]["median_s"]
+            lines.append(f"{e['case']}: {ratio:.2f}x torch CUDA (target <= 2x)")
+    return lines or ["nothing measured yet"]
 
 
 # ------------------------------------------------------------------ timing one case

@@ -84,6 +84,10 @@ def test_launch_paths_and_markdown(simulated_run):
                     "## Kernels", "## U-Net training step"):
         assert heading in md
     assert "| conv2d 3x3 forward" in md and "| unet train step" in md
+    targets = md[md.index("## Issue 8's targets"):]
+    for line in ("of cuDNN (target >= 50%", "forward+backward", "of the copy bandwidth (target >= 80%)",
+                 "of the copy bandwidth (target >= 60%)", "x torch CUDA (target <= 2x)"):
+        assert line in targets, line
 
 
 def test_versions_dicts_belong_to_one_function():
