@@ -48,6 +48,10 @@ the op must read and write; '% cuDNN' is torch's (TF32 off) time over ours;
 '% peak' is against an *estimated* FP32 peak (SMs x FP32 lanes per SM x 2 x
 the maximum SM clock).
 
+``gpu.md`` ends with issue 8's targets, each with the measured figure of the
+fastest version (conv forward and forward+backward as % of cuDNN, the
+memory-bound kernels as % of the copy bandwidth, the U-Net step as x torch).
+
 Every section has a time budget (``SECTION_BUDGET_S``; the total stays under
 ~6 minutes); a case that would start after its section's budget is recorded as
 skipped, and a section that raises records the error and the run goes on.
