@@ -4,10 +4,17 @@ Run it as ``python -m benchmarks ops|train|gpu`` (or ``minseg bench ...``)::
 
     python -m benchmarks ops                      # the hot ops, numpy / cpu backends vs torch CPU
     python -m benchmarks train                    # one U-Net training step (forward, backward, SGD)
-    python -m benchmarks gpu --all OUTDIR         # every GPU check in ~6 min, tables into OUTDIR (see gpu.py)
-    python -m benchmarks gpu --simulate --all OUTDIR   # the same run on a CPU, CUDA simulator, tiny shapes
+    python -m benchmarks gpu                      # the ops on the cuda backend vs torch CUDA (cuDNN)
     python -m benchmarks ops --json out.json --repeat 30 --backends numpy,cpu
     python -m benchmarks ops --quick              # tiny shapes, 2 repeats: checks that it runs
+
+On a GPU, run ``python -m benchmarks gpu --all OUTDIR`` first (``gpu.py``): every GPU check in
+~6 minutes -- the CUDA tests with the simulator off, the copy-bandwidth ceiling, launch overhead,
+every version of every cuda kernel against cuDNN/torch CUDA, a U-Net step -- writing
+``OUTDIR/gpu.json`` and ``OUTDIR/gpu.md`` after every case. ``gpu --simulate --all OUTDIR``
+runs the same code on a CPU under the CUDA simulator (tiny shapes). Without a GPU,
+``python -m benchmarks.ptx_report`` prints each CUDA kernel's registers, spills, shared memory,
+occupancy and inner-loop instruction mix.
 
 How the numbers are taken (``timing.py``):
 
@@ -34,12 +41,6 @@ keeping freed memory for reuse (fewer page faults, for both sides).
 
 Files: ``machine.py`` (what ran), ``timing.py`` (how it is timed, the table),
 ``cases.py`` (the op cases), ``train.py`` (the U-Net step and its torch twin),
-``gpu.py`` (the GPU mode: on a GPU, ``python -m benchmarks gpu --all OUTDIR`` runs the CUDA
-tests with the simulator off, the copy-bandwidth ceiling, launch overhead, every version of every
-cuda kernel against cuDNN/torch CUDA and a U-Net step, writing ``OUTDIR/gpu.json`` and
-``OUTDIR/gpu.md`` after every case; ``--simulate`` runs it under the CUDA simulator),
-``ptx_report.py`` (``python -m benchmarks.ptx_report``: registers, spills, shared memory,
-occupancy and inner-loop instruction mix of every CUDA kernel, without a GPU),
-``__main__.py`` (the command line).
+``gpu.py`` (the GPU mode), ``__main__.py`` (the command line).
 ``RESULTS.md`` records measured tables with the machine they ran on.
 """
