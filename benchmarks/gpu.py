@@ -249,11 +249,12 @@ class Peer:
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
             fn()
             self.sync()
+        events = [e.name for e in prof.events() if on_gpu == (e.device_type == DeviceType.CUDA)]
+        if on_gpu and not events:  # torch versions that attach kernels to their launching CPU events only
+            events = [k.name for e in prof.events() for k in getattr(e, "kernels", [])]
         names = []
-        for e in prof.events():
-            if on_gpu != (e.device_type == DeviceType.CUDA):
-                continue
-            name = re.sub(r"^void ", "", e.name)
+        for name in events:
+            name = re.sub(r"^void ", "", name)
             name = re.split(r"[<(]", name)[0]  # drop template arguments and parameters
             if name and name not in names:
                 names.append(name)
