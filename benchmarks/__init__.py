@@ -9,6 +9,14 @@ Run it as ``python -m benchmarks ops|train|gpu|ddp`` (or ``minseg bench ...``)::
     python -m benchmarks ops --json out.json --repeat 30 --backends numpy,cpu
     python -m benchmarks ops --quick              # tiny shapes, 2 repeats: checks that it runs
 
+On a GPU, run ``python -m benchmarks gpu --all OUTDIR`` first (``gpu.py``): every GPU check in
+~6 minutes -- the CUDA tests with the simulator off, the copy-bandwidth ceiling, launch overhead,
+every version of every cuda kernel against cuDNN/torch CUDA, a U-Net step -- writing
+``OUTDIR/gpu.json`` and ``OUTDIR/gpu.md`` after every case. ``gpu --simulate --all OUTDIR``
+runs the same code on a CPU under the CUDA simulator (tiny shapes). Without a GPU,
+``python -m benchmarks.ptx_report`` prints each CUDA kernel's registers, spills, shared memory,
+occupancy and inner-loop instruction mix.
+
 How the numbers are taken (``timing.py``):
 
 * every implementation of a case runs in the **same process** with the **same

@@ -44,10 +44,19 @@ def parse_args(argv):
                    "raised: freed memory is reused instead of page-faulted in again (minseg and torch alike)")
     p.add_argument("--no-cache-check", action="store_true", help="skip the second process that checks that Numba's "
                    "cache spares it the compilation")
+    p.add_argument("--all", metavar="OUTDIR", help="gpu: every GPU check (CUDA tests on the card, copy bandwidth, "
+                   "launch overhead, every kernel version vs cuDNN, a U-Net step), results written to OUTDIR after "
+                   "every case (see benchmarks/gpu.py)")
+    p.add_argument("--simulate", action="store_true", help="gpu: the same run on the CPU under Numba's CUDA "
+                   "simulator, tiny shapes (checks that the GPU run cannot fail for a CPU-visible reason)")
+    p.add_argument("--sections", help="gpu: comma-separated subset of machine,tests,copy,launch,kernels,train")
+    p.add_argument("--budget", type=float, default=345.0, help="gpu: seconds for all sections together (default "
+                   "345), shared in benchmarks/gpu.py's proportions")
     p.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)  # the cache check's child
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
+    args.sections = [t.strip() for t in args.sections.split(",") if t.strip()] if args.sections else None
     if args.repeat is None:
         args.repeat = QUICK_REPEAT if args.quick else DEFAULT_REPEAT[args.mode]
     if args.warmup is None:

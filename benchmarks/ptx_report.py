@@ -3,6 +3,7 @@
     python -m benchmarks.ptx_report                 # table for sm_90
     python -m benchmarks.ptx_report --cc 80 90      # several targets
     python -m benchmarks.ptx_report --json          # machine-readable (tests/cuda/test_ptx.py)
+    python -m benchmarks.ptx_report --markdown      # the table of benchmarks/RESULTS.md
 
 Every ``kernels/<op>/cuda.py`` lists its kernels and the signatures they must
 compile for in ``PTX_SIGNATURES``. This script compiles each one to PTX with
@@ -17,6 +18,28 @@ Numba (NVVM, the simulator off) and assembles the PTX to machine code for
   a red flag.
 * **shared memory** per block (static ``cuda.shared.array``; nvJitLink also
   counts the 1 KiB per block that sm_80+ reserves for the system).
+
+From the PTX itself (``analyse_ptx``), without assembling:
+
+* **loops** -- the control-flow graph of the kernel's basic blocks, its back
+  edges (a branch to a block on the current depth-first path) and their natural
+  loops. The **inner loop** is the loop with the most FMAs: in a
+  GEMM-like kernel (the conv forward and gradients) the loop over the reduction
+  slice, where the time goes. Counted are the loop's own blocks (the bodies of
+  loops nested in it, e.g. a tile-staging loop, excluded). Its columns: FMA instructions (``fma.rn.f32/f64``)
+  against all other instructions (index arithmetic, loads, branches: an FP32
+  pipe can at most reach FMA / (FMA + other) of its peak if it issues one
+  instruction per cycle), shared loads and how many of them are vectorised
+  (``ld.shared.v2``/``.v4``: one instruction moves 8 or 16 bytes).
+* **div/rem in loops** -- ``div``/``rem`` instructions inside any loop. An
+  integer division by a run-time value is a ~20-instruction subroutine on the
+  GPU; in a loop it costs every iteration.
+* **theoretical occupancy** (``occupancy``) from registers and shared memory
+  with the per-SM limits of the target (``SM_LIMITS``; H100 = sm_90: 65536
+  registers allocated per warp in units of 256, 228 KiB shared memory in units
+  of 128 bytes plus 1 KiB reserved per block, 2048 threads, 32 blocks): resident
+  warps / 64. It is computed at the kernel's launch bound (``.maxntid``) when it
+  declares one, else at ``DEFAULT_BLOCK`` threads per block.
 
 The assembler is ``ptxas`` (on PATH or in /usr/local/cuda*/bin). When it is
 older than Numba's NVVM it refuses the newer PTX ISA version; the report then
@@ -33,6 +56,7 @@ import argparse
 import glob
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -137,6 +161,141 @@ def _dtype_of(signature: str) -> str:
     return next((t for t in ("float32", "float64") if t in signature), "-")
 
 
+# ------------------------------------------------------------------ static PTX analysis
+
+DEFAULT_BLOCK = 256  # threads per block assumed for occupancy when a kernel declares no launch bound
+# Per-SM limits (CUDA C Programming Guide, compute capabilities table; occupancy calculator).
+SM_LIMITS = {
+    "80": dict(registers=65536, register_unit=256, shared=167936, shared_unit=128, reserved_shared=1024, threads=2048,
+               blocks=32, warps=64),
+    "90": dict(registers=65536, register_unit=256, shared=233472, shared_unit=128, reserved_shared=1024, threads=2048,
+               blocks=32, warps=64),
+}
+_INSTRUCTION = re.compile(r"^(@!?%\w+\s+)?([a-z][\w.]*)")
+_BRANCH_TARGET = re.compile(r"\bbra(?:\.uni)?\s+([$\w]+)\s*;")
+
+
+def _entry_lines(ptx: str) -> list[str]:
+    """The body of the (first) kernel entry: the lines between its '{' and the closing '}' at column 0."""
+    lines = ptx.splitlines()
+    start = next(i for i, line in enumerate(lines) if ".entry" in line)
+    open_brace = next(i for i in range(start, len(lines)) if lines[i].strip() == "{")
+    end = next(i for i in range(open_brace + 1, len(lines)) if lines[i].startswith("}"))
+    return lines[open_brace + 1 : end]
+
+
+def basic_blocks(ptx: str) -> list[dict]:
+    """The kernel's basic blocks in text order: {'label', 'ops' (opcodes), 'succ' (indices)}."""
+    blocks = [dict(label=None, ops=[], branch=None, conditional=False, ends=False)]
+    for raw in _entry_lines(ptx):
+        line = raw.split("//")[0].strip()
+        if not line or line in ("{", "}") or line.startswith("."):
+            continue
+        if line.endswith(":"):  # a label starts a block
+            if blocks[-1]["ops"] or blocks[-1]["label"]:
+                blocks.append(dict(label=None, ops=[], branch=None, conditional=False, ends=False))
+            blocks[-1]["label"] = line[:-1]
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        predicated, op = bool(match.group(1)), match.group(2)
+        block = blocks[-1]
+        block["ops"].append(op)
+        if op.startswith("bra") or op in ("ret", "exit"):
+            target = _BRANCH_TARGET.search(line)
+            block.update(branch=target.group(1) if target else None, conditional=predicated, ends=not predicated)
+            blocks.append(dict(label=None, ops=[], branch=None, conditional=False, ends=False))
+    blocks = [b for b in blocks if b["ops"] or b["label"]]
+    index = {b["label"]: i for i, b in enumerate(blocks) if b["label"]}
+    for i, b in enumerate(blocks):
+        succ = []
+        if b["branch"] is not None:
+            succ.append(index[b["branch"]])
+        if not b["ends"] and i + 1 < len(blocks):  # falls through (no branch, or a predicated one)
+            succ.append(i + 1)
+        b["succ"] = succ
+    return blocks
+
+
+def natural_loops(blocks: list[dict]) -> list[set[int]]:
+    """The natural loop (a set of block indices) of every loop header, found from the back edges of a DFS."""
+    back_edges, state = [], {}
+    stack = [(0, iter(blocks[0]["succ"]))] if blocks else []
+    state[0] = "open"
+    while stack:  # iterative DFS: a back edge goes to a block still open on the path
+        node, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            state[node] = "done"
+            stack.pop()
+        elif state.get(child) == "open":
+            back_edges.append((node, child))
+        elif child not in state:
+            state[child] = "open"
+            stack.append((child, iter(blocks[child]["succ"])))
+    preds = {i: [] for i in range(len(blocks))}
+    for i, b in enumerate(blocks):
+        for j in b["succ"]:
+            preds[j].append(i)
+    loops = {}
+    for tail, head in back_edges:
+        body, work = {head, tail}, [tail] if tail != head else []
+        while work:  # everything that reaches the tail without passing the header
+            for p in preds[work.pop()]:
+                if p not in body:
+                    body.add(p)
+                    work.append(p)
+        loops.setdefault(head, set()).update(body)
+    return list(loops.values())
+
+
+def _count(blocks, body) -> dict:
+    ops = [op for i in body for op in blocks[i]["ops"]]
+    fma = sum(op.startswith("fma.") and op.split(".")[-1] in ("f32", "f64") for op in ops)
+    shared = [op for op in ops if op.startswith("ld.shared")]
+    return dict(fma=fma, other=len(ops) - fma, shared_loads=len(shared),
+                vector_shared_loads=sum(".v2" in op or ".v4" in op for op in shared),
+                div_rem=sum(op.split(".")[0] in ("div", "rem") for op in ops))
+
+
+def analyse_ptx(ptx: str) -> dict:
+    """Loop metrics of a kernel's PTX (see the module docstring): loops, inner-loop counts, div/rem in loops."""
+    blocks = basic_blocks(ptx)
+    loops = natural_loops(blocks)
+    in_loops = set().union(*loops) if loops else set()
+    # A loop's own blocks: its body less the bodies of the loops nested in it (they run their own trip counts).
+    own = [body - set().union(*(other for other in loops if other < body)) for body in loops]
+    inner = max(own, key=lambda blocks_: (_count(blocks, blocks_)["fma"], -len(blocks_)), default=None)
+    maxntid = re.search(r"\.maxntid\s+(\d+)(?:\s*,\s*(\d+))?(?:\s*,\s*(\d+))?", ptx)
+    block = math.prod(int(g) for g in maxntid.groups() if g) if maxntid else None
+    return dict(
+        loops=len(loops),
+        div_rem_in_loops=_count(blocks, in_loops)["div_rem"],
+        inner_loop=_count(blocks, inner) if inner is not None else None,
+        maxntid=block,
+    )
+
+
+def occupancy(registers: int, shared: int, block: int, cc: str, shared_includes_reserved: bool) -> dict:
+    """Theoretical occupancy (resident warps / max warps) of a kernel on one SM of sm_<cc>, and what limits it."""
+    lim = SM_LIMITS[cc]
+    warps = -(-block // 32)
+    regs_per_warp = -(-max(registers, 1) * 32 // lim["register_unit"]) * lim["register_unit"]
+    # The runtime reserves 1 KiB per block on sm_80+; nvJitLink's smem figure already holds it when non-zero.
+    smem = shared + (0 if shared_includes_reserved and shared else lim["reserved_shared"])
+    smem = -(-smem // lim["shared_unit"]) * lim["shared_unit"]
+    limits = dict(
+        registers=(lim["registers"] // regs_per_warp) // warps,
+        shared=lim["shared"] // smem,
+        threads=lim["threads"] // (warps * 32),
+        blocks=lim["blocks"],
+    )
+    blocks = min(limits.values())
+    return dict(occupancy=blocks * warps / lim["warps"], block=block, blocks_per_sm=blocks,
+                limited_by=min(limits, key=limits.get))
+
+
 def compile_all(cc: str, assemble_ptx: bool = True) -> dict:
     """Compile every listed kernel for sm_<cc> in this process (simulator off). Returns modules and rows."""
     from numba import config, cuda
@@ -165,9 +324,12 @@ def compile_all(cc: str, assemble_ptx: bool = True) -> dict:
                 row = {"module": modname, "kernel": kernel.py_func.__name__, "signature": sig, "cc": cc}
                 try:
                     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=capability)
-                    row.update(compiled=True, error=None)
+                    row.update(compiled=True, error=None, **analyse_ptx(ptx))
                     if assemble_ptx:
                         row.update(assemble(ptx, cc))
+                        if row.get("assembled") and cc in SM_LIMITS:
+                            row.update(occupancy(row["registers"], row["smem"] or 0, row["maxntid"] or DEFAULT_BLOCK, cc,
+                                                 shared_includes_reserved=row["tool"] == "nvjitlink"))
                 except Exception as e:
                     row.update(compiled=False, error=f"{type(e).__name__}: {e}"[-2000:])
                 rows.append(row)
@@ -202,30 +364,48 @@ def collect(ccs=DEFAULT_CCS, assemble_ptx: bool = True) -> dict:
     return merged
 
 
-def _table(result: dict) -> str:
-    header = ("kernel", "dtype", "sm", "regs", "spill st/ld B", "smem B", "tool")
-    lines = []
-    for r in result["rows"]:
-        name = f"{r['module'].split('.')[1]}.{r['kernel']}"
-        if not r["compiled"]:
-            lines.append((name, _dtype_of(r["signature"]), r["cc"], "COMPILE ERROR", "", "", ""))
-            continue
-        if r.get("assembled") is None:  # no assembler installed: PTX only
-            lines.append((name, _dtype_of(r["signature"]), r["cc"], "-", "-", "-", "-"))
-            continue
-        spills = f"{r['spill_stores']}/{r['spill_loads']}"
-        regs = str(r["registers"]) if r["assembled"] else "ASM ERROR"
-        lines.append((name, _dtype_of(r["signature"]), r["cc"], regs, spills, str(r["smem"] or 0), r["tool"]))
-    widths = [max(len(str(row[i])) for row in [header] + lines) for i in range(len(header))]
+TABLE_HEAD = ("kernel", "dtype", "sm", "regs", "spill st/ld B", "smem B", "occupancy (block, limit)", "loops",
+              "div/rem in loops", "inner loop FMA / other", "FMA share", "inner ld.shared (vector)", "tool")
+
+
+def _row(r: dict) -> tuple:
+    name = f"{r['module'].split('.')[1]}.{r['kernel']}"
+    head = (name, _dtype_of(r["signature"]), r["cc"])
+    if not r["compiled"]:
+        return head + ("COMPILE ERROR",) + ("",) * (len(TABLE_HEAD) - 4)
+    if r.get("assembled") is None:  # no assembler installed: PTX figures only
+        resources = ("-", "-", "-", "-")
+    elif not r["assembled"]:
+        resources = ("ASM ERROR", "", "", "")
+    else:
+        occ = f"{r['occupancy']:.0%} ({r['block']}, {r['limited_by']})" if "occupancy" in r else "-"
+        resources = (str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}", str(r["smem"] or 0), occ)
+    inner = r.get("inner_loop")
+    if inner:
+        total = inner["fma"] + inner["other"]
+        loop = (f"{inner['fma']} / {inner['other']}", f"{inner['fma'] / total:.0%}",
+                f"{inner['shared_loads']} ({inner['vector_shared_loads']})")
+    else:
+        loop = ("-", "-", "-")
+    return head + resources + (str(r["loops"]), str(r["div_rem_in_loops"])) + loop + (r.get("tool") or "-",)
+
+
+def _table(result: dict, markdown: bool = False) -> str:
+    lines = [_row(r) for r in result["rows"]]
+    if markdown:
+        return "\n".join(["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
+                         + ["| " + " | ".join(row) + " |" for row in lines])
+    widths = [max(len(str(row[i])) for row in [TABLE_HEAD] + lines) for i in range(len(TABLE_HEAD))]
     fmt = "  ".join(f"{{:{w}}}" for w in widths)
     rule = fmt.format(*("-" * w for w in widths))
-    return "\n".join([fmt.format(*header), rule, *(fmt.format(*row) for row in lines)])
+    return "\n".join([fmt.format(*TABLE_HEAD), rule, *(fmt.format(*row) for row in lines)])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cc", nargs="+", default=list(DEFAULT_CCS), help="compute capabilities, e.g. 80 90")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--no-assemble", action="store_true", help="compile to PTX only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: compile for one cc, print JSON
     args = parser.parse_args(argv)
@@ -238,7 +418,7 @@ def main(argv=None) -> int:
     elif not result["nvvm"]:
         print("NVVM is not installed: pip install 'minseg[cuda]' (numba-cuda[cu13]) to compile kernels to PTX")
     else:
-        print(_table(result))
+        print(_table(result, markdown=args.markdown))
         for modname, info in result["modules"].items():
             if info["error"] or info["unlisted"]:
                 problem = info["error"] or "kernels missing from PTX_SIGNATURES: " + ", ".join(info["unlisted"])

@@ -23,6 +23,8 @@ TRAIN_SIZES = {
     "full": dict(batch=8, in_channels=3, image=64, num_classes=4, base_channels=16, depth=2),
     "quick": dict(batch=2, in_channels=3, image=16, num_classes=4, base_channels=4, depth=2),
 }
+TRAIN_SIZES["gpu"] = dict(TRAIN_SIZES["full"], batch=16, image=128)  # issue 8: `python -m benchmarks gpu`
+TRAIN_SIZES["simulator"] = dict(TRAIN_SIZES["quick"], batch=1, image=4, base_channels=2, depth=1)  # `gpu --simulate`
 SGD = dict(lr=0.01, momentum=0.9)
 
 

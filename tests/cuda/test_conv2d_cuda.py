@@ -163,7 +163,8 @@ def test_default_grad_weight_is_a_listed_version():
 def test_grad_weight_split_policy(monkeypatch):
     """On a GPU, v2 splits M only when its tiles are too few blocks, and never below
     SPLIT_MIN_TILES slices per split; the simulator never splits."""
-    assert K._grad_weight_splits(1, 10**6) == 1  # simulator
+    monkeypatch.setattr(K.cc, "SIMULATOR", True)  # also on a GPU, where the module's value is False
+    assert K._grad_weight_splits(1, 10**6) == 1
     monkeypatch.setattr(K.cc, "SIMULATOR", False)
     long_m = 10**6
     assert K._grad_weight_splits(K.SPLIT_TARGET_BLOCKS, long_m) == 1  # enough blocks already

@@ -20,6 +20,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kernels.interpolate import cuda as K
+from minseg.backend import to_numpy
 from tests.helpers import assert_close, reference, tol
 
 R = reference("interpolate")
@@ -51,7 +52,7 @@ def modes(draw):
 @given(sizes=axis_sizes(), mode=modes(), dtype=st.sampled_from([np.float32, np.float64]))
 def test_gather_range_is_exactly_the_destinations_that_read_each_source(sizes, mode, dtype):
     (n_in, n_out, scale), (mode, align_corners) = sizes, mode
-    idx, _, lo, hi = (np.asarray(a) for a in K._axis_tables(n_in, n_out, mode, align_corners, scale, np.dtype(dtype)))
+    idx, _, lo, hi = (to_numpy(a) for a in K._axis_tables(n_in, n_out, mode, align_corners, scale, np.dtype(dtype)))
     for p in range(n_in):
         readers = np.flatnonzero((idx == p).any(axis=1))
         np.testing.assert_array_equal(np.arange(lo[p], hi[p]), readers, err_msg=f"source {p}")

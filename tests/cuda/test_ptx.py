@@ -58,3 +58,27 @@ def test_every_kernel_is_listed_and_compiles(report, modname):
         if not r["compiled"] or r.get("assembled") is False
     ]
     assert not problems, f"{modname}:\n" + "\n\n".join(problems)
+
+
+def test_static_metrics_of_every_kernel(report):
+    """The same report run also analyses each kernel's PTX (loops, FMAs, div/rem) and its occupancy.
+
+    The parser itself is checked on hand-written PTX in tests/test_ptx_report.py; here every
+    compiled kernel has the figures, and the tiled GEMM kernels' inner loops are where their
+    FMAs are, reading their operands from shared memory.
+    """
+    from benchmarks.ptx_report import TABLE_HEAD, _table
+
+    rows = [r for r in report["rows"] if r["compiled"]]
+    for r in rows:
+        assert r["loops"] >= 0 and r["div_rem_in_loops"] >= 0, r
+        assert (r["inner_loop"] is None) == (r["loops"] == 0), r
+        if r.get("assembled") and r["cc"] in ("80", "90"):
+            assert 0 < r["occupancy"] <= 1 and r["block"] >= 32, r
+    gemm = [r for r in rows if r["module"] == "kernels.conv2d.cuda" and "gemm" in r["kernel"]]
+    assert gemm
+    for r in gemm:
+        assert r["inner_loop"]["fma"] > 0 and r["inner_loop"]["shared_loads"] > 0, r
+    for markdown in (False, True):
+        lines = _table(report, markdown=markdown).splitlines()
+        assert len(lines) == 2 + len(report["rows"]) and all(h in lines[0] for h in TABLE_HEAD)
