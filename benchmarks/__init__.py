@@ -4,7 +4,7 @@ Run it as ``python -m benchmarks ops|train|gpu|ddp`` (or ``minseg bench ...``)::
 
     python -m benchmarks ops                      # the hot ops, numpy / cpu backends vs torch CPU
     python -m benchmarks train                    # one U-Net training step (forward, backward, SGD)
-    python -m benchmarks gpu                      # the ops on the cuda backend vs torch CUDA (cuDNN)
+    python -m benchmarks gpu --all OUTDIR         # every GPU check: tests on the card, kernels vs cuDNN, a step
     python -m benchmarks ddp                      # a U-Net step on 1 process vs 2 MPI ranks (ddp.py)
     python -m benchmarks ops --json out.json --repeat 30 --backends numpy,cpu
     python -m benchmarks ops --quick              # tiny shapes, 2 repeats: checks that it runs

@@ -26,7 +26,7 @@ def parse_args(argv):
         description="minseg vs PyTorch: interleaved timings, medians, ratios (see benchmarks/__init__.py).",
     )
     p.add_argument("mode", choices=["ops", "train", "gpu", "ddp"], help="ops: the hot ops on the CPU; train: a U-Net training "
-                   "step on the CPU; gpu: the ops on the cuda backend vs torch CUDA; ddp: a U-Net step on 1 process vs "
+                   "step on the CPU; gpu: every GPU check with --all OUTDIR (--simulate: the same on the CPU); ddp: a U-Net step on 1 process vs "
                    "2 MPI ranks, all-reduce time per bucket and the cost model for W machines")
     p.add_argument("--json", metavar="PATH", help="also write every number (and the machine) as JSON to PATH")
     p.add_argument("--repeat", type=int, help="timed calls per implementation (default: ops 20, train 10, gpu 20)")
