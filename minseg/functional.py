@@ -274,11 +274,12 @@ class MaxPool2dFunction(Function):
         kernels = backend.current()
         y, idx = kernels.max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode)
         ctx.kernels, ctx.idx, ctx.x_shape = kernels, idx, x.shape
+        ctx.window = (kernel_size, stride, padding, dilation)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        return (ctx.kernels.max_pool2d_backward(_contiguous(gy), ctx.idx, ctx.x_shape),)
+        return (ctx.kernels.max_pool2d_backward(_contiguous(gy), ctx.idx, ctx.x_shape, *ctx.window),)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
