@@ -42,6 +42,9 @@ from kernels import cuda_common as cc
 __all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_backward"]
 
 THREADS = 128  # block size of the elementwise kernels
+# Module-level ints are compile-time constants to Numba (an attribute of another module is not).
+_UNROLL = cc.UNROLL
+_MERGE_SLOTS = (3, cc.WARP)  # (count, mean, M2) per warp
 
 
 def _ncs(a):
@@ -52,7 +55,7 @@ def _ncs(a):
 @cuda.jit
 def _stats_partials_kernel(x, split_len, partials):
     """Block (c, j): (count, mean, M2) of split j of channel c into partials[:, c, j] (float64)."""
-    slots = cuda.shared.array((3, cc.WARP), dtype=float64)
+    slots = cuda.shared.array(_MERGE_SLOTS, dtype=float64)
     c = cuda.blockIdx.x
     j = cuda.blockIdx.y
     n_img, _, n_s = x.shape
@@ -62,10 +65,10 @@ def _stats_partials_kernel(x, split_len, partials):
     count = float64(0)
     mean = float64(0)
     m2 = float64(0)
-    v = cuda.local.array(cc.UNROLL, float64)
-    for base in range(start + cuda.threadIdx.x, stop, step * cc.UNROLL):
+    v = cuda.local.array(_UNROLL, float64)
+    for base in range(start + cuda.threadIdx.x, stop, step * _UNROLL):
         k = 0
-        for u in range(cc.UNROLL):  # the loads first: UNROLL independent requests in flight
+        for u in range(_UNROLL):  # the loads first: UNROLL independent requests in flight
             m = base + u * step
             if m < stop:
                 v[u] = x[m // n_s, c, m % n_s]
@@ -90,7 +93,7 @@ def _stats_partials_kernel(x, split_len, partials):
 @cuda.jit
 def _stats_merge_kernel(partials, mean, var):
     """Block c: Chan-merge the splits of channel c in a fixed order; mean[c], var[c] = M2 / count."""
-    slots = cuda.shared.array((3, cc.WARP), dtype=float64)
+    slots = cuda.shared.array(_MERGE_SLOTS, dtype=float64)
     c = cuda.blockIdx.x
     count = float64(0)
     mu = float64(0)
