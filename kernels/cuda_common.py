@@ -1,4 +1,7 @@
-"""What every ``kernels/<op>/cuda.py`` shares: array module, allocation, launch sizes.
+"""What every ``kernels/<op>/cuda.py`` shares: array module, allocation, launch sizes,
+and the building blocks of the per-channel reductions (warp shuffles, Chan's
+merge, channels x splits grids with a fixed-order second pass; see "reductions
+v2" below).
 
 On a GPU the cuda backend's arrays are CuPy arrays, handed to Numba kernels
 through ``__cuda_array_interface__`` (no copies). Without a GPU, Numba's CUDA

@@ -21,7 +21,8 @@ coalesced; a block-per-row kernel would be the next version there.
 * **cross_entropy v2: forward and backward fused into one pass.** The
   kernel is built per number of classes C (``_xent_kernel(C)``, cached): C is
   a compile-time constant, so a pixel's C logits fit a fixed-size local array
-  (registers, when C is small; C > ~64 spills them to local memory, cached in
+  (registers when C is small -- ``python -m benchmarks.ptx_report`` shows the
+  registers and spills of C = 4 and 19; a large C spills to local memory, cached in
   L1), and the loops over classes have constant trip counts the compiler
   unrolls. Each thread takes PIXELS pixels, a block's threads taking
   consecutive pixels for each of them (a warp reads 32 consecutive addresses
@@ -78,7 +79,7 @@ __all__ = [
     "cross_entropy_backward",
 ]
 
-THREADS = 128  # block size (at most, for reductions: cuda_common.reduce_threads); shared buffers have this many slots
+THREADS = 128  # block size (at most, for the cross-entropy: a multiple of the warp, see _xent_threads)
 
 
 # ------------------------------------------------------------------- softmaxes
@@ -181,7 +182,6 @@ def _xent_kernel(n_classes: int):
     n_c = n_classes
     warp = cc.WARP  # a closure int is a compile-time constant (an attribute of another module is not)
 
-    @cuda.jit
     def xent_kernel(logits, target, weight, ignore_index, eps, need_grad, write_loss, loss, grad, partials):
         """Thread t of block b: pixels b*T*PIXELS + k*T + t (k < PIXELS) -- loss, unscaled gradient,
         and the block's (sum loss, sum w[t], invalid targets) in partials[:, 0, b]."""
@@ -245,7 +245,8 @@ def _xent_kernel(n_classes: int):
             partials[1, 0, cuda.blockIdx.x] = weight_acc
             partials[2, 0, cuda.blockIdx.x] = invalid
 
-    return xent_kernel
+    xent_kernel.__name__ = xent_kernel.__qualname__ = f"xent_kernel_c{n_c}"  # tells ptx_report's rows apart
+    return cuda.jit(xent_kernel)
 
 
 def _xent_threads(pixels: int) -> int:
