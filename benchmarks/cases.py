@@ -133,14 +133,13 @@ def conv_flops(n, c_in, h, w, c_out, k=3) -> float:
 
 
 def cross_entropy_bytes(n, c, h, w, itemsize=4) -> float:
-    """Fewest bytes of a fused forward + backward.
+    """Bytes a fused forward + backward ('mean') must move, as the kernels are designed.
 
-    forward: read logits (N*C*S) and targets (int64), write the per-pixel log-sum-exp (N*S);
-    backward: read logits, targets and lse again, write the logits' gradient (N*C*S).
+    forward: read logits (N*C*S) and targets (int64), write the unscaled gradient (N*C*S);
+    backward: read the unscaled gradient, write the logits' gradient (N*C*S).
     """
-    s = n * h * w
-    logits, target, lse = n * c * h * w * itemsize, s * 8, s * itemsize
-    return 3 * logits + 2 * target + 2 * lse
+    logits, target = n * c * h * w * itemsize, n * h * w * 8
+    return 4 * logits + target
 
 
 def _name(shape) -> str:

@@ -1,4 +1,7 @@
-"""What every ``kernels/<op>/cuda.py`` shares: array module, allocation, launch sizes.
+"""What every ``kernels/<op>/cuda.py`` shares: array module, allocation, launch sizes,
+and the building blocks of the per-channel reductions (warp shuffles, Chan's
+merge, channels x splits grids with a fixed-order second pass; see "reductions
+v2" below).
 
 On a GPU the cuda backend's arrays are CuPy arrays, handed to Numba kernels
 through ``__cuda_array_interface__`` (no copies). Without a GPU, Numba's CUDA
@@ -25,7 +28,7 @@ import math
 import os
 
 import numpy as np
-from numba import config, cuda
+from numba import config, cuda, float64
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -138,3 +141,232 @@ def block_sum(value, buf):
     total = buf[0]
     cuda.syncthreads()
     return total
+
+
+# ------------------------------------------------------------------ reductions v2
+#
+# A per-channel sum over N*H*W values (batch-norm statistics and parameter
+# gradients, conv grad_bias, the cross-entropy 'mean') needs three things to use
+# a whole GPU:
+#
+# 1. enough blocks: a grid of channels x splits, each block summing one split
+#    (a contiguous range) of its channel, with at least TARGET_BLOCKS blocks in
+#    all (``splits``), so no SM idles even with 16 channels;
+# 2. enough loads in flight: each thread issues UNROLL independent loads before
+#    it adds them (a memory-bound loop waits on latency otherwise);
+# 3. a cheap combine: inside a warp, registers are exchanged with shuffles
+#    (``cuda.shfl_down_sync``: no shared memory, no barrier); across the warps of
+#    a block, one shared slot per warp and one barrier.
+#
+# The blocks' partial results go to a small (quantity, channel, split) array, and
+# a second pass adds the splits of each channel in a fixed order. Floating-point
+# addition is not associative, so atomics (whose order varies from run to run)
+# would make the result differ in the last bits between runs; the fixed order
+# makes every run bit-identical. All partial sums are float64.
+#
+# Under the simulator, ``minseg.runtime.simulate_warp_shuffles`` provides the
+# shuffle that numba-cuda's simulator lacks.
+
+WARP = 32
+FULL_MASK = 0xFFFFFFFF  # every lane of the warp takes part in the shuffle
+UNROLL = 4  # independent loads in flight per thread per step
+REDUCE_BLOCK = 128  # threads of a split-reduction block (4 warps; 32 under the simulator)
+TARGET_BLOCKS = 2 * 132  # an estimate: two blocks per SM of a 132-SM H100, enough to hide a block's tail
+
+
+def split_threads() -> int:
+    """Threads of a split-reduction block: REDUCE_BLOCK, one warp under the simulator (one Python thread each)."""
+    return WARP if SIMULATOR else REDUCE_BLOCK
+
+
+def splits(groups: int, length: int, threads: int) -> int:
+    """Splits per group (channel) so the grid has >= TARGET_BLOCKS blocks, each summing >= threads*UNROLL values."""
+    wanted = -(-TARGET_BLOCKS // max(groups, 1))
+    most = max(1, -(-length // (threads * UNROLL)))
+    return max(1, min(wanted, most))
+
+
+def split_range(length: int, n_splits: int) -> int:
+    """The length of one split: ``n_splits`` ranges of this length (the last shorter) cover ``length``."""
+    return max(1, -(-length // n_splits))
+
+
+@cuda.jit(device=True)
+def warp_sum(value):
+    """Sum of ``value`` over the 32 lanes of a warp, complete in lane 0.
+
+    Five shuffle steps: lane l adds lane l+16's value, then l+8's, ..., l+1's;
+    after them lane 0 holds all 32 (the other lanes hold partial sums).
+    """
+    offset = WARP // 2
+    while offset > 0:
+        value += cuda.shfl_down_sync(FULL_MASK, value, offset)
+        offset //= 2
+    return value
+
+
+@cuda.jit(device=True)
+def block_total(value, warp_slots):
+    """Sum of ``value`` over a 1-D block (a whole number of warps, at most 32), complete in thread 0.
+
+    Each warp reduces with shuffles, lane 0 of each warp puts its total into
+    ``warp_slots`` (a shared array of WARP slots), and warp 0 adds the slots. The
+    barrier at the end lets the caller reuse ``warp_slots`` right away.
+    """
+    t = cuda.threadIdx.x
+    lane = t % WARP
+    value = warp_sum(value)
+    if lane == 0:
+        warp_slots[t // WARP] = value
+    cuda.syncthreads()
+    total = value
+    if t < WARP:
+        total = warp_sum(warp_slots[lane] if lane < cuda.blockDim.x // WARP else warp_slots.dtype.type(0))
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True)
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """(count, mean, M2) of the union of two sets from each set's own (Chan et al., 1979).
+
+    M2 is the sum of squared deviations from the mean (var = M2 / count). With
+    n = n_a + n_b and d = mean_b - mean_a::
+
+        mean = mean_a + d n_b / n,     M2 = M2_a + M2_b + d^2 n_a n_b / n
+
+    No large terms cancel (unlike sum x^2 - n mean^2), so merging partial
+    results read x once and stays as accurate as the two-pass formula. Empty
+    sets (count 0) merge to the other set.
+    """
+    n = n_a + n_b
+    if n == 0:
+        return n, mean_a, m2_a
+    d = mean_b - mean_a
+    f = n_b / n
+    return n, mean_a + d * f, m2_a + m2_b + d * d * n_a * f
+
+
+@cuda.jit(device=True)
+def warp_chan_merge(n, mean, m2):
+    """``chan_merge`` over the 32 lanes of a warp, complete in lane 0 (the shuffle pattern of ``warp_sum``)."""
+    offset = WARP // 2
+    while offset > 0:
+        n_b = cuda.shfl_down_sync(FULL_MASK, n, offset)
+        mean_b = cuda.shfl_down_sync(FULL_MASK, mean, offset)
+        m2_b = cuda.shfl_down_sync(FULL_MASK, m2, offset)
+        n, mean, m2 = chan_merge(n, mean, m2, n_b, mean_b, m2_b)
+        offset //= 2
+    return n, mean, m2
+
+
+@cuda.jit(device=True)
+def block_chan_merge(n, mean, m2, warp_slots):
+    """``chan_merge`` over a 1-D block, complete in thread 0; ``warp_slots`` is a shared (3, WARP) array."""
+    t = cuda.threadIdx.x
+    lane = t % WARP
+    n, mean, m2 = warp_chan_merge(n, mean, m2)
+    if lane == 0:
+        warp_slots[0, t // WARP] = n
+        warp_slots[1, t // WARP] = mean
+        warp_slots[2, t // WARP] = m2
+    cuda.syncthreads()
+    if t < WARP:
+        zero = warp_slots.dtype.type(0)
+        used = lane < cuda.blockDim.x // WARP
+        n, mean, m2 = warp_chan_merge(
+            warp_slots[0, lane] if used else zero,
+            warp_slots[1, lane] if used else zero,
+            warp_slots[2, lane] if used else zero,
+        )
+    cuda.syncthreads()
+    return n, mean, m2
+
+
+@cuda.jit
+def channel_sums_kernel(a, b, has_b, split_len, partials):
+    """Block (c, j) sums split j of channel c of the (N, C, S) arrays ``a`` (and ``a * b`` if ``has_b``).
+
+    The channel's M = N*S values are numbered m = n*S + s; split j covers
+    m in [j*split_len, (j+1)*split_len). Thread t loads UNROLL values
+    m = base + u*T (u < UNROLL, T threads) before adding them, then moves on by
+    UNROLL*T: consecutive threads read consecutive addresses (coalesced).
+    partials[0, c, j] = sum a, partials[1, c, j] = sum a*b (float64).
+    """
+    slots = cuda.shared.array(WARP, dtype=float64)
+    c = cuda.blockIdx.x
+    j = cuda.blockIdx.y
+    n_img, _, n_s = a.shape
+    start = j * split_len
+    stop = min(start + split_len, n_img * n_s)
+    step = cuda.blockDim.x
+    sum_a = float64(0)
+    sum_ab = float64(0)
+    va = cuda.local.array(UNROLL, float64)
+    vb = cuda.local.array(UNROLL, float64)
+    for base in range(start + cuda.threadIdx.x, stop, step * UNROLL):
+        for u in range(UNROLL):  # the loads first: UNROLL independent requests in flight
+            m = base + u * step
+            va[u] = 0
+            vb[u] = 0
+            if m < stop:
+                va[u] = a[m // n_s, c, m % n_s]
+                if has_b:
+                    vb[u] = b[m // n_s, c, m % n_s]
+        for u in range(UNROLL):
+            sum_a += va[u]
+            sum_ab += va[u] * vb[u]
+    sum_a = block_total(sum_a, slots)
+    sum_ab = block_total(sum_ab, slots)
+    if cuda.threadIdx.x == 0:
+        partials[0, c, j] = sum_a
+        partials[1, c, j] = sum_ab
+
+
+@cuda.jit
+def sum_splits_kernel(partials, out):
+    """Block (q, c): out[q, c] = sum over j of partials[q, c, j], in a fixed order (deterministic).
+
+    Thread t adds j = t, t + T, ... in turn, then ``block_total`` adds the
+    threads' sums in its fixed tree order: the same bits on every run.
+    """
+    slots = cuda.shared.array(WARP, dtype=float64)
+    q = cuda.blockIdx.x
+    c = cuda.blockIdx.y
+    acc = float64(0)
+    for j in range(cuda.threadIdx.x, partials.shape[2], cuda.blockDim.x):
+        acc += partials[q, c, j]
+    total = block_total(acc, slots)
+    if cuda.threadIdx.x == 0:
+        out[q, c] = total
+
+
+def channel_sums(a, b=None):
+    """(sum a, sum a*b) per channel of (N, C, S) arrays, as a (2, C) array of a's dtype (float64 sums).
+
+    Split blocks, then the fixed-order pass over the splits.
+
+    Row 1 is all zeros when ``b`` is None.
+    """
+    n_img, n_c, n_s = a.shape
+    threads = split_threads()
+    n_splits = splits(n_c, n_img * n_s, threads)
+    partials = empty((2, n_c, n_splits), np.float64)
+    channel_sums_kernel[(n_c, n_splits), threads](
+        a, a if b is None else b, b is not None, split_range(n_img * n_s, n_splits), partials
+    )
+    return sum_partials(partials, a.dtype)
+
+
+def sum_partials(partials, dtype):
+    """out (Q, C) of ``dtype`` = partials (Q, C, splits) summed over the splits by ``sum_splits_kernel``."""
+    q, c, n_splits = partials.shape
+    out = empty((q, c), dtype)
+    sum_splits_kernel[(q, c), WARP if SIMULATOR or n_splits <= WARP else REDUCE_BLOCK](partials, out)
+    return out
+
+
+# The split-reduction kernels are shared; each module that launches them lists them
+# in its own PTX_SIGNATURES with these signatures.
+CHANNEL_SUMS_SIGNATURES = float_signatures("void({t}[:, :, ::1], {t}[:, :, ::1], boolean, int64, float64[:, :, ::1])")
+SUM_SPLITS_SIGNATURES = float_signatures("void(float64[:, :, ::1], {t}[:, ::1])")

@@ -17,7 +17,7 @@ import numpy as np
 from kernels.shapes import conv_output_size, conv_transpose_output_size, pool_output_size
 
 from . import backend
-from .autograd import Function
+from .autograd import Function, is_grad_enabled
 from .rng import generator
 from .tensor import Tensor
 
@@ -274,11 +274,12 @@ class MaxPool2dFunction(Function):
         kernels = backend.current()
         y, idx = kernels.max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode)
         ctx.kernels, ctx.idx, ctx.x_shape = kernels, idx, x.shape
+        ctx.window = (kernel_size, stride, padding, dilation)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        return (ctx.kernels.max_pool2d_backward(_contiguous(gy), ctx.idx, ctx.x_shape),)
+        return (ctx.kernels.max_pool2d_backward(_contiguous(gy), ctx.idx, ctx.x_shape, *ctx.window),)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -394,19 +395,36 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 class CrossEntropyFunction(Function):
+    """One fused forward pass writes the loss and, when the logits want a gradient,
+    the unscaled gradient A_i (p_i - q_i); the backward only scales it."""
+
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing):
         ctx.kernels = backend.current()
-        ctx.args = (ignore_index, reduction, label_smoothing)
-        loss, lse = ctx.kernels.cross_entropy_forward(logits, target, weight, *ctx.args)
-        ctx.save_for_backward(logits, target, weight, lse)
+        need_grad = is_grad_enabled() and ctx.needs_input_grad[0]  # inference writes no (N, C, S) gradient
+        loss, dlogits, denom, n_invalid = ctx.kernels.cross_entropy_forward(
+            logits, target, weight, ignore_index, reduction, label_smoothing, need_grad
+        )
+        if int(n_invalid):  # one number read back; the targets themselves never leave the device
+            _raise_bad_target(target, logits.shape[1], ignore_index)
+        ctx.reduction = reduction
+        ctx.save_for_backward(dlogits, denom)
         return loss
 
     @staticmethod
     def backward(ctx, gloss):
-        logits, target, weight, lse = ctx.saved_tensors
-        g = ctx.kernels.cross_entropy_backward(logits, target, weight, *ctx.args, lse, _contiguous(gloss))
-        return g, None, None
+        dlogits, denom = ctx.saved_tensors
+        return ctx.kernels.cross_entropy_backward(dlogits, _contiguous(gloss), ctx.reduction, denom), None, None
+
+
+def _raise_bad_target(target, n_classes, ignore_index):
+    """The error for a target outside [0, C) that is not ignore_index (the kernel counted it)."""
+    t = backend.to_numpy(target)  # only on this error path
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    value = t[bad].reshape(-1)[0]
+    raise ValueError(
+        f"target value {value} is out of range: expected class indices in [0, {n_classes - 1}] or ignore_index={ignore_index}"
+    )
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0) -> Tensor:
@@ -436,14 +454,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         _same_dtype(weight, x, "weight")
         if weight.shape != (c,):
             raise ValueError(f"weight must have shape ({c},), one per class, got {weight.shape}")
-    t_np = t.numpy()
-    # Two cheap reductions settle the common case; the masked scan runs only when some
-    # value lies outside [0, C) (ignored pixels, or a bad target to report).
-    if t_np.size and (t_np.min() < 0 or t_np.max() >= c):
-        bad = (t_np != ignore_index) & ((t_np < 0) | (t_np >= c))
-        if bad.any():
-            value = t_np[bad].reshape(-1)[0]
-            raise ValueError(f"target value {value} is out of range: expected class indices in [0, {c - 1}] or ignore_index={ignore_index}")
+    # The range of the target values is checked by the kernel (on the device for cuda):
+    # CrossEntropyFunction raises if it counted any value outside [0, C) that is not ignore_index.
     s = int(np.prod(x.shape[2:], dtype=np.int64))
     logits = x.reshape(n, c, s)
     target_arr = _contiguous(t.data.reshape(n, s).astype(np.int64, copy=False))

@@ -10,6 +10,10 @@ applies them when a backend first loads:
   a block one shared array (cuda backend under the simulator);
   ``MINSEG_SIMULATOR_FIX=0`` turns it off (not advised: block reductions then fail
   now and then).
+* :func:`simulate_warp_shuffles` -- adds ``cuda.shfl_down_sync`` to Numba's CUDA
+  simulator, which lacks it (numba-cuda 0.30.4), so the warp reductions of
+  ``kernels/cuda_common.py`` run, and are tested, without a GPU. Not a setting:
+  without it those kernels cannot run under the simulator.
 """
 from __future__ import annotations
 
@@ -86,12 +90,60 @@ def fix_simulator_shared_arrays() -> bool:
     return True
 
 
+def simulate_warp_shuffles() -> bool:
+    """Give Numba's CUDA simulator ``cuda.shfl_down_sync(mask, value, delta)``.
+
+    On a GPU the 32 lanes of a warp run in lock-step and a shuffle reads another
+    lane's register. The simulator runs each CUDA thread as a Python thread, so
+    the lanes meet at a barrier instead: each lane puts its value in its warp's
+    slot list, waits for the whole warp, reads lane ``lane + delta`` (its own
+    value when that lane is outside the warp, as the hardware does), and waits
+    again so no lane overwrites a slot before every lane has read it. Every lane
+    of the warp must call it (mask 0xffffffff); the lanes are those of the block
+    (a last, partial warp has fewer). Returns True when the simulator has it.
+    """
+    from numba import config
+
+    if not config.ENABLE_CUDASIM:
+        return False
+    import threading
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+
+    if hasattr(kernelapi.FakeCUDAModule, "shfl_down_sync"):
+        return True
+    lock = threading.Lock()
+
+    def shfl_down_sync(self, mask, value, delta):
+        thread = threading.current_thread()
+        manager = thread._manager
+        warp, lane = divmod(thread.thread_id, 32)
+        with lock:  # one exchange per (block, warp), created by whichever lane comes first
+            exchanges = manager.__dict__.setdefault("_warp_exchanges", {})
+            key = (tuple(thread.blockIdx), warp)
+            if key not in exchanges:
+                lanes = min(32, int(np.prod(manager._block_dim)) - 32 * warp)
+                exchanges[key] = ([None] * lanes, threading.Barrier(lanes, timeout=120))
+            slots, barrier = exchanges[key]
+        slots[lane] = value
+        barrier.wait()
+        source = lane + int(delta)
+        result = slots[source] if source < len(slots) else value
+        barrier.wait()
+        return result
+
+    kernelapi.FakeCUDAModule.shfl_down_sync = shfl_down_sync
+    return True
+
+
 def apply_for(backend_name: str) -> None:
     """Apply the settings that backend ``backend_name`` benefits from (called by ``backend.load``)."""
     if backend_name == "cpu":
         keep_freed_memory()
     elif backend_name == "cuda":
         fix_simulator_shared_arrays()
+        simulate_warp_shuffles()
 
 
-__all__ = ["keep_freed_memory", "fix_simulator_shared_arrays", "apply_for"]
+__all__ = ["keep_freed_memory", "fix_simulator_shared_arrays", "simulate_warp_shuffles", "apply_for"]

@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from minseg import runtime  # noqa: E402
 
 # Tests call kernels/<op>/cuda.py directly, not only through backend.load: apply the
-# simulator fix up front (minseg/runtime.py says what it fixes).
+# simulator fixes up front (minseg/runtime.py says what it fixes).
 runtime.fix_simulator_shared_arrays()
+runtime.simulate_warp_shuffles()
 
 settings.register_profile(
     "ci",

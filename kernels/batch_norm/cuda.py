@@ -1,46 +1,50 @@
-"""Batch normalisation on the GPU (Numba CUDA): per-channel block reductions and elementwise passes.
+"""Batch normalisation on the GPU (Numba CUDA): split per-channel reductions and elementwise passes.
 
 Read ``reference.py`` first: it defines the statistics and derives the backward.
 Every array is seen as (N, C, S), S = the product of the spatial sizes (free
 for a C-contiguous array); a channel's M = N*S values are N runs of S
 consecutive addresses.
 
-* **batch_norm_stats** -- one block per channel. Its threads stride over the
-  channel's M values (thread t takes m = t, t + T, ...; consecutive threads read
-  consecutive addresses of a run: coalesced), each adds its share, and a
-  shared-memory tree reduction (``cuda_common.block_sum``) adds the threads'
-  partial sums (blocks of 32 to 128 threads: a power of two no larger than
-  needed, so short channels idle no threads). Two passes as in the reference
-  -- the mean, then the mean squared deviation from it -- in float64
-  accumulators: the one-pass E[x^2] - E[x]^2 cancels catastrophically when
-  |mean| >> std, and float64 keeps long float32 sums exact enough (a few extra
-  float64 adds per loaded value; the kernel is bound by memory, not by them).
-  The second pass re-reads the channel, from L2 when it fits.
+* **batch_norm_stats** -- one read of x. A grid of channels x splits
+  (``cuda_common.splits``: at least two blocks per SM of an H100 -- 16 channels
+  get 17 splits each), each block taking a contiguous range of its channel.
+  Each thread loads UNROLL values (independent loads in flight), folds them
+  into its running (count, mean, M2) with Chan's merge
+  (``cuda_common.chan_merge``, float64), and the block merges its threads'
+  triples with warp shuffles (``cuda_common.block_chan_merge``) into
+  partials[:, c, split]. A second kernel merges each channel's splits in a
+  fixed order: mean = the merged mean, var = M2 / M. The merge adds squared
+  deviations, never sum x^2 - M mean^2, so it is as accurate as the
+  reference's two passes when |mean| >> std, with half the reads.
 * **batch_norm_forward** -- a tiny kernel computes invstd = 1/sqrt(var + eps)
   per channel (C threads, float64 like the reference), then one thread per
   element writes xhat and y: one read of x, two coalesced writes.
-* **batch_norm_backward** -- one block per channel reduces gbias = sum gy and
-  gweight = sum gy*xhat together (one read of gy and xhat, two block sums),
-  then one thread per element applies
-  ``gx = w invstd (gy - gbias/M - xhat gweight/M)`` (training) or
-  ``gx = w invstd gy`` (evaluation).
+* **batch_norm_backward** -- gbias = sum gy and gweight = sum gy*xhat come from
+  ``cuda_common.channel_sums`` (the same channels x splits grid, one read of gy
+  and xhat, float64 sums, a fixed-order pass over the splits), then one thread
+  per element applies ``gx = w invstd (gy - gbias/M - xhat gweight/M)``
+  (training) or ``gx = w invstd gy`` (evaluation).
 
-One block per channel keeps every reduction deterministic without atomics;
-with few channels and huge images a split over several blocks per channel
-(partial sums, then a second pass, as the cross-entropy does) would fill more
-of the GPU.
+Both reductions are deterministic (no atomics: the splits are added in a fixed
+order). They replace v1, one block of <= 128 threads per channel with a
+two-pass mean/variance: 16 to 128 blocks cannot fill 132 SMs (the one-block-
+per-output pattern remains, as a first version, in conv2d's grad_weight v1).
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import cuda, float64
 
 from kernels import cuda_common as cc
 
 __all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_backward"]
 
-THREADS = 128  # block size of the elementwise kernels; the reductions' shared buffers have this many slots
+THREADS = 128  # block size of the elementwise kernels
+# Module-level ints are compile-time constants to Numba (an attribute of another module is not).
+_UNROLL = cc.UNROLL
+_MERGE_SLOTS = (3, cc.WARP)  # (count, mean, M2) per warp
 
 
 def _ncs(a):
@@ -49,33 +53,71 @@ def _ncs(a):
 
 
 @cuda.jit
-def _stats_kernel(x, mean, var):
-    """Block c: mean[c] and biased var[c] over x[:, c, :], two passes, float64 sums."""
-    buf = cuda.shared.array(THREADS, dtype=float64)
+def _stats_partials_kernel(x, split_len, partials):
+    """Block (c, j): (count, mean, M2) of split j of channel c into partials[:, c, j] (float64)."""
+    slots = cuda.shared.array(_MERGE_SLOTS, dtype=float64)
     c = cuda.blockIdx.x
+    j = cuda.blockIdx.y
     n_img, _, n_s = x.shape
-    m_total = n_img * n_s
-    acc = float64(0)
-    for m in range(cuda.threadIdx.x, m_total, cuda.blockDim.x):
-        acc += x[m // n_s, c, m % n_s]
-    mu = cc.block_sum(acc, buf) / m_total
-    acc = float64(0)
-    for m in range(cuda.threadIdx.x, m_total, cuda.blockDim.x):
-        d = x[m // n_s, c, m % n_s] - mu
-        acc += d * d
-    sq = cc.block_sum(acc, buf)
+    start = j * split_len
+    stop = min(start + split_len, n_img * n_s)
+    step = cuda.blockDim.x
+    count = float64(0)
+    mean = float64(0)
+    m2 = float64(0)
+    v = cuda.local.array(_UNROLL, float64)
+    for base in range(start + cuda.threadIdx.x, stop, step * _UNROLL):
+        k = 0
+        for u in range(_UNROLL):  # the loads first: UNROLL independent requests in flight
+            m = base + u * step
+            if m < stop:
+                v[u] = x[m // n_s, c, m % n_s]
+                k += 1
+        # the k loaded values as one small set (its mean, its M2), merged into the thread's
+        chunk_mean = float64(0)
+        for u in range(k):
+            chunk_mean += v[u]
+        chunk_mean /= k
+        chunk_m2 = float64(0)
+        for u in range(k):
+            d = v[u] - chunk_mean
+            chunk_m2 += d * d
+        count, mean, m2 = cc.chan_merge(count, mean, m2, float64(k), chunk_mean, chunk_m2)
+    count, mean, m2 = cc.block_chan_merge(count, mean, m2, slots)
+    if cuda.threadIdx.x == 0:
+        partials[0, c, j] = count
+        partials[1, c, j] = mean
+        partials[2, c, j] = m2
+
+
+@cuda.jit
+def _stats_merge_kernel(partials, mean, var):
+    """Block c: Chan-merge the splits of channel c in a fixed order; mean[c], var[c] = M2 / count."""
+    slots = cuda.shared.array(_MERGE_SLOTS, dtype=float64)
+    c = cuda.blockIdx.x
+    count = float64(0)
+    mu = float64(0)
+    m2 = float64(0)
+    for j in range(cuda.threadIdx.x, partials.shape[2], cuda.blockDim.x):
+        count, mu, m2 = cc.chan_merge(count, mu, m2, partials[0, c, j], partials[1, c, j], partials[2, c, j])
+    count, mu, m2 = cc.block_chan_merge(count, mu, m2, slots)
     if cuda.threadIdx.x == 0:
         mean[c] = mu
-        var[c] = sq / m_total
+        var[c] = m2 / count
 
 
 def batch_norm_stats(x):
-    """(mean, var) per channel (biased var), one block per channel."""
+    """(mean, var) per channel (biased var): one read of x in channels x splits blocks, then a merge pass."""
     x = cc.as_input(x)
-    c = x.shape[1]
+    xs = _ncs(x)
+    n, c, s = xs.shape
+    threads = cc.split_threads()
+    n_splits = cc.splits(c, n * s, threads)
+    partials = cc.empty((3, c, n_splits), np.float64)
+    _stats_partials_kernel[(c, n_splits), threads](xs, cc.split_range(n * s, n_splits), partials)
     mean = cc.empty((c,), x.dtype)
     var = cc.empty((c,), x.dtype)
-    _stats_kernel[c, cc.reduce_threads(x.size // c, THREADS)](_ncs(x), mean, var)
+    _stats_merge_kernel[c, cc.WARP](partials, mean, var)
     return mean, var
 
 
@@ -124,25 +166,6 @@ def batch_norm_forward(x, mean, var, weight, bias, eps):
 
 
 @cuda.jit
-def _param_grad_kernel(gy, xhat, gweight, gbias):
-    """Block c: gbias[c] = sum gy[:, c, :], gweight[c] = sum gy * xhat (float64 sums, one read of each)."""
-    buf = cuda.shared.array(THREADS, dtype=float64)
-    c = cuda.blockIdx.x
-    n_img, _, n_s = gy.shape
-    acc_b = float64(0)
-    acc_w = float64(0)
-    for m in range(cuda.threadIdx.x, n_img * n_s, cuda.blockDim.x):
-        g = float64(gy[m // n_s, c, m % n_s])
-        acc_b += g
-        acc_w += g * xhat[m // n_s, c, m % n_s]
-    sum_b = cc.block_sum(acc_b, buf)
-    sum_w = cc.block_sum(acc_w, buf)
-    if cuda.threadIdx.x == 0:
-        gbias[c] = sum_b
-        gweight[c] = sum_w
-
-
-@cuda.jit
 def _grad_input_kernel(gy, xhat, invstd, weight, has_weight, gweight, gbias, training, gx):
     """Thread e: gx = w invstd (gy - gbias/M - xhat gweight/M) if training, else w invstd gy."""
     e = cuda.grid(1)
@@ -159,13 +182,11 @@ def _grad_input_kernel(gy, xhat, invstd, weight, has_weight, gweight, gbias, tra
 
 
 def batch_norm_backward(gy, xhat, invstd, weight, training):
-    """(gx, gweight, gbias): one reduction block per channel, then one thread per element."""
+    """(gx, gweight, gbias): the split channel sums, then one thread per element."""
     gy = cc.as_input(gy)
     xhat, invstd = cc.as_input(xhat, gy.dtype), cc.as_input(invstd, gy.dtype)
-    c = gy.shape[1]
-    gweight = cc.empty((c,), gy.dtype)
-    gbias = cc.empty((c,), gy.dtype)
-    _param_grad_kernel[c, cc.reduce_threads(gy.size // c, THREADS)](_ncs(gy), _ncs(xhat), gweight, gbias)
+    sums = cc.channel_sums(_ncs(gy), _ncs(xhat))
+    gbias, gweight = sums[0], sums[1]
     gx = cc.empty(gy.shape, gy.dtype)
     _grad_input_kernel[cc.blocks(gy.size, THREADS), THREADS](
         _ncs(gy), _ncs(xhat), invstd, *_optional(weight, gy), gweight, gbias, bool(training), _ncs(gx)
@@ -179,10 +200,12 @@ def _signatures(template):
 
 
 PTX_SIGNATURES = [
-    (_stats_kernel, _signatures("void({A}, {t}[::1], {t}[::1])")),
+    (_stats_partials_kernel, _signatures("void({A}, int64, float64[:, :, ::1])")),
+    (_stats_merge_kernel, _signatures("void(float64[:, :, ::1], {t}[::1], {t}[::1])")),
     (_invstd_kernel, _signatures("void({t}[::1], float64, {t}[::1])")),
     (_forward_kernel, _signatures("void({A}, {t}[::1], {t}[::1], {t}[::1], boolean, {t}[::1], boolean, {A}, {A})")),
-    (_param_grad_kernel, _signatures("void({A}, {A}, {t}[::1], {t}[::1])")),
+    (cc.channel_sums_kernel, cc.CHANNEL_SUMS_SIGNATURES),
+    (cc.sum_splits_kernel, cc.SUM_SPLITS_SIGNATURES),
     (
         _grad_input_kernel,
         _signatures("void({A}, {A}, {t}[::1], {t}[::1], boolean, {t}[::1], {t}[::1], boolean, {A})"),

@@ -83,7 +83,10 @@ Backward (no atomics anywhere, so results are deterministic):
   of ~that many blocks. (Under the simulator, one Python thread per CUDA
   thread, v1's 32-thread block per weight made tests/cuda/test_unet_step_cuda.py
   take minutes; v2 is ~15x faster there on its 4-channel 16x16 3x3 layer.)
-* **grad_bias** is grad_weight v1's block reduction over gy's (n, i, j) per channel.
+* **grad_bias** -- the split per-channel sum of ``cuda_common.channel_sums`` (a grid of channels x
+  splits, warp shuffles, a fixed-order second pass; shared with batch-norm). It replaced
+  a one-block-per-channel reduction, the same pattern as grad_weight v1, which stays the
+  example of that first version.
 
 Block sizes of the reductions are the smallest power of two covering N*Ho*Wo,
 between one warp and REDUCE_THREADS, so small images do not idle threads.
@@ -440,27 +443,12 @@ def conv2d_grad_weight(x, gy, w_shape, stride, padding, dilation, groups, versio
     return GRAD_WEIGHT_VERSIONS[version](x, gy, w_shape, stride, padding, dilation, groups)
 
 
-@cuda.jit
-def _grad_bias_kernel(gy, gb):
-    """Block o computes gb[o] = sum over (n, i, j) of gy[n, o, i, j]."""
-    buf = cuda.shared.array(REDUCE_THREADS, dtype=gb.dtype)
-    o = cuda.blockIdx.x
-    n_img, _, ho, wo = gy.shape
-    acc = gb.dtype.type(0)
-    for m in range(cuda.threadIdx.x, n_img * ho * wo, cuda.blockDim.x):
-        acc += gy[m // (ho * wo), o, (m // wo) % ho, m % wo]
-    total = cc.block_sum(acc, buf)
-    if cuda.threadIdx.x == 0:
-        gb[o] = total
-
-
 def conv2d_grad_bias(gy):
-    """gb (C_out,): one block per channel, a shared-memory reduction over (n, i, j)."""
+    """gb (C_out,) = gy summed over (n, i, j): ``cuda_common.channel_sums``, a grid of channels x splits
+    with warp-shuffle block sums and a fixed-order pass over the splits (deterministic)."""
     (gy,) = _float_inputs(gy)
     n, c_out, ho, wo = gy.shape
-    gb = cc.empty((c_out,), gy.dtype)
-    _grad_bias_kernel[c_out, cc.reduce_threads(n * ho * wo, REDUCE_THREADS)](gy, gb)
-    return gb
+    return cc.channel_sums(gy.reshape(n, c_out, ho * wo))[0]
 
 
 # ------------------------------------------------------------ PTX compile targets
@@ -483,5 +471,6 @@ PTX_SIGNATURES = [
         _grad_weight_gemm_kernel,
         _signatures("void({A}, {A}, {t}[:, :, ::1], int64, int64, int64, int64, int64, int64, int64, int64)"),
     ),
-    (_grad_bias_kernel, _signatures("void({A}, {t}[::1])")),
+    (cc.channel_sums_kernel, cc.CHANNEL_SUMS_SIGNATURES),
+    (cc.sum_splits_kernel, cc.SUM_SPLITS_SIGNATURES),
 ]

@@ -73,8 +73,13 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
     return y, indices.astype(np.int64)
 
 
-def max_pool2d_backward(gy, indices, x_shape):
-    """gx[n, c].flat[indices[n, c, i, j]] += gy[n, c, i, j]."""
+def max_pool2d_backward(gy, indices, x_shape, kernel_size, stride, padding, dilation):
+    """gx[n, c].flat[indices[n, c, i, j]] += gy[n, c, i, j].
+
+    The window's geometry (pairs, as in the forward) is not needed here: the
+    indices say where each gradient goes. The cuda backend uses it to pick a
+    deterministic parallel strategy (see ``cuda.py``).
+    """
     n, c, h, w = x_shape
     gx = np.zeros((n * c, h * w), gy.dtype)
     plane = np.arange(n * c)[:, None]

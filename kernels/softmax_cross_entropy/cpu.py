@@ -10,35 +10,38 @@ matter:
    ``for c: for s in block: acc[s] += ...``: the inner loop walks contiguous
    memory with no dependence between iterations, which LLVM vectorises. The
    per-pixel running max / sum live in small block buffers that stay in L1.
-2. **A vectorisable exp.** Numba's ``math.exp`` is a scalar libm call (~4 ns,
-   it blocks vectorisation). ``_exp_shifted`` computes exp(z) with the textbook
-   range reduction z = k ln2 + r, |r| <= ln2/2: e^r by a Taylor polynomial
-   (degree 7 in float32, 12 in float64: below one ulp), and 2^k written
-   straight into the exponent bits of the output, read back as floats. All of
-   it is plain arithmetic on arrays, so it vectorises (~10x faster).
-3. **Fused cross-entropy.** The forward makes one pass over each pixel's C
-   logits for the max, and a second, while the block is in L1, for sum exp,
-   the target's logit and weight (a select per class instead of a gather) and,
-   with smoothing, sum_c w_c (m - x_c); the loss and the per-job partial sums
-   follow per pixel. The backward writes
-   ``scale_i (A_i p - (1-eps) w_t onehot - (eps/C) w)`` in one pass, with
-   p = exp(z - lse) recomputed from the saved lse instead of stored. Partial
-   sums are float64 and combined in job order, so results are deterministic.
+2. **A vectorisable exp and log** (``fastmath.py``). Numba's ``math.exp`` is
+   a scalar libm call, which blocks vectorisation. ``fastmath.exp_shifted``
+   computes exp(z) with the textbook range reduction z = k ln2 + r,
+   |r| <= ln2/2: e^r by a Taylor polynomial and 2^k written straight into the
+   exponent bits of the output; ``fastmath.log_inplace`` reads exponent and
+   mantissa from the bits. Plain arithmetic on arrays, so it vectorises;
+   ``tests/kernels/test_fastmath.py`` measures the accuracy against NumPy.
+3. **Fused cross-entropy: one pass over the logits writes the loss and the
+   unscaled gradient.** Per pixel block: a pass for the max over classes, then
+   one pass that computes e_c = exp(x_c - m) -- straight into the gradient's
+   memory when a gradient is wanted -- and accumulates sum_c e_c, the target's
+   logit and weight (a select per class instead of a gather) and, with
+   smoothing, sum_c w_c (m - x_c). The gradient A_i (p_c - q_c) is then
+   finished in place from e_c (still in cache; the logits are not read again),
+   and the losses and per-job partial sums follow per pixel. The backward is
+   one scaling pass over that gradient (by gloss_i, gloss, or gloss / D).
+   Without a gradient (inference, ``need_grad=False``) nothing of size
+   (N, C, S) is written. Partial sums are float64 and combined in job order,
+   so results are deterministic.
 4. **Small helpers for the hot loops.** Inside one big parallel kernel, a loop
    that touches many arrays stays scalar: LLVM cannot prove the arrays do not
    overlap. The cross-entropy's per-block loops are therefore small compiled
    functions on a few 1-D blocks, which LLVM vectorises behind a runtime
-   overlap check (forward ~1.4x faster). Measured on 2 shared cores, forward +
-   backward of (8, 4, 128, 128) float32: ~1.05 ms vs torch's ~1.25 ms (best of
-   400 interleaved runs); single-threaded ~1.2x torch's time.
+   overlap check. Timings: ``python -m benchmarks ops --only cross_entropy``
+   (against torch's whole call, forward + backward).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
+
+from kernels.softmax_cross_entropy.fastmath import JIT_OPTIONS, exp_shifted, log_inplace
 
 __all__ = [
     "softmax_forward",
@@ -51,97 +54,8 @@ __all__ = [
 
 BLOCK = 512  # pixels per job: 2 KiB float32 per buffer, a few buffers fit L1
 
-_LN2 = math.log(2.0)
-# error_model "numpy" drops Python's zero-division check, a branch that stops
-# vectorisation; fastmath's "reassoc" lets LLVM vectorise sums (acc += ...) and
-# "contract" fuse a*b+c into FMAs, without fastmath's no-NaN/no-inf assumptions
-# (NaN logits still give NaN).
-_JIT_OPTIONS = {"error_model": "numpy", "fastmath": {"reassoc", "contract"}}
-_BLOCK_OPTIONS = dict(_JIT_OPTIONS, cache=True)
+_BLOCK_OPTIONS = dict(JIT_OPTIONS, cache=True)  # JIT_OPTIONS: see fastmath.py
 _KERNEL_OPTIONS = dict(_BLOCK_OPTIONS, parallel=True)
-
-
-def _exp_shifted(x, shift, out):
-    """out[i] = exp(x[i] - shift[i]) (compiled only; see the overload below)."""
-    raise NotImplementedError("only callable from Numba-compiled code")
-
-
-@overload(_exp_shifted, jit_options=_JIT_OPTIONS)
-def _exp_shifted_impl(x, shift, out):
-    """exp(z) = 2^k e^r, k = round(z / ln2), r = z - k ln2 in [-ln2/2, ln2/2].
-
-    e^r: Horner on the Taylor series, truncation r^(d+1)/(d+1)! below an ulp.
-    2^k: the float whose exponent field is k + bias and mantissa 0, built as an
-    integer in out's bits. z is clamped below at -bias ln2, where k = -bias
-    makes the exponent field 0 and the result exactly 0 (results that would be
-    subnormal come out as 0 or the smallest normal). Valid up to the largest
-    exponent (z < ~88 in float32, ~709 in float64).
-    """
-    if out.dtype == types.float32:
-        itype, nmant, bias, degree, ftype = np.int32, 23, 127, 7, np.float32
-    else:
-        itype, nmant, bias, degree, ftype = np.int64, 52, 1023, 12, np.float64
-    coefs = tuple(ftype(1.0 / math.factorial(j)) for j in range(degree, -1, -1))
-    lo, log2e, ln2, half = ftype(-bias * _LN2), ftype(1.0 / _LN2), ftype(_LN2), ftype(0.5)
-    ibias, shift_bits = itype(bias), itype(nmant)
-
-    def impl(x, shift, out):
-        bits = out.view(itype)
-        for i in range(out.size):  # pass 1: 2^k into out's exponent field
-            k = math.floor(max(x[i] - shift[i], lo) * log2e + half)
-            bits[i] = (itype(k) + ibias) << shift_bits
-        for i in range(out.size):  # pass 2: multiply by e^r
-            z = max(x[i] - shift[i], lo)
-            r = z - math.floor(z * log2e + half) * ln2
-            p = coefs[0]
-            for c in coefs[1:]:
-                p = p * r + c
-            out[i] *= p
-
-    return impl
-
-
-def _log_inplace(a, work):
-    """a[i] = log(a[i]) for positive normal a (compiled only; see the overload below)."""
-    raise NotImplementedError("only callable from Numba-compiled code")
-
-
-@overload(_log_inplace, jit_options=_JIT_OPTIONS)
-def _log_inplace_impl(a, work):
-    """log(a) = e ln2 + log(f), a = 2^e f with f in [sqrt(1/2), sqrt(2)).
-
-    e and f are read from the bits (exponent field, and the mantissa with the
-    exponent field set to 0). log(f) = 2 atanh(u) = 2 (u + u^3/3 + u^5/5 + ...)
-    with u = (f - 1)/(f + 1), |u| <= 0.172: 5 terms in float32, 11 in float64
-    reach the last bit. ``work`` (as long as ``a``) holds e between the passes.
-    """
-    if a.dtype == types.float32:
-        itype, nmant, bias, terms, ftype = np.int32, 23, 127, 5, np.float32
-    else:
-        itype, nmant, bias, terms, ftype = np.int64, 52, 1023, 11, np.float64
-    coefs = tuple(ftype(2.0 / (2 * j + 1)) for j in range(terms - 1, -1, -1))
-    mant_mask, one_bits = itype((1 << nmant) - 1), itype(bias << nmant)
-    ibias, shift_bits = itype(bias), itype(nmant)
-    sqrt2, ln2, one, half = ftype(math.sqrt(2.0)), ftype(_LN2), ftype(1.0), ftype(0.5)
-
-    def impl(a, work):
-        bits = a.view(itype)
-        for i in range(a.size):  # pass 1: split off the exponent; a keeps the mantissa in [1, 2)
-            work[i] = (bits[i] >> shift_bits) - ibias
-            bits[i] = (bits[i] & mant_mask) | one_bits
-        for i in range(a.size):  # pass 2: fold f into [sqrt(1/2), sqrt(2)) and sum the series
-            f, e = a[i], work[i]
-            if f > sqrt2:
-                f *= half
-                e += one
-            u = (f - one) / (f + one)
-            u2 = u * u
-            p = coefs[0]
-            for c in coefs[1:]:
-                p = p * u2 + c
-            a[i] = e * ln2 + u * p
-
-    return impl
 
 
 def _split(x, dim):
@@ -188,11 +102,11 @@ def _softmax_kernel(x, y, log):
         _max_over_classes(x, o, s0, s1, m)
         for c in range(n_cls):
             out = y[o, c, s0:s1]
-            _exp_shifted(x[o, c, s0:s1], m, out)  # exp(x - m); overwritten for log-softmax
+            exp_shifted(x[o, c, s0:s1], m, out)  # exp(x - m); overwritten for log-softmax
             acc += out
         if log:
             # (x - m) - log acc, not x - (m + log acc): m + log acc would round at m's magnitude
-            _log_inplace(acc, y[o, 0, s0:s1])  # y's first row is free scratch here
+            log_inplace(acc, y[o, 0, s0:s1])  # y's first row is free scratch here
         for c in range(n_cls):
             _softmax_row(x[o, c, s0:s1], m, acc, log, y[o, c, s0:s1])
 
@@ -220,7 +134,7 @@ def _softmax_backward_kernel(y, gy, gx, log):
                 dot += gy[o, c, s0:s1] * y[o, c, s0:s1]
         for c in range(n_cls):
             if log:
-                _exp_shifted(y[o, c, s0:s1], zero, gx[o, c, s0:s1])
+                exp_shifted(y[o, c, s0:s1], zero, gx[o, c, s0:s1])
             _softmax_grad_row(y[o, c, s0:s1], gy[o, c, s0:s1], dot, log, gx[o, c, s0:s1])
 
 
@@ -281,81 +195,45 @@ def _pick_target(tb, c, ignore_index, xc, w, xt, wt):
 
 
 @njit(**_BLOCK_OPTIONS)
-def _pixel_losses(tb, ignore_index, eps, smooth, w_sum, m, log_acc, xt, wt, wz, lse, loss):
-    """lse = m + log acc; loss = (1-eps) w_t (-log p_t) + (eps/C) sum_c w_c (-log p_c), 0 where ignored.
+def _pixel_losses(tb, ignore_index, n_cls, eps, smooth, w_sum, m, log_acc, xt, wt, wz, loss):
+    """loss = (1-eps) w_t (-log p_t) + (eps/C) sum_c w_c (-log p_c), 0 where not kept.
 
     -log p_c = (m - x_c) + log acc, so sum_c w_c (-log p_c) = W log acc + wz with
-    wz = sum_c w_c (m - x_c). Returns (sum of the losses, sum of w_t) in float64.
+    wz = sum_c w_c (m - x_c). A pixel is kept when its target is not
+    ignore_index and lies in [0, C). Returns (sum of the losses, sum of w_t,
+    number of targets outside [0, C) that are not ignore_index), in float64.
     """
     total = 0.0
     weight_total = 0.0
+    invalid = 0.0
     for k in range(m.size):
-        lse[k] = m[k] + log_acc[k]
+        in_range = (tb[k] >= 0) & (tb[k] < n_cls)
+        kept = (tb[k] != ignore_index) & in_range
         value = (1 - eps) * wt[k] * ((m[k] - xt[k]) + log_acc[k]) + smooth * (w_sum * log_acc[k] + wz[k])
-        value = value if tb[k] != ignore_index else 0.0
+        value = value if kept else 0.0
         loss[k] = value
         total += value
         weight_total += wt[k]
-    return total, weight_total
-
-
-@njit(**_KERNEL_OPTIONS)
-def _ce_forward_kernel(x, t, w, ignore_index, eps, lse, loss, partial):
-    """lse, the per-pixel loss (0 where ignored) and per-job (sum loss, sum w[t]) in ``partial``."""
-    n, n_cls, n_pix = x.shape
-    n_blocks = (n_pix + BLOCK - 1) // BLOCK
-    w_sum = w.sum()
-    for job in prange(n * n_blocks):
-        i, s0, s1 = _block(job, n_blocks, n_pix)
-        size = s1 - s0
-        tb = t[i, s0:s1]
-        m = np.empty(size, x.dtype)
-        acc = np.zeros(size, x.dtype)  # sum_c exp(x_c - m), then its log
-        e = np.empty(size, x.dtype)
-        xt = np.zeros(size, x.dtype)  # the target's logit
-        wt = np.zeros(size, x.dtype)  # w[t], 0 where ignored
-        wz = np.zeros(size, x.dtype)  # sum_c w_c (m - x_c), for the smoothing term
-        _max_over_classes(x, i, s0, s1, m)
-        for c in range(n_cls):
-            xc = x[i, c, s0:s1]
-            _exp_shifted(xc, m, e)
-            acc += e
-            _pick_target(tb, c, ignore_index, xc, w, xt, wt)
-            if eps > 0:
-                wz += w[c] * (m - xc)
-        _log_inplace(acc, e)
-        partial[job] = _pixel_losses(tb, ignore_index, eps, eps / n_cls, w_sum, m, acc, xt, wt, wz, lse[i, s0:s1], loss[i, s0:s1])
-
-
-@njit(**_KERNEL_OPTIONS)
-def _target_weight_total(t, w, ignore_index):
-    """D = sum of w[t_i] over the non-ignored pixels (the 'mean' denominator), in float64."""
-    n, n_pix = t.shape
-    total = 0.0
-    for i in prange(n):
-        for s in range(n_pix):
-            if t[i, s] != ignore_index:
-                total += w[t[i, s]]
-    return total
+        invalid += 0.0 if (in_range | (tb[k] == ignore_index)) else 1.0
+    return total, weight_total, invalid
 
 
 @njit(**_BLOCK_OPTIONS)
-def _pixel_scales(tb, ignore_index, eps, smooth, w_sum, w, gblock, per_pixel, gscalar, a, b, sc):
-    """Per pixel: b = g (1-eps) w_t, a = b + g (eps/C) W, sc = g eps/C, with g the upstream
-    gradient scale (gblock[k] for 'none', else gscalar) and g = 0 at ignored pixels."""
+def _gradient_coefficients(tb, ignore_index, n_cls, eps, smooth, w_sum, w, acc, a, b, sc):
+    """Per pixel, for g_c = a e_c - (b where c == t) - sc w_c with e_c = exp(x_c - m):
+    a = A / acc (p_c = e_c / acc), b = (1-eps) w_t, sc = eps/C; all 0 where not kept."""
     for k in range(a.size):
-        valid = tb[k] != ignore_index
-        g = gblock[k] if per_pixel else gscalar
-        g = g if valid else 0.0
-        w_t = w[tb[k] if valid else 0]
-        b[k] = g * (1 - eps) * w_t
-        a[k] = b[k] + g * smooth * w_sum
-        sc[k] = g * smooth
+        kept = (tb[k] != ignore_index) & (tb[k] >= 0) & (tb[k] < n_cls)
+        w_t = w[tb[k] if kept else 0]
+        on = 1.0 if kept else 0.0
+        b[k] = on * (1 - eps) * w_t
+        a[k] = on * (b[k] + smooth * w_sum) / acc[k]
+        sc[k] = on * smooth
 
 
 @njit(**_BLOCK_OPTIONS)
 def _class_gradient(tb, c, wc, a, b, sc, out):
-    """out = a p - (b where tb == c) - sc w_c, with out = p = exp(x_c - lse) on entry."""
+    """out = a e - (b where tb == c) - sc w_c, with out = e = exp(x_c - m) on entry."""
     zero = out.dtype.type(0)
     for k in range(out.size):
         bk = b[k] if tb[k] == c else zero
@@ -363,60 +241,88 @@ def _class_gradient(tb, c, wc, a, b, sc, out):
 
 
 @njit(**_KERNEL_OPTIONS)
-def _ce_backward_kernel(x, t, w, ignore_index, eps, lse, gmap, per_pixel, gscalar, g):
-    """g = scale_i (A_i exp(x - lse) - (1-eps) w_t onehot - (eps/C) w), 0 at ignored pixels.
-
-    scale_i = gmap[i, s] when ``per_pixel`` ('none') else ``gscalar``.
-    """
+def _ce_forward_kernel(x, t, w, ignore_index, eps, need_grad, loss, grad, partial):
+    """The per-pixel loss (0 where not kept), the unscaled gradient (when ``need_grad``)
+    and per-job (sum loss, sum w[t], invalid targets) in ``partial``: one pass over the logits."""
     n, n_cls, n_pix = x.shape
     n_blocks = (n_pix + BLOCK - 1) // BLOCK
     w_sum = w.sum()
+    smooth = eps / n_cls
     for job in prange(n * n_blocks):
         i, s0, s1 = _block(job, n_blocks, n_pix)
         size = s1 - s0
         tb = t[i, s0:s1]
-        a = np.empty(size, x.dtype)  # scale * A
-        b = np.empty(size, x.dtype)  # scale * (1-eps) w_t: subtracted at the target class
-        sc = np.empty(size, x.dtype)  # scale * eps/C: times w_c, subtracted at every class
-        gblock = gmap[i, s0:s1] if per_pixel else gmap[0, 0:1]
-        _pixel_scales(tb, ignore_index, eps, eps / n_cls, w_sum, w, gblock, per_pixel, gscalar, a, b, sc)
+        m = np.empty(size, x.dtype)
+        acc = np.zeros(size, x.dtype)  # sum_c exp(x_c - m), then its log
+        e = np.empty(size, x.dtype)  # exp(x_c - m) of one class (when no gradient is written)
+        xt = np.zeros(size, x.dtype)  # the target's logit
+        wt = np.zeros(size, x.dtype)  # w[t], 0 where ignored or out of range
+        wz = np.zeros(size, x.dtype)  # sum_c w_c (m - x_c), for the smoothing term
+        _max_over_classes(x, i, s0, s1, m)
         for c in range(n_cls):
-            out = g[i, c, s0:s1]
-            _exp_shifted(x[i, c, s0:s1], lse[i, s0:s1], out)
-            _class_gradient(tb, c, w[c], a, b, sc, out)
+            xc = x[i, c, s0:s1]
+            ec = grad[i, c, s0:s1] if need_grad else e  # the gradient's own memory holds e_c until it is written
+            exp_shifted(xc, m, ec)
+            acc += ec
+            _pick_target(tb, c, ignore_index, xc, w, xt, wt)
+            if eps > 0:
+                wz += w[c] * (m - xc)
+        if need_grad:  # grad[:, c] = A p_c - ..., from e_c still in L1/L2 (the logits are not read again)
+            a = np.empty(size, x.dtype)
+            b = np.empty(size, x.dtype)
+            sc = np.empty(size, x.dtype)
+            _gradient_coefficients(tb, ignore_index, n_cls, eps, smooth, w_sum, w, acc, a, b, sc)
+            for c in range(n_cls):
+                _class_gradient(tb, c, w[c], a, b, sc, grad[i, c, s0:s1])
+        log_inplace(acc, e)
+        partial[job] = _pixel_losses(tb, ignore_index, n_cls, eps, smooth, w_sum, m, acc, xt, wt, wz, loss[i, s0:s1])
 
 
-def _class_weights(weight, n_cls, dtype):
-    return np.ones(n_cls, dtype) if weight is None else weight
+@njit(**_BLOCK_OPTIONS)
+def _scale_row(d, scale, out):
+    """out = d * scale, except that a zero of d stays 0 (whatever the scale: inf or NaN included)."""
+    zero = out.dtype.type(0)
+    for k in range(out.size):
+        out[k] = d[k] * scale[k] if d[k] != 0 else zero
 
 
-def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label_smoothing):
-    """(loss, lse) as the reference; one fused pass per pixel block."""
+@njit(**_KERNEL_OPTIONS)
+def _ce_backward_kernel(d, gmap, per_pixel, gscalar, g):
+    """g = d * scale_i: scale_i = gmap[i, s] when ``per_pixel`` ('none') else ``gscalar``."""
+    n, n_cls, n_pix = d.shape
+    n_blocks = (n_pix + BLOCK - 1) // BLOCK
+    for job in prange(n * n_blocks):
+        i, s0, s1 = _block(job, n_blocks, n_pix)
+        scale = gmap[i, s0:s1] if per_pixel else np.full(s1 - s0, gscalar, d.dtype)
+        for c in range(n_cls):
+            _scale_row(d[i, c, s0:s1], scale, g[i, c, s0:s1])
+
+
+def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label_smoothing, need_grad):
+    """(loss, dlogits, denom, n_invalid) as the reference; one fused pass per pixel block."""
     n, n_cls, n_pix = logits.shape
-    w = _class_weights(weight, n_cls, logits.dtype)
-    lse = np.empty((n, n_pix), logits.dtype)
+    w = np.ones(n_cls, logits.dtype) if weight is None else weight
     loss = np.empty((n, n_pix), logits.dtype)
-    partial = np.empty((n * ((n_pix + BLOCK - 1) // BLOCK), 2))
-    _ce_forward_kernel(logits, target, w, ignore_index, label_smoothing, lse, loss, partial)
-    if reduction == "none":
-        return loss, lse
-    total, weight_total = partial.sum(axis=0)
-    if reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):  # every pixel ignored: NaN, as torch
-            total = np.float64(total) / weight_total
-    return np.asarray(total, dtype=logits.dtype), lse
+    grad = np.empty_like(logits) if need_grad else np.empty((1, 1, 1), logits.dtype)
+    partial = np.empty((n * ((n_pix + BLOCK - 1) // BLOCK), 3))
+    _ce_forward_kernel(logits, target, w, ignore_index, label_smoothing, need_grad, loss, grad, partial)
+    total, weight_total, invalid = partial.sum(axis=0)
+    if reduction != "none":
+        if reduction == "mean":
+            with np.errstate(invalid="ignore", divide="ignore"):  # every pixel ignored: NaN, as torch
+                total = total / weight_total
+        loss = np.asarray(total, dtype=logits.dtype)
+    return loss, grad if need_grad else None, np.asarray(weight_total), np.asarray(int(invalid))
 
 
-def cross_entropy_backward(logits, target, weight, ignore_index, reduction, label_smoothing, lse, gloss):
-    """glogits as the reference, in one fused pass."""
-    n_cls = logits.shape[1]
-    w = _class_weights(weight, n_cls, logits.dtype)
+def cross_entropy_backward(dlogits, gloss, reduction, denom):
+    """glogits = dlogits * scale_i as the reference: one scaling pass."""
     per_pixel = reduction == "none"
-    gscalar = 0.0 if per_pixel else float(gloss)
-    if reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):  # D = 0: 'mean' was NaN anyway
-            gscalar = float(np.float64(gscalar) / _target_weight_total(target, w, ignore_index))
-    gmap = gloss if per_pixel else gloss.reshape(1, 1)
-    g = np.empty_like(logits)
-    _ce_backward_kernel(logits, target, w, ignore_index, label_smoothing, lse, gmap, per_pixel, gscalar, g)
+    gscalar = 0.0
+    if not per_pixel:
+        with np.errstate(invalid="ignore", divide="ignore"):  # D = 0: every dlogits is 0 and stays 0
+            gscalar = float(np.float64(gloss) / denom) if reduction == "mean" else float(gloss)
+    gmap = gloss if per_pixel else np.zeros((1, 1), dlogits.dtype)
+    g = np.empty_like(dlogits)
+    _ce_backward_kernel(dlogits, gmap, per_pixel, gscalar, g)
     return g

@@ -49,6 +49,13 @@ smoothed) target distribution. Without weights and smoothing this is the
 familiar p - onehot. The upstream gradient scales it: by gloss_i for 'none',
 gloss for 'sum', gloss / D for 'mean'. Ignored pixels do not enter the loss, so
 their gradient is exactly 0 (even when D = 0 makes 'mean' NaN, as torch).
+
+The kernel interface follows from this: the unscaled gradient A_i (p_i - q_i)
+needs p, which the forward computes anyway, so the forward writes it (when a
+gradient is wanted) in the same pass over the logits, and the backward is one
+scaling pass. Targets outside [0, C) that are not ``ignore_index`` are counted
+(and treated as ignored, so every gather stays in range): the caller raises on
+a non-zero count, without copying the targets anywhere.
 """
 from __future__ import annotations
 
@@ -92,55 +99,61 @@ def log_softmax_backward(y, gy, dim):
 
 
 def _pixel_weights(target, weight, ignore_index, num_classes, dtype):
-    """(valid, t, w, w_t): the non-ignored mask, targets with ignored pixels set to
-    class 0 (any valid index, so gathers stay in range), the class weights (ones
-    when None) and each pixel's weight w[t_i] (0 where ignored)."""
-    valid = target != ignore_index
+    """(valid, t, w, w_t, n_invalid): the kept pixels (not ignored, target in [0, C)),
+    targets with the other pixels set to class 0 (any valid index, so gathers stay
+    in range), the class weights (ones when None), each pixel's weight w[t_i] (0
+    where not kept) and the number of targets outside [0, C) that are not ignore_index."""
+    in_range = (target >= 0) & (target < num_classes)
+    not_ignored = target != ignore_index
+    valid = not_ignored & in_range
     t = np.where(valid, target, 0)
     w = np.ones(num_classes, dtype) if weight is None else weight
-    return valid, t, w, np.where(valid, w[t], 0).astype(dtype)
+    return valid, t, w, np.where(valid, w[t], 0).astype(dtype), np.int64((not_ignored & ~in_range).sum())
 
 
-def _lse(logits):
-    """log-sum-exp over the class axis 1 of (N, C, S) logits, max-subtracted."""
-    m = logits.max(axis=1)
-    return m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label_smoothing, need_grad):
+    """(loss, dlogits, denom, n_invalid), per the module docstring.
 
-
-def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label_smoothing):
-    """(loss, lse): loss per the module docstring, lse (N, S) saved for backward.
-
-    logits (N, C, S), target (N, S) int64, weight (C,) or None.
+    logits (N, C, S), target (N, S) int64, weight (C,) or None. loss: (N, S) for
+    'none', else 0-d. dlogits (N, C, S): the unscaled gradient A_i (p_i - q_i) of
+    loss_i, written out as A_i p - (1-eps) w[t_i] onehot - (eps/C) w, 0 at pixels
+    not kept; None unless ``need_grad``. denom: 0-d float64, D = sum of w[t_i]
+    over the kept pixels. n_invalid: 0-d int64, the number of targets outside
+    [0, C) that are not ignore_index (treated as ignored here; the caller raises).
     """
     n_classes, eps = logits.shape[1], label_smoothing
-    lse = _lse(logits)
-    logp = logits - lse[:, None]
-    valid, t, w, w_t = _pixel_weights(target, weight, ignore_index, n_classes, logits.dtype)
+    # (x - m) - log sum exp(x - m), not x - lse: lse = m + log(...) would round at m's magnitude
+    logp = log_softmax_forward(logits, 1)
+    valid, t, w, w_t, n_invalid = _pixel_weights(target, weight, ignore_index, n_classes, logits.dtype)
     nll = -np.take_along_axis(logp, t[:, None], axis=1)[:, 0]
     smooth = -(w[None, :, None] * logp).sum(axis=1)
     loss = np.where(valid, (1 - eps) * w_t * nll + (eps / n_classes) * smooth, 0).astype(logits.dtype)
-    if reduction == "none":
-        return loss, lse
-    total = loss.sum()
-    if reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):  # every pixel ignored: 0/0 = NaN, as torch
-            total = total / w_t.sum()
-    return np.asarray(total, dtype=logits.dtype), lse
+    denom = np.asarray(w_t.sum(dtype=np.float64))
+    dlogits = None
+    if need_grad:
+        a = (1 - eps) * w_t + (eps / n_classes) * w.sum()
+        onehot = np.arange(n_classes)[None, :, None] == t[:, None, :]
+        g = a[:, None] * np.exp(logp) - (1 - eps) * w_t[:, None] * onehot - (eps / n_classes) * w[None, :, None]
+        dlogits = np.where(valid[:, None, :], g, 0).astype(logits.dtype)
+    if reduction != "none":
+        total = loss.sum()
+        if reduction == "mean":
+            with np.errstate(invalid="ignore", divide="ignore"):  # every pixel ignored: 0/0 = NaN, as torch
+                total = total / denom
+        loss = np.asarray(total, dtype=logits.dtype)
+    return loss, dlogits, denom, np.asarray(n_invalid)
 
 
-def cross_entropy_backward(logits, target, weight, ignore_index, reduction, label_smoothing, lse, gloss):
-    """glogits = scale_i * A_i (p - q_i), written out as A_i p - (1-eps) w[t_i] onehot - (eps/C) w.
+def cross_entropy_backward(dlogits, gloss, reduction, denom):
+    """glogits = dlogits * scale_i: scale_i = gloss_i ('none'), gloss ('sum') or gloss / D ('mean').
 
-    scale_i = gloss_i ('none'), gloss ('sum') or gloss / D ('mean'), and 0 at
-    ignored pixels (derivation in the module docstring).
+    A zero of dlogits stays exactly 0, whatever the scale: ignored pixels get 0
+    even when 'mean' divides by D = 0 (every pixel ignored, the loss NaN, as torch).
     """
-    n_classes, eps = logits.shape[1], label_smoothing
-    valid, t, w, w_t = _pixel_weights(target, weight, ignore_index, n_classes, logits.dtype)
-    p = np.exp(logits - lse[:, None])
-    a = (1 - eps) * w_t + (eps / n_classes) * w.sum()
-    onehot = np.arange(n_classes)[None, :, None] == t[:, None, :]
-    g = a[:, None] * p - (1 - eps) * w_t[:, None] * onehot - (eps / n_classes) * w[None, :, None]
-    with np.errstate(invalid="ignore", divide="ignore"):  # D = 0 only when 'mean' is NaN anyway
-        scale = gloss / w_t.sum() if reduction == "mean" else gloss
-    scale = np.where(valid, scale, 0)
-    return (g * scale[:, None]).astype(logits.dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if reduction == "none":
+            scale = gloss[:, None, :]
+        else:
+            scale = gloss / denom if reduction == "mean" else gloss
+        g = np.where(dlogits == 0, 0, dlogits * scale)
+    return g.astype(dlogits.dtype)

@@ -1,14 +1,16 @@
 """Batch-norm CUDA kernels against the NumPy reference, under the simulator when there is no GPU.
 
-The per-channel reductions run one block (32 to 128 threads) per channel with
-``syncthreads``, slow in the simulator, so C <= 3; M = N*S up to ~300 values per
-channel makes the threads stride over the channel more than once (thread t adds
-m = t, t + 128, ...) and leaves some threads without values. Outputs are
-NaN-poisoned (``cuda_common.empty``): an unwritten element fails.
+The per-channel reductions run a grid of channels x splits (``cuda_common.splits``);
+under the simulator a block is one warp of 32 threads, each loading UNROLL = 4
+values per step, so a split covers at least 128 values and M = N*S of ~300 gives
+3 splits per channel, the last partial, and threads without values. Warp shuffles
+and barriers are slow in the simulator, so C <= 3. Outputs are NaN-poisoned
+(``cuda_common.empty``): an unwritten element fails.
 
 Tolerances (``tests.helpers.tol``): float32 rtol 1e-4, atol 1e-5. Both sides
-accumulate the sums in float64 (the kernels per thread then in a shared-memory
-tree, the reference pairwise), so the statistics agree to float32 rounding; the
+accumulate in float64 (the kernels per thread, merged by shuffles and over the
+splits, Chan's merge for the variance; the reference pairwise, two-pass), so the
+statistics agree to float32 rounding; the
 elementwise formulas are the reference's, evaluated with one or two roundings
 in a different order. The inputs have |mean| up to 10 std, where a one-pass
 variance would already lose digits.
@@ -70,8 +72,9 @@ def test_stats_forward_and_backward_match_reference(batch, training):
         assert_close(a, b, *tol(dtype), name=name)
 
 
-def test_reduction_strides_over_the_block():
-    """M = 2 * 150 = 300 values per channel: each of the 128 threads adds two or three before the tree."""
+def test_reduction_splits_each_channel():
+    """M = 2 * 150 = 300 values per channel: 3 splits of 128 (the last partial), merged in a fixed order."""
+    assert K.cc.splits(2, 300, K.cc.split_threads()) == 3
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((2, 2, 15, 10)) * 3 + 7).astype(np.float32)
     for a, b in zip(K.batch_norm_stats(x), R.batch_norm_stats(x)):
@@ -81,3 +84,23 @@ def test_reduction_strides_over_the_block():
     expected = R.batch_norm_backward(gy, xhat, invstd, None, True)
     for a, b in zip(K.batch_norm_backward(gy, xhat, invstd, None, True), expected):
         assert_close(a, b, *tol(np.float32))
+
+
+def test_one_channel_many_splits_far_from_zero():
+    """One channel, M = 1000 (8 splits): the split merge (Chan) keeps the variance of data with
+    |mean| = 1e4 std as accurate as the reference's two passes; and every run gives the same bits."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((1, 1, 1000)) + 1e4).astype(np.float32)
+    assert K.cc.splits(1, 1000, K.cc.split_threads()) == 8
+    mean, var = K.batch_norm_stats(x)
+    mean_ref, var_ref = R.batch_norm_stats(x)
+    assert_close(mean, mean_ref, *tol(np.float32), name="mean")
+    assert_close(var, var_ref, *tol(np.float32), name="var")
+    again = K.batch_norm_stats(x)
+    np.testing.assert_array_equal(again[0], mean)
+    np.testing.assert_array_equal(again[1], var)
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    _, xhat, invstd = R.batch_norm_forward(x, mean_ref, var_ref, None, None, 1e-5)
+    for name, a, b in zip(("gx", "gweight", "gbias"), K.batch_norm_backward(gy, xhat, invstd, None, True),
+                          R.batch_norm_backward(gy, xhat, invstd, None, True)):
+        assert_close(a, b, *tol(np.float32), name=name)

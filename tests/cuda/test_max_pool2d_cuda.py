@@ -11,6 +11,7 @@ Output planes up to 2*3*9*9 = 486 elements span several 128-thread blocks with
 a partial last one; outputs are NaN/INT_MAX-poisoned (``cuda_common.empty``).
 """
 import numpy as np
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -57,17 +58,43 @@ def test_forward_and_backward_match_reference(problem):
     np.testing.assert_array_equal(to_numpy(idx), idx_ref, err_msg="indices")
 
     gy = rng.standard_normal(y_ref.shape).astype(x.dtype)
-    gx = K.max_pool2d_backward(gy, idx_ref, x.shape)
-    assert_close(gx, R.max_pool2d_backward(gy, idx_ref, x.shape), *tol(x.dtype), name="gx")
+    window = args[:4]  # kernel_size, stride, padding, dilation: v2 scatters or gathers by whether windows overlap
+    gx_ref = R.max_pool2d_backward(gy, idx_ref, x.shape, *window)
+    for version in K.BACKWARD_VERSIONS:
+        gx = K.max_pool2d_backward(gy, idx_ref, x.shape, *window, version=version)
+        assert_close(gx, gx_ref, *tol(x.dtype), name=f"gx v{version}")
 
 
-def test_overlapping_windows_add_in_one_thread():
-    """Stride 1, kernel 3 on a plane with one large value: all 9 windows over it pick it; their gy add up."""
+@pytest.mark.parametrize("version", sorted(K.BACKWARD_VERSIONS))
+def test_overlapping_windows_add_up_in_a_fixed_order(version):
+    """Stride 1, kernel 3 on a plane with one large value: all 9 windows over it pick it; their gy add up.
+
+    gy values of very different magnitudes make the float sum depend on its order:
+    two runs must agree to the bit (no atomics), and match the sum in (i, j) order.
+    """
     x = np.zeros((1, 1, 5, 5), np.float32)
     x[0, 0, 2, 2] = 1
-    y, idx = K.max_pool2d_forward(x, (3, 3), (1, 1), (0, 0), (1, 1), False)
+    window = ((3, 3), (1, 1), (0, 0), (1, 1))
+    y, idx = K.max_pool2d_forward(x, *window, False)
     assert (idx == 12).all()
-    gx = K.max_pool2d_backward(np.ones_like(y), idx, x.shape)
+    gy = np.array([1e8, 1.0, -1e8, 3.0, 0.5, 7.0, -2.0, 1e-3, 5.0]).astype(np.float32).reshape(y.shape)
+    gx = K.max_pool2d_backward(gy, idx, x.shape, *window, version=version)
     expected = np.zeros_like(x)
-    expected[0, 0, 2, 2] = 9
-    assert_close(gx, expected, rtol=0, atol=0)
+    in_order = np.float32(0)
+    for g in gy.reshape(-1):
+        in_order = np.float32(in_order + g)
+    expected[0, 0, 2, 2] = in_order
+    np.testing.assert_array_equal(gx, expected)
+    np.testing.assert_array_equal(K.max_pool2d_backward(gy, idx, x.shape, *window, version=version), gx)
+
+
+def test_backward_v2_scatter_with_a_partial_last_window():
+    """2x2 stride 2 (no overlap: the zero fill + scatter path), odd sizes and ceil_mode: the last row and
+    column of x get no gradient from a full window, the pixels no window picked stay exactly 0."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 7, 5)).astype(np.float32)
+    window = ((2, 2), (2, 2), (0, 0), (1, 1))
+    y, idx = K.max_pool2d_forward(x, *window, True)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    gx = K.max_pool2d_backward(gy, idx, x.shape, *window, version=2)
+    np.testing.assert_array_equal(gx, R.max_pool2d_backward(gy, idx, x.shape, *window))

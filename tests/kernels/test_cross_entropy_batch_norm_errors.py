@@ -94,3 +94,28 @@ def test_batch_norm_rejects(args, kwargs, error, match):
     for before, after in zip(args[1:], running):  # a rejected call must not touch the running statistics
         if before is not None:
             np.testing.assert_array_equal(after.numpy(), before.numpy())
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "cpu"])
+def test_cross_entropy_asks_for_the_gradient_only_when_one_is_wanted(backend_name, monkeypatch):
+    """Inference (no_grad, or logits that need no gradient) must not pay for the (N, C, S) gradient buffer."""
+    from minseg import backend
+
+    kernels = backend.load(backend_name)
+    forward = kernels.functions["cross_entropy_forward"]
+    asked = []
+
+    def spy(*args):
+        asked.append(args[-1])
+        return forward(*args)
+
+    monkeypatch.setitem(kernels.functions, "cross_entropy_forward", spy)
+    target = minseg.Tensor(np.zeros((2, 4, 5), np.int64))
+    x = minseg.Tensor(np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32), requires_grad=True)
+    with backend.using(backend_name):
+        cross_entropy(x, target).backward()
+        with minseg.no_grad():
+            cross_entropy(x, target)
+        cross_entropy(minseg.Tensor(x.numpy()), target)
+    assert asked == [True, False, False]
+    assert x.grad is not None and np.isfinite(x.grad.numpy()).all()

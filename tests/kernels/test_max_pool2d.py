@@ -67,9 +67,10 @@ def test_forward_and_backward_match_reference(modname, dtype, case, data):
     assert np.dtype(y.dtype) == dtype and np.dtype(idx.dtype) == np.int64
 
     gy = rng.standard_normal(y_ref.shape).astype(dtype)
-    gx = mod.max_pool2d_backward(gy, idx_ref, case["shape"])
+    window = case["args"][:4]  # kernel_size, stride, padding, dilation
+    gx = mod.max_pool2d_backward(gy, idx_ref, case["shape"], *window)
     # overlapping windows add up to ceil(k/s)^2 <= 25 gradients per input
-    assert_close(gx, ref.max_pool2d_backward(gy, idx_ref, case["shape"]), *tol(dtype), name="gx")
+    assert_close(gx, ref.max_pool2d_backward(gy, idx_ref, case["shape"], *window), *tol(dtype), name="gx")
 
 
 @pytest.mark.parametrize("modname", ["kernels.max_pool2d.reference"] + kernel_modules("max_pool2d"))
@@ -97,4 +98,5 @@ def test_backward_accumulates_where_windows_share_a_maximum(modname):
     gy = np.arange(1.0, 5.0).reshape(1, 1, 2, 2)
     expected = np.zeros((1, 1, 4, 4))
     expected[0, 0, 1, 2] = gy.sum()
-    assert_close(load(modname).max_pool2d_backward(gy, np.asarray(idx), x.shape), expected, rtol=0, atol=0)
+    gx = load(modname).max_pool2d_backward(gy, np.asarray(idx), x.shape, (3, 3), (1, 1), (0, 0), (1, 1))
+    assert_close(gx, expected, rtol=0, atol=0)

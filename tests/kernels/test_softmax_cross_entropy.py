@@ -6,7 +6,7 @@ draws, so a failing example is reproducible from its printed arguments.
 """
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import assert_close, kernel_modules, load, reference, tol
@@ -92,9 +92,11 @@ def test_softmax_of_huge_logits_is_finite(modname, dtype):
 
 @st.composite
 def xent_cases(draw):
-    """Logits (N, C, S) with N*C*S <= ~1500, targets with some/none/all pixels ignored,
-    ignore_index -100, 255 or a valid class, optional class weights, any smoothing."""
-    n, c, s = draw(st.integers(1, 3)), draw(st.integers(1, 8)), draw(st.integers(1, 60))
+    """Logits (N, C, S) with N*C*S <= ~1500 (C = 1 and C > 32 included), targets with
+    some/none/all pixels ignored, ignore_index -100, 255 or a valid class, optional class
+    weights, any smoothing."""
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 8) | st.sampled_from([1, 33, 40]))
+    s = draw(st.integers(1, max(1, min(60, 1500 // (n * c)))))
     seed = draw(seeds)
     rng = np.random.default_rng(seed)
     ignore_index = draw(st.sampled_from([-100, 255, 0, 1]))
@@ -114,6 +116,13 @@ def xent_cases(draw):
     )
 
 
+# 'mean' with ignore_index equal to a real class and some pixels ignored: D must count only kept pixels
+MEAN_IGNORING_A_CLASS = dict(
+    n=2, c=3, s=7, seed=3, target=np.array([[0, 1, 2, 1, 1, 0, 2], [1, 1, 0, 2, 2, 1, 0]], np.int64),
+    ignore_index=1, weighted=True, reduction="mean", label_smoothing=0.1,
+)
+
+
 def _xent_args(case, dtype, scale=1.0):
     rng = np.random.default_rng(case["seed"] + 1)
     logits = (rng.standard_normal((case["n"], case["c"], case["s"])) * scale).astype(dtype)
@@ -121,22 +130,56 @@ def _xent_args(case, dtype, scale=1.0):
     return logits, case["target"], weight, case["ignore_index"], case["reduction"], case["label_smoothing"]
 
 
+def _forward_backward(mod, args, gloss=None, seed=0):
+    """(loss, dlogits, denom, n_invalid, glogits) of ``mod``; gloss drawn from ``seed`` unless given."""
+    loss, dlogits, denom, n_invalid = mod.cross_entropy_forward(*args, True)
+    if gloss is None:
+        gloss = np.random.default_rng(seed).standard_normal(np.shape(loss)).astype(args[0].dtype)
+    return loss, dlogits, denom, n_invalid, mod.cross_entropy_backward(dlogits, gloss, args[4], denom)
+
+
 @pytest.mark.parametrize("modname", MODULES)
+@example(case=MEAN_IGNORING_A_CLASS, dtype=np.float32, scale=1.0)
 @given(case=xent_cases(), dtype=dtypes, scale=scales)
 def test_cross_entropy_matches_reference(modname, case, dtype, scale):
     mod = load(modname)
     args = _xent_args(case, dtype, scale)
-    loss_ref, lse_ref = REF.cross_entropy_forward(*args)
-    loss, lse = mod.cross_entropy_forward(*args)
+    loss_ref, d_ref, denom_ref, invalid_ref, g_ref = _forward_backward(REF, args, seed=case["seed"] + 2)
+    loss, dlogits, denom, n_invalid, g = _forward_backward(mod, args, seed=case["seed"] + 2)
     # 'sum'/'mean' add up to ~180 terms: float32 rounding stays well inside rtol 1e-4.
     # 'mean' with every pixel ignored is NaN in both (assert_allclose matches NaNs).
     rtol, atol = tol(dtype)
     assert_close(loss, loss_ref, rtol, atol, name="loss")
-    assert_close(lse, lse_ref, rtol, atol, name="lse")
-    gloss = np.random.default_rng(case["seed"] + 2).standard_normal(np.shape(loss_ref)).astype(dtype)
-    g = mod.cross_entropy_backward(*args, lse_ref, gloss)
-    assert_close(g, REF.cross_entropy_backward(*args, lse_ref, gloss), rtol, atol, name="glogits")
-    _same_dtype([loss, lse, g], dtype)
+    assert_close(dlogits, d_ref, rtol, atol, name="dlogits")
+    assert_close(denom, denom_ref, 1e-12, 0, name="denom (float64 sum of at most 180 weights)")
+    assert int(n_invalid) == int(invalid_ref) == 0
+    assert_close(g, g_ref, rtol, atol, name="glogits")
+    _same_dtype([loss, dlogits, g], dtype)
+    # inference: the same loss, and no gradient buffer
+    loss_only, none, denom_only, _ = mod.cross_entropy_forward(*args, False)
+    assert none is None
+    assert_close(loss_only, loss, 0, 0, name="loss without the gradient")
+    assert_close(denom_only, denom, 0, 0, name="denom without the gradient")
+
+
+@pytest.mark.parametrize("modname", ALL_MODULES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_targets_out_of_range_are_counted_and_left_out(modname, reduction):
+    """Targets outside [0, C) that are not ignore_index: counted (functional raises on the count)
+    and treated as ignored -- the same outputs as with those pixels ignored, no read out of range."""
+    mod = load(modname)
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((2, 3, 9)).astype(np.float32)
+    target = rng.integers(0, 3, (2, 9))
+    target[0, 2], target[1, 5], target[1, 6], target[0, 7] = 3, -1, 1000, -100
+    weight = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    cleaned = np.where((target < 0) | (target >= 3), -100, target)
+    out = _forward_backward(mod, (logits, target, weight, -100, reduction, 0.2))
+    expected = _forward_backward(REF, (logits, cleaned, weight, -100, reduction, 0.2))
+    assert int(out[3]) == 3 and int(expected[3]) == 0
+    for name, got, want in zip(("loss", "dlogits", "denom", "", "glogits"), out, expected):
+        if name:
+            assert_close(got, want, *tol(np.float32), name=name)
 
 
 def _onehot(target, c):
@@ -144,14 +187,14 @@ def _onehot(target, c):
 
 
 @pytest.mark.parametrize("modname", ALL_MODULES)
+@example(case=MEAN_IGNORING_A_CLASS, dtype=np.float64)
 @given(case=xent_cases(), dtype=dtypes)
 def test_cross_entropy_gradient_is_weighted_p_minus_onehot(modname, case, dtype):
     """No smoothing, 'mean': g = w[t] (p - onehot(t)) / sum_valid w[t], exactly 0 where ignored."""
     mod = load(modname)
     case = dict(case, label_smoothing=0.0, reduction="mean")
     logits, target, weight, ignore_index, _, _ = args = _xent_args(case, dtype)
-    _, lse = mod.cross_entropy_forward(*args)
-    g = np.asarray(mod.cross_entropy_backward(*args, lse, np.ones((), dtype)))
+    g = np.asarray(_forward_backward(mod, args, gloss=np.ones((), dtype))[4])
     valid = target != ignore_index
     t = np.where(valid, target, 0)
     w = np.ones(case["c"]) if weight is None else weight.astype(np.float64)
@@ -175,10 +218,28 @@ def test_cross_entropy_of_huge_logits_is_finite(modname, dtype, reduction, label
     logits = np.array([[[-1000.0, 1000.0, 1000.0], [1000.0, -1000.0, 1000.0], [0.0, 0.0, -1000.0]]], dtype)
     target = np.array([[0, 0, 2]], np.int64)
     weight = np.array([1.0, 2.0, 0.5], dtype)
-    loss, lse = mod.cross_entropy_forward(logits, target, weight, -100, reduction, label_smoothing)
-    gloss = np.ones(np.shape(loss), dtype)
-    g = mod.cross_entropy_backward(logits, target, weight, -100, reduction, label_smoothing, lse, gloss)
-    assert np.isfinite(np.asarray(loss)).all() and np.isfinite(np.asarray(lse)).all() and np.isfinite(np.asarray(g)).all()
-    assert_close(lse, np.array([[1000.0, 1000.0, 1000.0 + np.log(2)]]), 1e-6, 0, name="lse")
+    loss, dlogits, _, _, g = _forward_backward(mod, (logits, target, weight, -100, reduction, label_smoothing))
+    assert np.isfinite(np.asarray(loss)).all() and np.isfinite(np.asarray(dlogits)).all() and np.isfinite(np.asarray(g)).all()
     if reduction == "none" and label_smoothing == 0.0:
         assert_close(loss, np.array([[2000.0, 0.0, 0.5 * (2000.0 + np.log(2))]]), 1e-6, 1e-3, name="loss")
+    # p is one-hot, one-hot, (1/2, 1/2, 0) to float precision: dlogits = w_t (p - onehot) without smoothing
+    if label_smoothing == 0.0:
+        expected = np.array([[[-1.0, 0.0, 0.25], [1.0, 0.0, 0.25], [0.0, 0.0, -0.5]]])
+        assert_close(dlogits, expected, 1e-6, 1e-6, name="dlogits")
+
+
+@pytest.mark.parametrize("modname", ALL_MODULES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_every_pixel_ignored(modname, reduction):
+    """No kept pixel: loss 0 ('none', 'sum') or NaN ('mean', 0/0 as torch), D = 0, gradient exactly 0."""
+    mod = load(modname)
+    logits = np.random.default_rng(1).standard_normal((2, 4, 5)).astype(np.float32)
+    target = np.full((2, 5), 2, np.int64)  # ignore_index = 2, a real class
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss, dlogits, denom, n_invalid, g = _forward_backward(mod, (logits, target, None, 2, reduction, 0.1))
+    if reduction == "mean":
+        assert np.isnan(np.asarray(loss))
+    else:
+        assert (np.asarray(loss) == 0).all()
+    assert float(denom) == 0 and int(n_invalid) == 0
+    assert (np.asarray(dlogits) == 0).all() and (np.asarray(g) == 0).all()
