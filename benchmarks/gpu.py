@@ -197,6 +197,13 @@ class GPU:
 class Simulator:
     """The CPU stand-in: NumPy arrays, the host clock, no cache to flush."""
 
+    def __init__(self):
+        from minseg import runtime
+
+        # The kernels are called directly, not through backend.load: apply the simulator's
+        # fixes (thread-safe shared arrays, warp shuffles) that loading the cuda backend would.
+        runtime.apply_for("cuda")
+
     def asarray(self, a):
         return np.asarray(a)
 
@@ -619,7 +626,7 @@ def _activation_case(kind):
         if kind == "max_pool2d_backward":  # read gy and indices, write gx
             idx = _pool_indices(x)
             return (f"max_pool2d 2x2 backward {label}", dict(x=x, gy=_normal(rng, n, c, h // 2, w // 2), idx=idx),
-                    lambda fn, d: [fn(d["gy"], d["idx"], d["x"].shape)],
+                    lambda fn, d: [fn(d["gy"], d["idx"], d["x"].shape, (2, 2), (2, 2), (0, 0), (1, 1))],
                     lambda peer, d: [peer.torch.ops.aten.max_pool2d_with_indices_backward(d["gy"], d["x"], *pool, d["idx"])],
                     None, size // 4 + 2 * (size // 4) + size, False)
         args = ("bilinear", False, (0.5, 0.5))  # scales: input size / output size per axis
