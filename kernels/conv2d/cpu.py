@@ -1,7 +1,54 @@
-"""conv2d on the CPU: matrix products in BLAS, one per work item, work items in parallel in Numba.
+"""conv2d on the CPU in numbered versions: from direct loops to matrix products in BLAS.
 
-The math is in ``reference.py``; this module computes the same four functions
-fast, as matrix products (GEMMs) of two kinds.
+Read ``reference.py`` first: it defines the op and derives the gradients. Here
+the same sums run compiled (Numba), in parallel over the cores. Notation (as
+in the reference)::
+
+    x (N, C_in, H, W)   w (C_out, Cg, kh, kw)   y, gy (N, C_out, Ho, Wo)
+    G groups, Cg = C_in/G input and Og = C_out/G output channels per group;
+    output (i, j) reads, through tap (p, q), the input pixel
+        h = i*sh - pt + p*dh,   v = j*sw - pl + q*dw     (zero outside [0, H) x [0, W))
+
+Versions (llm.c dev/cuda style, as ``cuda.py``): each function takes
+``version=k``; ``FORWARD_VERSIONS``, ``GRAD_INPUT_VERSIONS`` and
+``GRAD_WEIGHT_VERSIONS`` list them, tests/kernels/test_conv2d.py checks every
+one against the reference, and ``python -m benchmarks ops --only conv2d``
+times every one against torch. The defaults are the fastest measured.
+
+* **v1 direct** -- the reference's sums as plain loops: one output plane
+  (image, channel) per ``prange`` iteration, and for each output pixel the
+  Cg*kh*kw-term dot product, skipping taps that fall in the padding.
+  grad_input is the *gather* of the same index map (each input pixel sums over
+  the taps and channels that read it: no two iterations write the same
+  value, so no locks), grad_weight one weight plane (o, c) per iteration
+  summing over N*Ho*Wo. Short and easy to check; slow because the innermost
+  loop runs over the kh*kw taps with a bounds test each, walks x with stride
+  dw (not along a row), and reuses nothing: every product loads both
+  operands, so memory and loop overhead bound it, not the multipliers.
+* **v2 im2col + GEMM** -- per image and band of output rows, copy every
+  receptive field into a column, then one BLAS GEMM per group does the
+  Og x Cg*kh*kw x pixels product (see *im2col* below). The GEMM is blocked for
+  the caches and registers by BLAS, which runs near the core's FMA peak; the
+  price is the copy of x kh*kw times, and the col2im scatter for grad_input.
+* **v3 taps** (default) -- at stride 1, no column matrix at all: each tap
+  (p, q) is one GEMM on a *shifted view* of a padded band of x (see *Taps*
+  below), so x is copied once per band instead of kh*kw times, and grad_input
+  is a forward of gy with the flipped kernel (no col2im). Strided
+  convolutions fall back to v2's im2col.
+
+Measured by ``python -m benchmarks ops --only conv2d`` (fwd+bwd = forward +
+grad_input + grad_weight + grad_bias through ``minseg.functional``; % of peak
+against the FP32 peak the benchmark measures on the same machine)::
+
+    case                      version | ms | GFLOP/s | % of FP32 peak | x torch
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v1 | not yet measured
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v2 | not yet measured
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v3 | not yet measured
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v1 | not yet measured
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v2 | not yet measured
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v3 | not yet measured
+
+The products of v2 and v3 are GEMMs of two kinds.
 
 *Taps* (stride 1: the forward, grad_weight, and grad_input, see below). Pad a
 band of rows of one image to ``xb`` (C_in rows of ``R*Wq`` values: R padded
@@ -26,9 +73,8 @@ and a band of output rows ``[i0, i1)``::
     grad_input   dcols[g]          = W[g]^T @ gy[n, g][:, band], then col2im adds dcols into gx
 
 where ``cols[g]`` is rows ``g*K .. (g+1)*K`` (K = Cg*kh*kw). It copies x kh*kw
-times (measured: 40% of the forward's time single-threaded for (8, 32, 64, 64)),
-which the taps avoid; strided convolutions cannot use taps because a view
-with stride sw > 1 along a row is not a BLAS operand.
+times, which the taps avoid; strided convolutions cannot use taps because a
+view with stride sw > 1 along a row is not a BLAS operand.
 
 grad_input at stride 1 is a forward: ``gx[c, r, s] = sum_{o,p,q} w[o, c, p, q] *
 gy[o, r + pt - p*dh, s + pl - q*dw]`` is the convolution of gy with the kernel
@@ -37,7 +83,7 @@ on top and ``(kw-1)*dw - pl`` on the left (a negative pad crops), with gx's
 size as output size. Other strides use col2im, im2col's adjoint (the same
 index map with ``+=`` in the other direction).
 
-Optimisations:
+Optimisations of v2 and v3:
 
 * One parallel region per call. A *work item* is one (image, band of output
   rows); ``prange`` gives each Numba thread a contiguous run of items (an
@@ -53,19 +99,20 @@ Optimisations:
   in a fixed order (results do not depend on scheduling).
 * While a kernel runs, that OpenBLAS is set to one thread (``_one_blas_thread``):
   a multi-threaded BLAS call nested in the parallel region fights the other
-  threads for the cores (measured: 4-15x slower, and OpenBLAS warns that it
-  may hang). When the BLAS is not an OpenBLAS this module can find, the work
-  items run on one Numba thread and the BLAS keeps its own threads. An earlier
-  version alternated a serial im2col with NumPy's multi-threaded GEMM: BLAS's
-  threads spin for a while after each call, so the copies could not be
-  parallelised, and it was 2.5-4x slower than this one (measured on 2 cores).
-* Bands: a band's buffers (``_TAPS_BAND_BYTES``: ~11 rows of a 64x64 image,
-  measured fastest; ``_BAND_BYTES`` of im2col columns, half a core's L2) stay
-  in the core's cache between the copy and the GEMMs that read it. Each
-  thread's buffers are rows of a workspace kept between calls (``_WORKSPACE``),
-  so a call does not pay fresh page faults for them; it is never returned,
-  every output is a fresh array. (The shared buffer makes these functions
-  unsafe to call from several Python threads at once.)
+  threads for the cores (several times slower when this was tried, and
+  OpenBLAS warns that it may hang). When the BLAS is not an OpenBLAS this
+  module can find, the work items run on one Numba thread and the BLAS keeps
+  its own threads. (An earlier design alternated a serial im2col with NumPy's
+  multi-threaded GEMM: BLAS's threads spin for a while after each call, so the
+  copies could not be parallelised; it was slower than this one.)
+* Bands: a band's buffers (``_TAPS_BAND_BYTES``, chosen by trial; for the
+  8x32x64x64 case that is 192 KiB / ((32 + 32) channels * 66 columns * 4 bytes)
+  = 11 rows; ``_BAND_BYTES`` of im2col columns, half of a 2 MB L2) stay in the
+  core's cache between the copy and the GEMMs that read it. Each thread's
+  buffers are rows of a workspace kept between calls (``_WORKSPACE``), so a
+  call does not pay fresh page faults for them; it is never returned, every
+  output is a fresh array. (The shared buffer makes these functions unsafe to
+  call from several Python threads at once.)
 * The copies never materialise more padding than a band needs: each row
   computes once which columns fall inside the image, zero-fills the rest and
   copies the inside (contiguously when the stride is 1, which LLVM vectorises).
@@ -89,7 +136,7 @@ from kernels.shapes import conv_output_size
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
 
 _BAND_BYTES = 1 << 20  # one thread's band of im2col columns: half a core's 2 MB L2, the rest for W and the output
-_TAPS_BAND_BYTES = 192 << 10  # one thread's band of padded input + wide output rows at stride 1 (measured best)
+_TAPS_BAND_BYTES = 192 << 10  # one thread's band of padded input + wide output rows at stride 1 (chosen by trial)
 _WORKSPACE: dict[str, np.ndarray] = {}
 _N, _T = ord("n"), ord("t")  # BLAS's transpose flags
 
@@ -455,25 +502,157 @@ def _run_taps(kernel, inputs, out, channels, kernel_hw, out_hw, padding, dilatio
     return out
 
 
-def _forward(x, w, b, out_hw, stride, padding, dilation, groups):
+# ------------------------------------------------------------------ v1: direct loops
+
+
+@njit(parallel=True, cache=True)
+def _forward_direct_kernel(x, w, b, y, sh, sw, pt, pl, dh, dw, groups):
+    """y[i, o, r, s] = b[o] + sum_{c, p, q} w[o, c, p, q] * x[i, g*Cg + c, r*sh + p*dh - pt, s*sw + q*dw - pl].
+
+    One output plane (i, o) per iteration; taps that land in the padding are skipped
+    (``b.size == 0``: no bias).
+    """
+    n, _, h, wd = x.shape
+    c_out, cg, kh, kw = w.shape
+    ho, wo = y.shape[2], y.shape[3]
+    og = c_out // groups
+    for plane in prange(n * c_out):
+        i, o = plane // c_out, plane % c_out
+        c0 = o // og * cg  # first input channel of o's group
+        bias = b[o] if b.size else y.dtype.type(0)
+        for r in range(ho):
+            for s in range(wo):
+                acc = bias
+                for c in range(cg):
+                    for p in range(kh):
+                        xi = r * sh + p * dh - pt
+                        if xi < 0 or xi >= h:
+                            continue
+                        for q in range(kw):
+                            xj = s * sw + q * dw - pl
+                            if 0 <= xj < wd:
+                                acc += w[o, c, p, q] * x[i, c0 + c, xi, xj]
+                y[i, o, r, s] = acc
+
+
+@njit(parallel=True, cache=True)
+def _grad_input_direct_kernel(gy, w, gx, sh, sw, pt, pl, dh, dw, groups):
+    """gx[i, g*Cg + c, u, v] = sum over o of group g and taps (p, q) of w[o, c, p, q] * gy[i, o, r, s],
+    where u = r*sh + p*dh - pt and v = s*sw + q*dw - pl, with (r, s) inside gy.
+
+    The gather form: each input pixel inverts the forward's index map, r = (u + pt - p*dh) / sh,
+    for the taps where that is a whole number in [0, Ho). One input plane per iteration: every
+    value is written by one iteration, so there are no races.
+    """
+    n, c_in, h, wd = gx.shape
+    c_out, cg, kh, kw = w.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    og = c_out // groups
+    for plane in prange(n * c_in):
+        i, ci = plane // c_in, plane % c_in
+        g, c = ci // cg, ci % cg
+        for u in range(h):
+            for v in range(wd):
+                acc = gx.dtype.type(0)
+                for p in range(kh):
+                    rs = u + pt - p * dh  # = r*sh
+                    r = rs // sh
+                    if rs < 0 or r * sh != rs or r >= ho:
+                        continue
+                    for q in range(kw):
+                        ss = v + pl - q * dw  # = s*sw
+                        s = ss // sw
+                        if ss < 0 or s * sw != ss or s >= wo:
+                            continue
+                        for o in range(g * og, (g + 1) * og):
+                            acc += w[o, c, p, q] * gy[i, o, r, s]
+                gx[i, ci, u, v] = acc
+
+
+@njit(parallel=True, cache=True)
+def _grad_weight_direct_kernel(x, gy, gw, sh, sw, pt, pl, dh, dw, groups):
+    """gw[o, c, p, q] = sum_{i, r, s} gy[i, o, r, s] * x[i, g*Cg + c, r*sh + p*dh - pt, s*sw + q*dw - pl].
+
+    One weight plane (o, c) per iteration, each a sum over all N*Ho*Wo outputs per tap.
+    """
+    n, _, h, wd = x.shape
+    c_out, cg, kh, kw = gw.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    og = c_out // groups
+    for plane in prange(c_out * cg):
+        o, c = plane // cg, plane % cg
+        ci = o // og * cg + c
+        for p in range(kh):
+            for q in range(kw):
+                acc = gw.dtype.type(0)
+                for i in range(n):
+                    for r in range(ho):
+                        xi = r * sh + p * dh - pt
+                        if xi < 0 or xi >= h:
+                            continue
+                        for s in range(wo):
+                            xj = s * sw + q * dw - pl
+                            if 0 <= xj < wd:
+                                acc += gy[i, o, r, s] * x[i, ci, xi, xj]
+                gw[o, c, p, q] = acc
+
+
+def _forward_v1(x, w, b, stride, padding, dilation, groups):
+    y = np.empty((x.shape[0], w.shape[0], *_out_hw(x, w, stride, padding, dilation)), x.dtype)
+    b = np.empty(0, x.dtype) if b is None else b
+    _forward_direct_kernel(x, w, b, y, *stride, padding[0][0], padding[1][0], *dilation, groups)
+    return y
+
+
+def _grad_input_v1(gy, w, x_shape, stride, padding, dilation, groups):
+    gx = np.empty(x_shape, gy.dtype)
+    _grad_input_direct_kernel(gy, w, gx, *stride, padding[0][0], padding[1][0], *dilation, groups)
+    return gx
+
+
+def _grad_weight_v1(x, gy, w_shape, stride, padding, dilation, groups):
+    gw = np.empty(w_shape, x.dtype)
+    _grad_weight_direct_kernel(x, gy, gw, *stride, padding[0][0], padding[1][0], *dilation, groups)
+    return gw
+
+
+# ------------------------------------------------------- v2: im2col + GEMM, v3: taps
+
+
+def _out_hw(x, w, stride, padding, dilation):
+    return tuple(conv_output_size(x.shape[2 + a], sum(padding[a]), dilation[a], w.shape[2 + a], stride[a]) for a in (0, 1))
+
+
+def _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups):
+    """Any stride: y[i, g][:, band] = w[g] @ im2col(x[i])[g] per (image, band) item."""
     y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
     b = np.empty(0, x.dtype) if b is None else b
-    if stride != (1, 1):
-        k = x.shape[1] * w.shape[2] * w.shape[3]
-        return _run(_forward_im2col_kernel, (x, w, b), y, w.shape[2:], out_hw, k, stride, padding, dilation, groups)
+    k = x.shape[1] * w.shape[2] * w.shape[3]
+    return _run(_forward_im2col_kernel, (x, w, b), y, w.shape[2:], out_hw, k, stride, padding, dilation, groups)
+
+
+def _forward_taps(x, w, b, out_hw, padding, dilation, groups):
+    """Stride 1: y[i, g][:, band] = sum over taps of w[g][:, :, p, q] @ (shifted band of padded x[i])[g]."""
+    y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
+    b = np.empty(0, x.dtype) if b is None else b
     wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # (kh, kw, C_out, Cg): one (C_out, Cg) matrix per tap
     channels = (x.shape[1], w.shape[0])
     return _run_taps(_forward_taps_kernel, (x, wt, b), y, channels, w.shape[2:], out_hw, padding, dilation, groups)
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, groups):
-    """y = conv(x, W) + b: taps at stride 1, else im2col; (image, band) items in parallel."""
-    out_hw = tuple(conv_output_size(x.shape[2 + a], sum(padding[a]), dilation[a], w.shape[2 + a], stride[a]) for a in (0, 1))
-    return _forward(x, w, b, out_hw, stride, padding, dilation, groups)
+def _forward_v2(x, w, b, stride, padding, dilation, groups):
+    return _forward_im2col(x, w, b, _out_hw(x, w, stride, padding, dilation), stride, padding, dilation, groups)
 
 
-def conv2d_grad_input(gy, w, x_shape, stride, padding, dilation, groups):
-    """Stride 1: the forward of gy with the flipped, channel-swapped kernel; else col2im(W^T @ gy) per image."""
+def _forward_v3(x, w, b, stride, padding, dilation, groups):
+    out_hw = _out_hw(x, w, stride, padding, dilation)
+    if stride != (1, 1):
+        return _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups)
+    return _forward_taps(x, w, b, out_hw, padding, dilation, groups)
+
+
+def _grad_input_v3(gy, w, x_shape, stride, padding, dilation, groups):
+    """Stride 1: the forward of gy with the flipped, channel-swapped kernel; else col2im (v2)."""
     if stride == (1, 1):
         return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups)
     return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
@@ -486,7 +665,7 @@ def _grad_input_flipped(gy, w, x_shape, padding, dilation, groups):
     w_flip = w.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
     w_flip = np.ascontiguousarray(w_flip).reshape(groups * cg, og, kh, kw)
     pad = tuple(((k - 1) * d - p[0], 0) for k, d, p in zip((kh, kw), dilation, padding))
-    return _forward(gy, w_flip, None, tuple(x_shape[2:]), (1, 1), pad, dilation, groups)
+    return _forward_taps(gy, w_flip, None, tuple(x_shape[2:]), pad, dilation, groups)
 
 
 def _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups):
@@ -497,20 +676,55 @@ def _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups):
     return _run(_grad_input_col2im_kernel, (gy, w), gx, (kh, kw), gy.shape[2:], k, stride, padding, dilation, groups)
 
 
-def conv2d_grad_weight(x, gy, w_shape, stride, padding, dilation, groups):
-    """gw = sum over (image, band) items of gy @ (taps at stride 1, else im2col of x)^T, in per-thread partial sums."""
+def _grad_weight_im2col(x, gy, w_shape, stride, padding, dilation, groups):
+    """Any stride: gw = sum over (image, band) items of gy @ im2col(x)^T, in per-thread partial sums."""
     _, c_out, ho, wo = gy.shape
     _, cg, kh, kw = w_shape
-    nt = _item_threads()
+    part = np.zeros((_item_threads(), c_out, cg * kh * kw), x.dtype)
+    k = x.shape[1] * kh * kw
+    _run(_grad_weight_im2col_kernel, (x, gy), part, (kh, kw), (ho, wo), k, stride, padding, dilation, groups)
+    return part.sum(axis=0).reshape(w_shape)
+
+
+def _grad_weight_v3(x, gy, w_shape, stride, padding, dilation, groups):
+    """Stride 1: gw[:, :, p, q] = sum over items of gy_wide @ (tap (p, q)'s view)^T; else im2col (v2)."""
     if stride != (1, 1):
-        part = np.zeros((nt, c_out, cg * kh * kw), x.dtype)
-        k = x.shape[1] * kh * kw
-        _run(_grad_weight_im2col_kernel, (x, gy), part, (kh, kw), (ho, wo), k, stride, padding, dilation, groups)
-        return part.sum(axis=0).reshape(w_shape)
-    part = np.zeros((nt, kh, kw, c_out, cg), x.dtype)
+        return _grad_weight_im2col(x, gy, w_shape, stride, padding, dilation, groups)
+    c_out = gy.shape[1]
+    _, cg, kh, kw = w_shape
+    part = np.zeros((_item_threads(), kh, kw, c_out, cg), x.dtype)
     channels = (x.shape[1], c_out)
-    _run_taps(_grad_weight_taps_kernel, (x, gy), part, channels, (kh, kw), (ho, wo), padding, dilation, groups)
+    _run_taps(_grad_weight_taps_kernel, (x, gy), part, channels, (kh, kw), gy.shape[2:], padding, dilation, groups)
     return np.ascontiguousarray(part.sum(axis=0).transpose(2, 3, 0, 1))
+
+
+# ----------------------------------------------------------------------- versions
+
+FORWARD_VERSIONS = {1: _forward_v1, 2: _forward_v2, 3: _forward_v3}
+GRAD_INPUT_VERSIONS = {1: _grad_input_v1, 2: _grad_input_col2im, 3: _grad_input_v3}
+GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_im2col, 3: _grad_weight_v3}
+DEFAULT_FORWARD_VERSION = DEFAULT_GRAD_INPUT_VERSION = DEFAULT_GRAD_WEIGHT_VERSION = 3
+
+
+def _pick(versions, version, function):
+    if version not in versions:
+        raise ValueError(f"{function}: version must be one of {sorted(versions)}, got {version!r}")
+    return versions[version]
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, groups, version=DEFAULT_FORWARD_VERSION):
+    """y = conv(x, W) + b; ``version`` picks a kernel of FORWARD_VERSIONS (see the module docstring)."""
+    return _pick(FORWARD_VERSIONS, version, "conv2d_forward")(x, w, b, stride, padding, dilation, groups)
+
+
+def conv2d_grad_input(gy, w, x_shape, stride, padding, dilation, groups, version=DEFAULT_GRAD_INPUT_VERSION):
+    """gx (x_shape); ``version`` picks a kernel of GRAD_INPUT_VERSIONS (see the module docstring)."""
+    return _pick(GRAD_INPUT_VERSIONS, version, "conv2d_grad_input")(gy, w, x_shape, stride, padding, dilation, groups)
+
+
+def conv2d_grad_weight(x, gy, w_shape, stride, padding, dilation, groups, version=DEFAULT_GRAD_WEIGHT_VERSION):
+    """gw (w_shape); ``version`` picks a kernel of GRAD_WEIGHT_VERSIONS (see the module docstring)."""
+    return _pick(GRAD_WEIGHT_VERSIONS, version, "conv2d_grad_weight")(x, gy, w_shape, stride, padding, dilation, groups)
 
 
 def conv2d_grad_bias(gy):

@@ -7,6 +7,8 @@ smaller problems still.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -123,33 +125,81 @@ def check_against_reference(mod, dtype, case, with_bias, seed):
 
 
 CUDA = "kernels.conv2d.cuda"
-HOST_MODULES = [p for p in kernel_modules("conv2d") if p.values[0] != CUDA]
+CPU = "kernels.conv2d.cpu"
+VERSION_TABLES = {"conv2d_forward": "FORWARD_VERSIONS", "conv2d_grad_input": "GRAD_INPUT_VERSIONS",
+                  "conv2d_grad_weight": "GRAD_WEIGHT_VERSIONS"}
+
+
+class AtVersion:
+    """``mod``'s four conv2d functions called with ``version=k`` (those whose table lists k; the
+    others at their default), so the property tests below check every numbered CPU version."""
+
+    def __init__(self, mod, version):
+        for fn_name, table in VERSION_TABLES.items():
+            fn = getattr(mod, fn_name)
+            setattr(self, fn_name, functools.partial(fn, version=version) if version in getattr(mod, table) else fn)
+        self.conv2d_grad_bias = mod.conv2d_grad_bias
+
+
+def cpu_versions():
+    """Every version number that one of cpu.py's tables lists (none if cpu.py is absent)."""
+    if not any(p.values[0] == CPU for p in kernel_modules("conv2d")):
+        return []
+    mod = load(CPU)
+    return sorted(set().union(*(getattr(mod, table) for table in VERSION_TABLES.values())))
+
+
+def host_modules():
+    """pytest params (module, version): cpu.py at each numbered version (its defaults are listed
+    versions, see test_cpu_versions_are_listed_and_checked), any other host module at its defaults."""
+    params = [pytest.param(p.values[0], None, id=p.id) for p in kernel_modules("conv2d") if p.values[0] not in (CUDA, CPU)]
+    return params + [pytest.param(CPU, v, id=f"cpu-v{v}") for v in cpu_versions()]
+
+
+def load_at(modname, version):
+    mod = load(modname)
+    return mod if version is None else AtVersion(mod, version)
+
+
 CUDA_MODULES = [p for p in kernel_modules("conv2d") if p.values[0] == CUDA]
 
 
-@pytest.mark.parametrize("modname", HOST_MODULES)
+@pytest.mark.parametrize("modname, version", host_modules())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @settings(max_examples=15)
 @given(case=conv_cases(), with_bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_kernels_match_reference(modname, dtype, case, with_bias, seed):
-    check_against_reference(load(modname), dtype, case, with_bias, seed)
+def test_kernels_match_reference(modname, version, dtype, case, with_bias, seed):
+    check_against_reference(load_at(modname, version), dtype, case, with_bias, seed)
 
 
-@pytest.mark.parametrize("modname", CUDA_MODULES)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@settings(max_examples=5)
-@given(case=conv_cases(max_side=5, max_weights=16, max_outputs=64), with_bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_cuda_kernels_match_reference(modname, dtype, case, with_bias, seed):
-    """Under the simulator a grad_weight block of >= 32 Python threads runs per weight: fewer,
-    smaller problems here (tests/cuda/ tests the CUDA kernels in depth)."""
-    check_against_reference(load(modname), dtype, case, with_bias, seed)
+@pytest.mark.skipif(not cpu_versions(), reason="kernels/conv2d/cpu.py does not import here")
+def test_cpu_versions_are_listed_and_checked():
+    """Each function's default is one of its listed versions, and an unlisted version is a
+    ValueError that names the function and the choices (not a KeyError from the table)."""
+    mod = load(CPU)
+    x, gy, w = np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)), np.ones((1, 1, 1, 1))
+    args = ((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
+    calls = {
+        "conv2d_forward": lambda version: mod.conv2d_forward(x, w, None, *args, version=version),
+        "conv2d_grad_input": lambda version: mod.conv2d_grad_input(gy, w, x.shape, *args, version=version),
+        "conv2d_grad_weight": lambda version: mod.conv2d_grad_weight(x, gy, w.shape, *args, version=version),
+    }
+    for fn_name, table in VERSION_TABLES.items():
+        versions = getattr(mod, table)
+        assert getattr(mod, "DEFAULT_" + table.replace("VERSIONS", "VERSION")) in versions
+        with pytest.raises(ValueError, match=rf"{fn_name}: version must be one of \{sorted(versions)}, got 99"):
+            calls[fn_name](99)
 
 
-@pytest.mark.parametrize("modname", ["kernels.conv2d.reference"] + kernel_modules("conv2d"))
-def test_grad_input_is_zero_where_no_output_reads(modname):
+ALL_MODULES = [pytest.param("kernels.conv2d.reference", None, id="reference")] + host_modules() + [
+    pytest.param(p.values[0], None, id=p.id) for p in CUDA_MODULES]
+
+
+@pytest.mark.parametrize("modname, version", ALL_MODULES)
+def test_grad_input_is_zero_where_no_output_reads(modname, version):
     """Kernel 2, stride 3 on 5 pixels: Ho = 2 windows read rows/cols {0, 1} and {3, 4}; 2 is skipped.
     A 1x1 kernel at stride 2 skips rows/cols 1 and 3."""
-    mod = load(modname)
+    mod = load_at(modname, version)
     x_shape = (1, 1, 5, 5)
     gy = np.ones((1, 1, 2, 2))
     gx = to_numpy(mod.conv2d_grad_input(gy, np.ones((1, 1, 2, 2)), x_shape, (3, 3), ((0, 0), (0, 0)), (1, 1), 1))
@@ -160,13 +210,13 @@ def test_grad_input_is_zero_where_no_output_reads(modname):
     assert_close(gx[0, 0], np.outer(read, read), rtol=0, atol=0, name="gx (k=1, s=2)")
 
 
-@pytest.mark.parametrize("modname", ["kernels.conv2d.reference"] + kernel_modules("conv2d"))
+@pytest.mark.parametrize("modname, version", ALL_MODULES)
 @settings(max_examples=8)
 @given(case=conv_cases(max_channels=2, max_side=5, max_weights=16, max_outputs=64), seed=st.integers(0, 2**16))
-def test_gradients_take_ho_wo_from_gy(modname, case, seed):
+def test_gradients_take_ho_wo_from_gy(modname, version, case, seed):
     """A gy with fewer rows/cols than the forward's Ho/Wo (conv_transpose2d with output_padding >=
     stride) acts as the full-size gy with zeros in the rows/cols it lacks."""
-    mod = load(modname)
+    mod = load_at(modname, version)
     _, _, ho, wo = case["y_shape"]
     assume(ho > 1 or wo > 1)
     x, w, _, gy_full = arrays(case, np.float64, seed)
