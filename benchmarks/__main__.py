@@ -10,7 +10,7 @@ import tempfile
 import time
 
 from . import machine
-from .timing import CompileMeter, measure, metered, table
+from .timing import CompileMeter, add_limits, measure, metered, table
 
 DEFAULT_REPEAT = {"ops": 20, "train": 10, "gpu": 20}
 QUICK_REPEAT = 2
@@ -43,7 +43,10 @@ def parse_args(argv):
                    "raised: freed memory is reused instead of page-faulted in again (minseg and torch alike)")
     p.add_argument("--no-cache-check", action="store_true", help="skip the second process that checks that Numba's "
                    "cache spares it the compilation")
+    p.add_argument("--plot", metavar="FILE.png", help="ops/train: also draw bars of x torch and of %% of the measured "
+                   "FP32 peak or memory bandwidth per case to FILE.png (Pillow)")
     p.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)  # the cache check's child
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)  # train: one library's step memory
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
@@ -164,6 +167,21 @@ def cache_check(args) -> dict:
     return child
 
 
+def memory_in_child(args, label: str) -> dict:
+    """``train.step_memory`` of library ``label`` alone, in a fresh process (the RSS of this one
+    holds every library's model and what its allocator kept)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "memory.json")
+        peer = ["--backends", ""] if label == "torch" else ["--backends", label, "--no-torch"]
+        cmd = [sys.executable, "-m", "benchmarks", "train", "--memory-child", *peer, "--threads", str(args.threads),
+               "--warmup", str(args.warmup), "--json", path] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, env=_child_env(os.environ), capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            return dict(error=f"child process failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        with open(path) as f:
+            return json.load(f)
+
+
 def cache_lines(check: dict) -> list[str]:
     if "error" in check:
         return [f"cache check: {check['error']}"]
@@ -235,13 +253,33 @@ def run_cpu(args, argv) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         return 0
+    if args.memory_child:
+        from .train import step_memory, train_case
 
+        # One step of the small quick-size model first: it loads (or compiles) every kernel and
+        # creates the library's per-op state, which would otherwise count as a step's memory.
+        warm, _ = train_case(libs, "quick")
+        warm.impls[0].run()
+        del warm
+        with open(args.json, "w") as f:
+            json.dump(step_memory(cases[0].impls[0], args.warmup + 1), f)
+        return 0
+
+    print("measuring the machine's FP32 peak and memory bandwidth ...", file=sys.stderr, flush=True)
+    limits = machine.limits("quick" if args.quick else "full")
     entries = []
     t_start = time.perf_counter()
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.name} ({', '.join(m.name for m in case.impls)}) "
               f"at {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
         entries.append(measure(case, args.repeat, args.warmup))
+    add_limits(entries, limits)
+    profile = None
+    if args.mode == "train":
+        from .train import step_profile
+
+        print("step profile: memory and time outside kernels ...", file=sys.stderr, flush=True)
+        profile = step_profile(cases[0], libs, args.repeat, lambda label: memory_in_child(args, label)) if cases else None
 
     info = machine.describe(threads)  # after the runs: Numba's threading layer is known once a kernel ran
     notes = machine.notes(info)
@@ -254,7 +292,7 @@ def run_cpu(args, argv) -> int:
 
     print(f"minseg benchmarks: {args.mode}{' (quick)' if args.quick else ''}, {args.repeat} timed calls after "
           f"{args.warmup} warm-up, interleaved")
-    for line in machine.header_lines(info):
+    for line in machine.header_lines(info) + machine.limit_lines(limits):
         print(line)
     for note in notes:
         print(f"NOTE: {note}")
@@ -265,16 +303,31 @@ def run_cpu(args, argv) -> int:
     print()
     for line in summary_lines(entries, imports, facts):
         print(line)
+    if any(name.startswith("cpu v") for e in entries for name in e["results"]):
+        from .cases import conv_version_line
+
+        print(conv_version_line())
+    if profile:
+        from .train import profile_lines
+
+        for line in profile_lines(profile):
+            print(line)
     if check is not None:
         for line in cache_lines(check):
             print(line)
     if args.json:
         report = dict(mode=args.mode, quick=args.quick, repeat=args.repeat, warmup=args.warmup, argv=list(argv),
                       machine=info, notes=notes, backend_imports=imports, skipped=skipped, model=facts or None,
-                      cases=entries, cache_check=check)
+                      cases=entries, cache_check=check, limits=limits, step_profile=profile)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"JSON written to {args.json}")
+    if args.plot:
+        from .plot import draw
+
+        title = f"minseg {args.mode}{' (quick)' if args.quick else ''}, {info['date_utc']} UTC, {args.threads} threads"
+        draw(entries, limits, args.plot, title, profile)
+        print(f"plot written to {args.plot}")
     return 0
 
 
