@@ -1,4 +1,4 @@
-"""conv2d on the CPU in numbered versions: from direct loops to matrix products in BLAS.
+"""conv2d on the CPU in numbered versions: from direct loops to BLAS GEMMs and a register-blocked micro-kernel.
 
 Read ``reference.py`` first: it defines the op and derives the gradients. Here
 the same sums run compiled (Numba), in parallel over the cores. Notation (as
@@ -13,7 +13,7 @@ Versions (llm.c dev/cuda style, as ``cuda.py``): each function takes
 ``version=k``; ``FORWARD_VERSIONS``, ``GRAD_INPUT_VERSIONS`` and
 ``GRAD_WEIGHT_VERSIONS`` list them, tests/kernels/test_conv2d.py checks every
 one against the reference, and ``python -m benchmarks ops --only conv2d``
-times every one against torch. The defaults are the fastest measured.
+times every one against torch. The defaults are the fastest measured so far (v3; v4 is not yet timed).
 
 * **v1 direct** -- the reference's sums as plain loops: one output plane
   (image, channel) per ``prange`` iteration, and for each output pixel the
@@ -28,13 +28,27 @@ times every one against torch. The defaults are the fastest measured.
 * **v2 im2col + GEMM** -- per image and band of output rows, copy every
   receptive field into a column, then one BLAS GEMM per group does the
   Og x Cg*kh*kw x pixels product (see *im2col* below). The GEMM is blocked for
-  the caches and registers by BLAS, which runs near the core's FMA peak; the
+  the caches and registers by BLAS, which is written to run near the FMA peak; the
   price is the copy of x kh*kw times, and the col2im scatter for grad_input.
 * **v3 taps** (default) -- at stride 1, no column matrix at all: each tap
   (p, q) is one GEMM on a *shifted view* of a padded band of x (see *Taps*
   below), so x is copied once per band instead of kh*kw times, and grad_input
   is a forward of gy with the flipped kernel (no col2im). Strided
   convolutions fall back to v2's im2col.
+* **v4 register-blocked micro-kernel** (forward and grad_input; grad_weight
+  keeps v3) -- the same padded bands as v3, but instead of kh*kw BLAS calls
+  that each stream the band and the wide output through the cache, a Numba
+  micro-kernel (``_micro_tile``) computes a block of MR = 6 output channels x
+  NR = 16 pixels with *all* Cg*kh*kw terms of its sum in registers: per term
+  it loads 16 inputs (in place from the band: no packing of x) and 6 weights
+  (packed once per call) and does 96 fused multiply-adds, then writes the
+  finished block to y with the bias. The band is read once per channel block,
+  the output written once, and small channel counts (the 3->16 first layer,
+  the 1x1 head) are not many small BLAS calls. tests/kernels/test_conv2d.py
+  checks in the compiled code that the accumulators stay in registers. LLVM
+  vectorises it with 256-bit registers (12 ymm accumulators), as it prefers on
+  AVX-512 CPUs, so it can use at most half of the 512-bit FMA width; whether
+  it beats v3 is for the benchmark to say, so v3 stays the default until then.
 
 Measured by ``python -m benchmarks ops --only conv2d`` (fwd+bwd = forward +
 grad_input + grad_weight + grad_bias through ``minseg.functional``; % of peak
@@ -44,9 +58,11 @@ against the FP32 peak the benchmark measures on the same machine)::
     conv2d 3x3 fwd+bwd 8x32x64x64->32  v1 | not yet measured
     conv2d 3x3 fwd+bwd 8x32x64x64->32  v2 | not yet measured
     conv2d 3x3 fwd+bwd 8x32x64x64->32  v3 | not yet measured
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v4 | not yet measured
     conv2d 3x3 fwd+bwd 8x64x32x32->64  v1 | not yet measured
     conv2d 3x3 fwd+bwd 8x64x32x32->64  v2 | not yet measured
     conv2d 3x3 fwd+bwd 8x64x32x32->64  v3 | not yet measured
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v4 | not yet measured
 
 The products of v2 and v3 are GEMMs of two kinds.
 
@@ -127,8 +143,9 @@ import ctypes
 
 import numba
 import numpy as np
-from numba import njit, prange
-from numba.extending import overload
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
 from kernels.shapes import conv_output_size
@@ -654,18 +671,19 @@ def _forward_v3(x, w, b, stride, padding, dilation, groups):
 def _grad_input_v3(gy, w, x_shape, stride, padding, dilation, groups):
     """Stride 1: the forward of gy with the flipped, channel-swapped kernel; else col2im (v2)."""
     if stride == (1, 1):
-        return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups)
+        return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, _forward_taps)
     return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
 
 
-def _grad_input_flipped(gy, w, x_shape, padding, dilation, groups):
-    """Stride 1 only: gx = conv2d(gy, w_flip), w_flip[g*Cg + c, o, p, q] = w[g*Og + o, c, kh-1-p, kw-1-q]."""
+def _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, forward):
+    """Stride 1 only: gx = conv2d(gy, w_flip) by ``forward`` (``_forward_taps`` or ``_forward_tiles``),
+    w_flip[g*Cg + c, o, p, q] = w[g*Og + o, c, kh-1-p, kw-1-q]."""
     c_out, cg, kh, kw = w.shape
     og = c_out // groups
     w_flip = w.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
     w_flip = np.ascontiguousarray(w_flip).reshape(groups * cg, og, kh, kw)
     pad = tuple(((k - 1) * d - p[0], 0) for k, d, p in zip((kh, kw), dilation, padding))
-    return _forward_taps(gy, w_flip, None, tuple(x_shape[2:]), pad, dilation, groups)
+    return forward(gy, w_flip, None, tuple(x_shape[2:]), pad, dilation, groups)
 
 
 def _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups):
@@ -698,10 +716,139 @@ def _grad_weight_v3(x, gy, w_shape, stride, padding, dilation, groups):
     return np.ascontiguousarray(part.sum(axis=0).transpose(2, 3, 0, 1))
 
 
+# --------------------------------------------------- v4: register-blocked micro-kernel
+
+MR, NR = 6, 16  # a micro-tile: MR output channels x NR output pixels, accumulated in registers
+
+
+@intrinsic
+def _stack_row(typingctx, like):
+    """A pointer to NR values of ``like``'s dtype on the stack (an LLVM ``alloca``).
+
+    Numba has no vector types, and an array from ``np.empty`` lives on the heap, where every
+    ``+=`` is a load and a store. A stack array indexed only by a loop that LLVM vectorises
+    is promoted to registers: the NR accumulators of one row stay in vector registers
+    (two 8-float ymm registers in float32) for the whole reduction.
+    """
+    sig = types.CPointer(like.dtype)(like)
+
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_value_type(like.dtype), size=NR)
+
+    return sig, codegen
+
+
+@njit(cache=True, fastmath={"contract"})
+def _micro_tile(xb, x0, c_stride, row_step, dw, cg, kh, kw, wg, o0, tile):
+    """tile[a, b] = sum_{c, p, q} wg[(c*kh + p)*kw + q, o0 + a] * xb[x0 + c*c_stride + p*row_step + q*dw + b].
+
+    a < MR, b < NR: one MR x NR block of the taps product (``_forward_taps_kernel``) with every
+    tap of the kernel in one reduction of K = Cg*kh*kw steps. Each step loads NR consecutive
+    inputs (a row of the B panel, read in place from the padded band) and MR weights (packed
+    contiguously), and does MR*NR multiply-adds (``contract``: fused FMAs) into accumulators
+    that stay in registers: MR*NR FMAs per NR + MR loads, where a GEMM row at a time does one
+    FMA per load. The MR = 6 rows are written out (r0..r5) because each must be its own stack
+    array (``_stack_row``) for LLVM to keep it in registers.
+    """
+    r0, r1, r2 = carray(_stack_row(xb), NR), carray(_stack_row(xb), NR), carray(_stack_row(xb), NR)
+    r3, r4, r5 = carray(_stack_row(xb), NR), carray(_stack_row(xb), NR), carray(_stack_row(xb), NR)
+    for b in range(NR):
+        r0[b] = r1[b] = r2[b] = r3[b] = r4[b] = r5[b] = 0
+    k = 0
+    for c in range(cg):
+        for p in range(kh):
+            row = x0 + c * c_stride + p * row_step
+            for q in range(kw):
+                xs = xb[row + q * dw : row + q * dw + NR]
+                w = wg[k, o0 : o0 + MR]
+                w0, w1, w2, w3, w4, w5 = w[0], w[1], w[2], w[3], w[4], w[5]
+                for b in range(NR):
+                    v = xs[b]
+                    r0[b] += w0 * v
+                    r1[b] += w1 * v
+                    r2[b] += w2 * v
+                    r3[b] += w3 * v
+                    r4[b] += w4 * v
+                    r5[b] += w5 * v
+                k += 1
+    for b in range(NR):
+        tile[0, b], tile[1, b], tile[2, b] = r0[b], r1[b], r2[b]
+        tile[3, b], tile[4, b], tile[5, b] = r3[b], r4[b], r5[b]
+
+
+@njit(parallel=True, cache=True)
+def _forward_tiles_kernel(x, wp, b, y, ws, step, kh, kw, pt, pl, dh, dw, groups):
+    """Stride 1: the taps product of ``_forward_taps_kernel`` computed MR x NR micro-tile by micro-tile.
+
+    Same work items, padded bands and wide pixel index m = ii*Wq + j as the taps kernel, but
+    instead of kh*kw BLAS calls that each stream the whole band, ``_micro_tile`` sums all
+    K = Cg*kh*kw terms of one block of MR channels x NR wide pixels in registers, and the
+    block goes straight into y (garbage columns j >= Wo dropped, bias added): no wide output
+    buffer. For each strip of NR pixels (K x NR inputs: stays in L1) it walks the channel
+    blocks; wp[g] is (K, Og rounded up to MR), zero in the padded channels.
+    """
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    og, cg = c_out // groups, c_in // groups
+    wq = wo + (kw - 1) * dw
+    xb_size = c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + NR  # the last strip reads NR past the band
+    bands = (ho + step - 1) // step
+    nt = ws.shape[0]
+    for t in prange(nt):
+        xb, tile = ws[t, :xb_size], ws[t, xb_size : xb_size + MR * NR].reshape((MR, NR))
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0 = item // bands, item % bands * step
+            rows = min(i0 + step, ho) - i0
+            r_all = rows + (kh - 1) * dh
+            npix = rows * wq
+            _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw + NR], i0 - pt, r_all, pl, wq)
+            for g in range(groups):
+                for m0 in range(0, npix, NR):
+                    for o0 in range(0, og, MR):
+                        _micro_tile(xb, g * cg * r_all * wq + m0, r_all * wq, dh * wq, dw, cg, kh, kw, wp[g], o0, tile)
+                        for a in range(min(MR, og - o0)):
+                            o = g * og + o0 + a
+                            bias = b[o] if b.size else y.dtype.type(0)
+                            for col in range(min(NR, npix - m0)):
+                                ii, j = divmod(m0 + col, wq)
+                                if j < wo:
+                                    y[i, o, i0 + ii, j] = tile[a, col] + bias
+
+
+def _forward_tiles(x, w, b, out_hw, padding, dilation, groups):
+    """Stride 1: y by register-blocked micro-tiles over padded bands (``_forward_tiles_kernel``)."""
+    y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
+    b = np.empty(0, x.dtype) if b is None else b
+    c_out, cg, kh, kw = w.shape
+    og = c_out // groups
+    wp = np.zeros((groups, cg * kh * kw, -(-og // MR) * MR), w.dtype)  # wp[g, (c, p, q), o], Og rounded up to MR
+    wp[:, :, :og] = w.reshape(groups, og, cg * kh * kw).transpose(0, 2, 1)
+    step, xb_size, _ = _taps_band(x.shape[1], c_out, out_hw, (kh, kw), dilation, x.dtype.itemsize)
+    nt = _item_threads()
+    ws = _workspace(nt * (xb_size + NR + MR * NR), x.dtype).reshape(nt, -1)
+    _forward_tiles_kernel(x, wp, b, y, ws, step, kh, kw, padding[0][0], padding[1][0], *dilation, groups)
+    return y
+
+
+def _forward_v4(x, w, b, stride, padding, dilation, groups):
+    out_hw = _out_hw(x, w, stride, padding, dilation)
+    if stride != (1, 1):
+        return _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups)
+    return _forward_tiles(x, w, b, out_hw, padding, dilation, groups)
+
+
+def _grad_input_v4(gy, w, x_shape, stride, padding, dilation, groups):
+    """Stride 1: the flipped-kernel forward by micro-tiles; else col2im (v2)."""
+    if stride == (1, 1):
+        return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, _forward_tiles)
+    return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
+
+
 # ----------------------------------------------------------------------- versions
 
-FORWARD_VERSIONS = {1: _forward_v1, 2: _forward_v2, 3: _forward_v3}
-GRAD_INPUT_VERSIONS = {1: _grad_input_v1, 2: _grad_input_col2im, 3: _grad_input_v3}
+FORWARD_VERSIONS = {1: _forward_v1, 2: _forward_v2, 3: _forward_v3, 4: _forward_v4}
+GRAD_INPUT_VERSIONS = {1: _grad_input_v1, 2: _grad_input_col2im, 3: _grad_input_v3, 4: _grad_input_v4}
 GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_im2col, 3: _grad_weight_v3}
 DEFAULT_FORWARD_VERSION = DEFAULT_GRAD_INPUT_VERSION = DEFAULT_GRAD_WEIGHT_VERSION = 3
 

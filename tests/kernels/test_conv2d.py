@@ -275,3 +275,64 @@ def test_cpu_kernels_agree_across_bands_and_threads(monkeypatch, band_bytes, thr
         numba.set_num_threads(numba_threads)
     if openblas_threads is not None:
         assert cpu._OPENBLAS[0]() == openblas_threads
+
+
+# v4's micro-tiles are MR = 6 channels x NR = 16 wide pixels. Og = 13 is two full channel blocks and
+# a partial one; with Wq = Wo + (kw-1)*dw = 11 + 4 = 15 columns per band row, strips of 16 wide pixels
+# straddle rows and the last strip of a band is partial. A band row takes (10 + 26) * 15 * 8 = 4320
+# bytes: 600 bytes give bands of 1 row, 13000 bytes bands of 3 rows out of Ho = 8 (3, 3 and a ragged 2).
+@pytest.mark.parametrize("band_bytes", [600, 13000])
+@pytest.mark.parametrize("threads", ["all", "one"])
+def test_cpu_v4_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads):
+    """Forward and grad_input v4 vs the reference where the micro-tiles' edges matter: several
+    channel blocks with a partial last one, strips across band rows, ragged bands, two groups,
+    dilation, asymmetric and cropping (grad_input's negative) padding, and a workspace full of NaN."""
+    import numba
+
+    cpu = pytest.importorskip("kernels.conv2d.cpu")
+    monkeypatch.setattr(cpu, "_TAPS_BAND_BYTES", band_bytes)
+    case = dict(x_shape=(2, 10, 9, 13), w_shape=(26, 5, 3, 3), args=((1, 1), ((1, 0), (2, 0)), (1, 2), 2))
+    case["y_shape"] = (2, 26, conv_out(9, (1, 0), 1, 3, 1), conv_out(13, (2, 0), 2, 3, 1))
+    assert case["y_shape"][2:] == (8, 11)
+    assert cpu._taps_band(10, 26, (8, 11), (3, 3), (1, 2), 8)[0] == (1 if band_bytes == 600 else 3)
+    x, w, b, gy = arrays(case, np.float64, 1)
+    args = case["args"]
+    numba_threads = numba.get_num_threads()
+    try:
+        if threads == "one":
+            numba.set_num_threads(1)
+        for buf in cpu._WORKSPACE.values():
+            buf[...] = np.nan
+        assert_close(cpu.conv2d_forward(x, w, b, *args, version=4), ref.conv2d_forward(x, w, b, *args), 1e-10, 1e-12, name="y")
+        assert_close(cpu.conv2d_grad_input(gy, w, x.shape, *args, version=4), ref.conv2d_grad_input(gy, w, x.shape, *args),
+                     1e-10, 1e-12, name="gx")
+    finally:
+        numba.set_num_threads(numba_threads)
+
+
+def test_cpu_micro_tile_keeps_its_accumulators_in_registers():
+    """v4's point: the reduction loop of ``_micro_tile`` does its MR x NR multiply-adds as vector FMAs
+    on registers -- MR*NR/lanes FMA instructions and no load or store of the stack in that loop. A
+    change that sends the accumulators to memory (a heap array, an index LLVM cannot resolve) fails
+    here even though the results stay right. Compiled afresh (cached code cannot be inspected)."""
+    import re
+
+    import numba
+
+    cpu = pytest.importorskip("kernels.conv2d.cpu")
+    if "fma" not in open("/proc/cpuinfo").read():
+        pytest.skip("no FMA instructions on this CPU")
+    fresh = numba.njit(fastmath={"contract"})(cpu._micro_tile.py_func)
+    xb, wg = np.ones(4000, np.float32), np.ones((18, cpu.MR), np.float32)
+    tile = np.empty((cpu.MR, cpu.NR), np.float32)
+    fresh(xb, 0, 300, 20, 1, 2, 3, 3, wg, 0, tile)
+    assert_close(tile, np.full((cpu.MR, cpu.NR), 18.0), 0, 0, name="tile")  # 2*3*3 products of ones
+    lines = next(iter(fresh.inspect_asm().values())).splitlines()
+    first = next(k for k, line in enumerate(lines) if "vfmadd" in line)
+    start = max(k for k in range(first) if re.match(r"^\.LBB\d+_\d+:", lines[k]))
+    end = next(k for k in range(first, len(lines)) if re.match(r"^\.LBB\d+_\d+:", lines[k]) or lines[k].strip().startswith("j"))
+    loop = lines[start:end]
+    fmas = [line for line in loop if "vfmadd" in line]
+    lanes = {"xmm": 4, "ymm": 8, "zmm": 16}[re.findall(r"[xyz]mm", fmas[0])[-1]]
+    assert len(fmas) * lanes == cpu.MR * cpu.NR, "\n".join(loop)
+    assert not any("(%rsp)" in line for line in loop), "the reduction loop touches the stack:\n" + "\n".join(loop)
