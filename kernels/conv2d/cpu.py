@@ -40,15 +40,17 @@ times every one against torch. The defaults are the fastest measured so far (v3;
   that each stream the band and the wide output through the cache, a Numba
   micro-kernel (``_micro_tile``) computes a block of MR = 6 output channels x
   NR = 16 pixels with *all* Cg*kh*kw terms of its sum in registers: per term
-  it loads 16 inputs (in place from the band: no packing of x) and 6 weights
-  (packed once per call) and does 96 fused multiply-adds, then writes the
+  it loads NR inputs (in place from the band: no packing of x) and MR weights
+  (packed once per call) and does MR*NR fused multiply-adds, then writes the
   finished block to y with the bias. The band is read once per channel block,
   the output written once, and small channel counts (the 3->16 first layer,
   the 1x1 head) are not many small BLAS calls. tests/kernels/test_conv2d.py
   checks in the compiled code that the accumulators stay in registers. LLVM
   vectorises it with 256-bit registers (12 ymm accumulators), as it prefers on
-  AVX-512 CPUs, so it can use at most half of the 512-bit FMA width; whether
-  it beats v3 is for the benchmark to say, so v3 stays the default until then.
+  AVX-512 CPUs, so it can use at most half of the 512-bit FMA width; with
+  ``NUMBA_CPU_FEATURES`` = the host's features plus ``,-prefer-256-bit`` it
+  uses 512-bit registers and NR = 32 (see ``NR``). Whether it beats v3 is for
+  the benchmark to say, so v3 stays the default until then.
 
 Measured by ``python -m benchmarks ops --only conv2d`` (fwd+bwd = forward +
 grad_input + grad_weight + grad_bias through ``minseg.functional``; % of peak
@@ -140,6 +142,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 
 import numba
 import numpy as np
@@ -718,7 +721,12 @@ def _grad_weight_v3(x, gy, w_shape, stride, padding, dilation, groups):
 
 # --------------------------------------------------- v4: register-blocked micro-kernel
 
-MR, NR = 6, 16  # a micro-tile: MR output channels x NR output pixels, accumulated in registers
+# A micro-tile: MR output channels x NR output pixels, accumulated in registers. A row of NR is two
+# vector registers: LLVM vectorises with 256-bit registers on AVX-512 CPUs (their "prefer-256-bit"
+# tuning) unless NUMBA_CPU_FEATURES removes that flag, and then 512-bit ones; 6 x 2 accumulators,
+# 2 input vectors and the broadcast weights fit the 32 vector registers without spills either way.
+MR = 6
+NR = 32 if "-prefer-256-bit" in os.environ.get("NUMBA_CPU_FEATURES", "") else 16
 
 
 @intrinsic
@@ -728,7 +736,7 @@ def _stack_row(typingctx, like):
     Numba has no vector types, and an array from ``np.empty`` lives on the heap, where every
     ``+=`` is a load and a store. A stack array indexed only by a loop that LLVM vectorises
     is promoted to registers: the NR accumulators of one row stay in vector registers
-    (two 8-float ymm registers in float32) for the whole reduction.
+    (two of them in float32) for the whole reduction.
     """
     sig = types.CPointer(like.dtype)(like)
 

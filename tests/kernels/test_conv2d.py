@@ -277,9 +277,9 @@ def test_cpu_kernels_agree_across_bands_and_threads(monkeypatch, band_bytes, thr
         assert cpu._OPENBLAS[0]() == openblas_threads
 
 
-# v4's micro-tiles are MR = 6 channels x NR = 16 wide pixels. Og = 13 is two full channel blocks and
-# a partial one; with Wq = Wo + (kw-1)*dw = 11 + 4 = 15 columns per band row, strips of 16 wide pixels
-# straddle rows and the last strip of a band is partial. A band row takes (10 + 26) * 15 * 8 = 4320
+# v4's micro-tiles are MR = 6 channels x NR = 16 (or 32) wide pixels. Og = 13 is two full channel
+# blocks and a partial one; with Wq = Wo + (kw-1)*dw = 11 + 4 = 15 columns per band row, strips of NR
+# wide pixels straddle rows and the last strip of a band is partial. A band row takes (10 + 26) * 15 * 8 = 4320
 # bytes: 600 bytes give bands of 1 row, 13000 bytes bands of 3 rows out of Ho = 8 (3, 3 and a ragged 2).
 @pytest.mark.parametrize("band_bytes", [600, 13000])
 @pytest.mark.parametrize("threads", ["all", "one"])
