@@ -30,7 +30,8 @@ Limits: before the cases run, the benchmark measures this machine's FP32 peak
 parallel copy); the '% peak' and '% bw' columns put each FLOP-counted or
 byte-counted row against them (``machine.limits``). ``ops --only conv2d`` with
 the cpu backend times every numbered CPU conv version (``cpu vK`` rows,
-``kernels/conv2d/cpu.py``). ``train`` also reports each side's peak RSS of
+``kernels/conv2d/cpu.py``); ``train --conv-versions 4`` adds a step with the
+conv kernels at version 4. ``train`` also reports each side's peak RSS of
 training (in a fresh process each) and minseg's time outside the backend's
 kernels (graph walk, ``Function.apply``, checks, allocation, optimizer).
 ``--plot FILE.png`` draws the ratios to torch and the % of the limits (Pillow).

@@ -45,11 +45,17 @@ def parse_args(argv):
                    "cache spares it the compilation")
     p.add_argument("--plot", metavar="FILE.png", help="ops/train: also draw bars of x torch and of %% of the measured "
                    "FP32 peak or memory bandwidth per case to FILE.png (Pillow)")
+    p.add_argument("--conv-versions", metavar="K,K", help="train: also time the step with the cpu backend's conv2d "
+                   "kernels at these numbered versions ('cpu vK' rows; ops times every version in its conv cases)")
     p.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)  # the cache check's child
-    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)  # train: one library's step memory
+    p.add_argument("--memory-child", metavar="LABEL", help=argparse.SUPPRESS)  # train: one library's step memory
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
+    try:
+        args.conv_versions = [int(v) for v in args.conv_versions.split(",") if v.strip()] if args.conv_versions else None
+    except ValueError:
+        p.error(f"--conv-versions takes comma-separated integers, got {args.conv_versions!r}")
     if args.repeat is None:
         args.repeat = QUICK_REPEAT if args.quick else DEFAULT_REPEAT[args.mode]
     if args.warmup is None:
@@ -117,8 +123,11 @@ def build_cases(args, libs):
         from .cases import op_cases
 
         return op_cases(libs, "quick" if args.quick else "full"), {}
+    from .cases import conv_version_libs
     from .train import train_case
 
+    if args.conv_versions:
+        libs[:] = conv_version_libs(libs, args.conv_versions)  # the step profile walks the same list
     case, facts = train_case(libs, "quick" if args.quick else "full")
     return [case], facts
 
@@ -172,8 +181,13 @@ def memory_in_child(args, label: str) -> dict:
     holds every library's model and what its allocator kept)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "memory.json")
-        peer = ["--backends", ""] if label == "torch" else ["--backends", label, "--no-torch"]
-        cmd = [sys.executable, "-m", "benchmarks", "train", "--memory-child", *peer, "--threads", str(args.threads),
+        if label == "torch":
+            peer = ["--backends", ""]
+        elif label.startswith("cpu v"):  # a CpuConvVersionLib
+            peer = ["--backends", "cpu", "--no-torch", "--conv-versions", label[len("cpu v"):]]
+        else:
+            peer = ["--backends", label, "--no-torch"]
+        cmd = [sys.executable, "-m", "benchmarks", "train", "--memory-child", label, *peer, "--threads", str(args.threads),
                "--warmup", str(args.warmup), "--json", path] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, env=_child_env(os.environ), capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
@@ -259,10 +273,11 @@ def run_cpu(args, argv) -> int:
         # One step of the small quick-size model first: it loads (or compiles) every kernel and
         # creates the library's per-op state, which would otherwise count as a step's memory.
         warm, _ = train_case(libs, "quick")
-        warm.impls[0].run()
+        next(impl for impl in warm.impls if impl.name == args.memory_child).run()
         del warm
+        impl = next(impl for impl in cases[0].impls if impl.name == args.memory_child)
         with open(args.json, "w") as f:
-            json.dump(step_memory(cases[0].impls[0], args.warmup + 1), f)
+            json.dump(step_memory(impl, args.warmup + 1), f)
         return 0
 
     print("measuring the machine's FP32 peak and memory bandwidth ...", file=sys.stderr, flush=True)

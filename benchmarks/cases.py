@@ -52,8 +52,10 @@ class CpuConvVersionLib(MinsegLib):
     """minseg's 'cpu' backend with its conv2d kernels at one numbered version (kernels/conv2d/cpu.py).
 
     Runs through ``minseg.functional`` like every other library: while active, the loaded
-    backend's conv2d functions are the ``version=k`` ones (functions whose table lacks k keep
-    their default), so forward and backward both use version k.
+    backend's conv2d functions are called with ``version=k`` (functions whose table lacks k keep
+    their default), so forward and backward both use version k. The backend's current entries
+    are wrapped, not replaced, so a timing wrapper around them (``train.kernel_time_split``)
+    still sees the calls.
     """
 
     FUNCTIONS = {"conv2d_forward": "FORWARD_VERSIONS", "conv2d_grad_input": "GRAD_INPUT_VERSIONS",
@@ -66,14 +68,14 @@ class CpuConvVersionLib(MinsegLib):
 
         super().__init__("cpu")
         self.version, self.label = version, f"cpu v{version}"
-        self.patch = {name: functools.partial(getattr(cpu, name), version=version)
-                      for name, table in self.FUNCTIONS.items() if version in getattr(cpu, table)}
+        self.patched = [name for name, table in self.FUNCTIONS.items() if version in getattr(cpu, table)]
+        self.partial = functools.partial
 
     @contextlib.contextmanager
     def active(self):
         functions = self.backend.load("cpu").functions
-        saved = {name: functions[name] for name in self.patch}
-        functions.update(self.patch)
+        saved = {name: functions[name] for name in self.patched}
+        functions.update({name: self.partial(fn, version=self.version) for name, fn in saved.items()})
         try:
             with self.backend.using("cpu"):
                 yield
@@ -81,16 +83,21 @@ class CpuConvVersionLib(MinsegLib):
             functions.update(saved)
 
 
-def conv_version_libs(libs: list) -> list:
-    """One CpuConvVersionLib per numbered CPU conv version other than the defaults (the 'cpu'
-    library runs those), when 'cpu' is among ``libs``; placed right after it."""
+def conv_version_libs(libs: list, versions=None) -> list:
+    """One CpuConvVersionLib per numbered CPU conv version in ``versions`` (default: every one
+    other than the defaults, which the 'cpu' library runs), when 'cpu' is among ``libs``;
+    placed right after it. An unknown version is a ValueError listing the known ones."""
     if not any(isinstance(lib, MinsegLib) and lib.label == "cpu" for lib in libs):
         return libs
     from kernels.conv2d import cpu
 
     defaults = {cpu.DEFAULT_FORWARD_VERSION, cpu.DEFAULT_GRAD_INPUT_VERSION, cpu.DEFAULT_GRAD_WEIGHT_VERSION}
-    versions = sorted(set(cpu.FORWARD_VERSIONS) | set(cpu.GRAD_INPUT_VERSIONS) | set(cpu.GRAD_WEIGHT_VERSIONS))
-    extra = [CpuConvVersionLib(v) for v in versions if not (len(defaults) == 1 and v in defaults)]
+    known = sorted(set(cpu.FORWARD_VERSIONS) | set(cpu.GRAD_INPUT_VERSIONS) | set(cpu.GRAD_WEIGHT_VERSIONS))
+    if versions is None:
+        versions = [v for v in known if not (len(defaults) == 1 and v in defaults)]
+    elif not set(versions) <= set(known):
+        raise ValueError(f"--conv-versions: the CPU conv versions are {known}, got {sorted(versions)}")
+    extra = [CpuConvVersionLib(v) for v in versions]
     at = [lib.label for lib in libs].index("cpu") + 1
     return libs[:at] + extra + libs[at:]
 

@@ -141,3 +141,27 @@ def test_gpu_mode_without_gpu_exits_cleanly():
         pytest.skip("a real GPU is present: this test is for the no-GPU path")
     stdout = run_bench("gpu", "--quick")
     assert stdout.startswith("no GPU")
+
+
+def test_train_quick_at_a_cpu_conv_version(tmp_path):
+    """``train --conv-versions 1``: the step also runs with every conv kernel at version 1 ('cpu v1'),
+    computing torch's loss, with its own memory (a child process) and kernel-time split."""
+    pytest.importorskip("kernels.conv2d.cpu")
+    path = tmp_path / "train.json"
+    stdout = run_bench("train", "--quick", "--repeat", str(REPEAT), "--threads", "1", "--backends", "cpu",
+                       "--conv-versions", "1", "--no-cache-check", "--json", str(path), timeout=600)
+    report = json.loads(path.read_text())
+    impls = ["cpu", "cpu v1"] + (["torch"] if HAS_TORCH else [])
+    (entry,) = report["cases"]
+    check_report(report, stdout, [entry["case"]], impls)
+    profile = report["step_profile"]["cpu v1"]
+    assert "error" not in profile and profile["kernel_calls"] == report["step_profile"]["cpu"]["kernel_calls"] > 0
+
+
+def test_bad_conv_versions_are_refused():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for value, message in (("x", "comma-separated integers"), ("99", "the CPU conv versions are")):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", "train", "--quick", "--backends", "cpu", "--no-torch",
+                               "--conv-versions", value, "--no-cache-check"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
