@@ -1,7 +1,9 @@
 """``--plot FILE.png``: the table as two bar charts, drawn with Pillow (a dependency; matplotlib is not).
 
 One row per (case, implementation). Left: time relative to torch (median /
-torch's median; the line at 1 is torch, shorter is faster). Right: how close
+torch's median) on a log scale, as a bar from torch's line at 1: to the left
+is faster, to the right slower (a log scale keeps 0.5x and 2x the same length,
+and one slow outlier does not flatten the others). Right: how close
 the implementation comes to the machine's limit that bounds the case, both
 measured by the benchmark itself (``machine.limits``): % of the FP32 peak for
 cases with a FLOP count (convolutions, the training step), % of the copy
@@ -51,10 +53,57 @@ def _ticks(top, count=5):
     return ticks
 
 
-def _panel(draw, font, x0, y0, rows, values, title, fmt, colors, ref_line=None):
+def _log_ticks(lo, hi):
+    """1-2-5 ticks covering [lo, hi] (lo > 0)."""
+    ticks, e = [], math.floor(math.log10(lo))
+    while True:
+        for m in (1, 2, 5):
+            t = float(f"{m * 10.0**e:.6g}")
+            if t >= lo / 5 and (not ticks or ticks[-1] < hi):
+                ticks.append(t)
+        if ticks and ticks[-1] >= hi:
+            break
+        e += 1
+    while len(ticks) > 1 and ticks[1] <= lo:
+        ticks.pop(0)
+    return ticks
+
+
+def _ratio_panel(draw, font, x0, y0, values, title, colors):
+    """Bars from 1 (torch) to each ratio on a log axis; None or <= 0: '-'."""
+    known = [v for v in values if v is not None and v > 0]
+    ticks = _log_ticks(min(known + [0.5]), max(known + [2.0]))  # at least 0.5 .. 2 around torch
+    lo, hi = math.log10(ticks[0]), math.log10(ticks[-1])
+    width = PANEL - 70
+
+    def xpos(v):
+        return x0 + 35 + (math.log10(v) - lo) / max(hi - lo, 1e-9) * width
+
+    draw.text((x0, y0 - 2 * ROW), title, fill=INK, font=font)
+    bottom = y0 + len(values) * ROW
+    for t in ticks:
+        draw.line([(xpos(t), y0 - 4), (xpos(t), bottom)], fill=GRID)
+        draw.text((xpos(t), bottom + 4), f"{t:g}", fill=INK, font=font, anchor="ma")
+    one = xpos(1.0)
+    for i, v in enumerate(values):
+        y = y0 + i * ROW
+        if v is None or v <= 0:
+            draw.text((one + 4, y + ROW // 2), "-", fill=INK, font=font, anchor="lm")
+            continue
+        end = xpos(v)
+        draw.rectangle([min(one, end), y + 4, max(max(one, end), min(one, end) + 1), y + ROW - 4], fill=colors[i])
+        label = f"{v:.2f}x"
+        if v >= 1:
+            draw.text((end + 4, y + ROW // 2), label, fill=INK, font=font, anchor="lm")
+        else:
+            draw.text((end - 4, y + ROW // 2), label, fill=INK, font=font, anchor="rm")
+    draw.line([(one, y0 - 4), (one, bottom)], fill=INK, width=2)
+
+
+def _panel(draw, font, x0, y0, rows, values, title, fmt, colors):
     """Horizontal bars of ``values`` (None: no bar, '-') in a PANEL-wide column at (x0, y0)."""
     known = [v for v in values if v is not None]
-    ticks = _ticks(max(known + [ref_line or 0, 1e-9]))
+    ticks = _ticks(max(known + [1e-9]))
     scale = (PANEL - 70) / ticks[-1]  # room for the value written after the longest bar
     draw.text((x0, y0 - 2 * ROW), title, fill=INK, font=font)
     bottom = y0 + len(rows) * ROW
@@ -69,9 +118,6 @@ def _panel(draw, font, x0, y0, rows, values, title, fmt, colors, ref_line=None):
             continue
         draw.rectangle([x0, y + 4, x0 + max(v * scale, 1), y + ROW - 4], fill=colors[i])
         draw.text((x0 + v * scale + 4, y + ROW // 2), fmt(v), fill=INK, font=font, anchor="lm")
-    if ref_line is not None:
-        x = x0 + ref_line * scale
-        draw.line([(x, y0 - 4), (x, bottom)], fill=INK, width=2)
     draw.line([(x0, y0 - 4), (x0, bottom)], fill=INK)
 
 
@@ -116,8 +162,8 @@ def draw(entries, limits, path, title, profile=None):
         previous = case
         d.text((PAD, y + ROW // 2), labels[i], fill=INK, font=font, anchor="lm")
     x_ratio = PAD + label_w
-    _panel(d, font, x_ratio, top, rows, [r[2] for r in rows], "time / torch's time (line: torch = 1; shorter is faster)",
-           lambda v: f"{v:.2f}x", colors, ref_line=1.0)
+    _ratio_panel(d, font, x_ratio, top, [r[2] for r in rows],
+                 "time / torch's time, log scale (line: torch = 1; left of it is faster)", colors)
     _panel(d, font, x_ratio + PANEL + PAD, top, rows, [r[3] for r in rows],
            "% of the measured FP32 peak or copy bandwidth (which: at right)", lambda v: f"{v:.1f}%", colors)
     for i, r in enumerate(rows):  # which limit each percentage is of
