@@ -35,22 +35,27 @@ times every one against torch. The defaults are the fastest measured so far (v3;
   below), so x is copied once per band instead of kh*kw times, and grad_input
   is a forward of gy with the flipped kernel (no col2im). Strided
   convolutions fall back to v2's im2col.
-* **v4 register-blocked micro-kernel** (forward and grad_input; grad_weight
-  keeps v3) -- the same padded bands as v3, but instead of kh*kw BLAS calls
-  that each stream the band and the wide output through the cache, a Numba
-  micro-kernel (``_micro_tile``) computes a block of MR = 6 output channels x
-  NR = 16 pixels with *all* Cg*kh*kw terms of its sum in registers: per term
-  it loads NR inputs (in place from the band: no packing of x) and MR weights
-  (packed once per call) and does MR*NR fused multiply-adds, then writes the
-  finished block to y with the bias. The band is read once per channel block,
-  the output written once, and small channel counts (the 3->16 first layer,
-  the 1x1 head) are not many small BLAS calls. tests/kernels/test_conv2d.py
-  checks in the compiled code that the accumulators stay in registers. LLVM
-  vectorises it with 256-bit registers (12 ymm accumulators), as it prefers on
-  AVX-512 CPUs, so it can use at most half of the 512-bit FMA width; with
-  ``NUMBA_CPU_FEATURES`` = the host's features plus ``,-prefer-256-bit`` it
-  uses 512-bit registers and NR = 32 (see ``NR``). Whether it beats v3 is for
-  the benchmark to say, so v3 stays the default until then.
+* **v4 register-blocked micro-kernels** -- the same padded bands as v3
+  (strided convolutions: v2), but instead of kh*kw BLAS calls that each
+  stream the band and the wide output through the cache, a Numba micro-kernel
+  (``_micro_tile``) computes a block of MR = 6 output channels x NR = 16
+  pixels with *all* Cg*kh*kw terms of its sum in registers: per term it loads
+  NR inputs (in place from the band: no packing of x) and MR weights (packed
+  once per call) and does MR*NR fused multiply-adds, then writes the finished
+  block to y with the bias. The band is read once per channel block, the
+  output written once, and small channel counts (the 3->16 first layer, the
+  1x1 head) are not many small BLAS calls. grad_input is the flipped forward
+  with the same micro-kernel. grad_weight (``_micro_dots``) computes MW = 4
+  channels x KT = 3 weights at once, each a dot product of a gy row with a
+  shifted band row over all the band's pixels: per vector of pixels, 7 loads
+  and 12 FMAs into 12 vector accumulators, summed across lanes at the end.
+  tests/kernels/test_conv2d.py checks in the compiled code that the
+  accumulators stay in registers. LLVM vectorises both with 256-bit registers
+  (12 ymm accumulators), as it prefers on AVX-512 CPUs, so they can use at
+  most half of the 512-bit FMA width; with ``NUMBA_CPU_FEATURES`` = the
+  host's features plus ``,-prefer-256-bit`` they use 512-bit registers and
+  NR = 32 (see ``NR``). Whether v4 beats v3 is for the benchmark to say, so
+  v3 stays the default until then.
 
 Measured by ``python -m benchmarks ops --only conv2d`` (fwd+bwd = forward +
 grad_input + grad_weight + grad_bias through ``minseg.functional``; % of peak
@@ -148,6 +153,7 @@ import numba
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.core import cgutils
+from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
@@ -727,21 +733,26 @@ def _grad_weight_v3(x, gy, w_shape, stride, padding, dilation, groups):
 # 2 input vectors and the broadcast weights fit the 32 vector registers without spills either way.
 MR = 6
 NR = 32 if "-prefer-256-bit" in os.environ.get("NUMBA_CPU_FEATURES", "") else 16
+# grad_weight's micro-tile: MW output channels x KT weights (taps), each a dot product over the
+# pixels accumulated in LANES-wide partial sums (one vector register in float32).
+MW, KT, LANES = 4, 3, NR // 2
 
 
 @intrinsic
-def _stack_row(typingctx, like):
-    """A pointer to NR values of ``like``'s dtype on the stack (an LLVM ``alloca``).
+def _stack_array(typingctx, like, size):
+    """A pointer to ``size`` (a constant) values of ``like``'s dtype on the stack (an LLVM ``alloca``).
 
     Numba has no vector types, and an array from ``np.empty`` lives on the heap, where every
     ``+=`` is a load and a store. A stack array indexed only by a loop that LLVM vectorises
-    is promoted to registers: the NR accumulators of one row stay in vector registers
-    (two of them in float32) for the whole reduction.
+    is promoted to registers: a row of accumulators stays in vector registers for the
+    whole reduction.
     """
-    sig = types.CPointer(like.dtype)(like)
+    if not isinstance(size, types.IntegerLiteral):
+        raise TypingError("_stack_array: size must be a compile-time constant")
+    sig = types.CPointer(like.dtype)(like, size)
 
     def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, context.get_value_type(like.dtype), size=NR)
+        return cgutils.alloca_once(builder, context.get_value_type(like.dtype), size=size.literal_value)
 
     return sig, codegen
 
@@ -756,10 +767,10 @@ def _micro_tile(xb, x0, c_stride, row_step, dw, cg, kh, kw, wg, o0, tile):
     contiguously), and does MR*NR multiply-adds (``contract``: fused FMAs) into accumulators
     that stay in registers: MR*NR FMAs per NR + MR loads, where a GEMM row at a time does one
     FMA per load. The MR = 6 rows are written out (r0..r5) because each must be its own stack
-    array (``_stack_row``) for LLVM to keep it in registers.
+    array (``_stack_array``) for LLVM to keep it in registers.
     """
-    r0, r1, r2 = carray(_stack_row(xb), NR), carray(_stack_row(xb), NR), carray(_stack_row(xb), NR)
-    r3, r4, r5 = carray(_stack_row(xb), NR), carray(_stack_row(xb), NR), carray(_stack_row(xb), NR)
+    r0, r1, r2 = carray(_stack_array(xb, NR), NR), carray(_stack_array(xb, NR), NR), carray(_stack_array(xb, NR), NR)
+    r3, r4, r5 = carray(_stack_array(xb, NR), NR), carray(_stack_array(xb, NR), NR), carray(_stack_array(xb, NR), NR)
     for b in range(NR):
         r0[b] = r1[b] = r2[b] = r3[b] = r4[b] = r5[b] = 0
     k = 0
@@ -853,11 +864,135 @@ def _grad_input_v4(gy, w, x_shape, stride, padding, dilation, groups):
     return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
 
 
+@njit(cache=True, fastmath={"contract"})
+def _micro_dots(gyw, y0, y1, y2, y3, xb, x0, x1, x2, length, tile):
+    """tile[a, t] = sum_{m < length} gyw[y_a + m] * xb[x_t + m] for a < MW (= 4), t < KT (= 3).
+
+    grad_weight's micro-kernel: MW*KT dot products over the pixels at once. Each step loads
+    LANES values of MW gy rows and KT shifted x rows and does MW*KT vector FMAs into
+    accumulators that stay in registers (``_stack_array``); one horizontal sum per
+    accumulator at the end. The pixels past the last whole LANES go one by one.
+    """
+    r00, r01, r02 = carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES)
+    r10, r11, r12 = carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES)
+    r20, r21, r22 = carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES)
+    r30, r31, r32 = carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES)
+    for b in range(LANES):
+        r00[b] = r01[b] = r02[b] = r10[b] = r11[b] = r12[b] = 0
+        r20[b] = r21[b] = r22[b] = r30[b] = r31[b] = r32[b] = 0
+    full = length - length % LANES
+    for m0 in range(0, full, LANES):
+        g0, g1 = gyw[y0 + m0 : y0 + m0 + LANES], gyw[y1 + m0 : y1 + m0 + LANES]
+        g2, g3 = gyw[y2 + m0 : y2 + m0 + LANES], gyw[y3 + m0 : y3 + m0 + LANES]
+        v0, v1, v2 = xb[x0 + m0 : x0 + m0 + LANES], xb[x1 + m0 : x1 + m0 + LANES], xb[x2 + m0 : x2 + m0 + LANES]
+        for b in range(LANES):
+            r00[b] += g0[b] * v0[b]
+            r01[b] += g0[b] * v1[b]
+            r02[b] += g0[b] * v2[b]
+            r10[b] += g1[b] * v0[b]
+            r11[b] += g1[b] * v1[b]
+            r12[b] += g1[b] * v2[b]
+            r20[b] += g2[b] * v0[b]
+            r21[b] += g2[b] * v1[b]
+            r22[b] += g2[b] * v2[b]
+            r30[b] += g3[b] * v0[b]
+            r31[b] += g3[b] * v1[b]
+            r32[b] += g3[b] * v2[b]
+    for m in range(full, length):
+        b = m - full
+        r00[b] += gyw[y0 + m] * xb[x0 + m]
+        r01[b] += gyw[y0 + m] * xb[x1 + m]
+        r02[b] += gyw[y0 + m] * xb[x2 + m]
+        r10[b] += gyw[y1 + m] * xb[x0 + m]
+        r11[b] += gyw[y1 + m] * xb[x1 + m]
+        r12[b] += gyw[y1 + m] * xb[x2 + m]
+        r20[b] += gyw[y2 + m] * xb[x0 + m]
+        r21[b] += gyw[y2 + m] * xb[x1 + m]
+        r22[b] += gyw[y2 + m] * xb[x2 + m]
+        r30[b] += gyw[y3 + m] * xb[x0 + m]
+        r31[b] += gyw[y3 + m] * xb[x1 + m]
+        r32[b] += gyw[y3 + m] * xb[x2 + m]
+    tile[:, :] = 0
+    for b in range(LANES):
+        tile[0, 0], tile[0, 1], tile[0, 2] = tile[0, 0] + r00[b], tile[0, 1] + r01[b], tile[0, 2] + r02[b]
+        tile[1, 0], tile[1, 1], tile[1, 2] = tile[1, 0] + r10[b], tile[1, 1] + r11[b], tile[1, 2] + r12[b]
+        tile[2, 0], tile[2, 1], tile[2, 2] = tile[2, 0] + r20[b], tile[2, 1] + r21[b], tile[2, 2] + r22[b]
+        tile[3, 0], tile[3, 1], tile[3, 2] = tile[3, 0] + r30[b], tile[3, 1] + r31[b], tile[3, 2] + r32[b]
+
+
+@njit(cache=True, inline="always")
+def _tap_offset(k, kh, kw, base, c_stride, row_step, dw):
+    """Where weight k = (c*kh + p)*kw + q's view of the padded band starts: base + c*c_stride + p*row_step + q*dw."""
+    c, pq = divmod(k, kh * kw)
+    p, q = divmod(pq, kw)
+    return base + c * c_stride + p * row_step + q * dw
+
+
+@njit(parallel=True, cache=True)
+def _grad_weight_tiles_kernel(x, gy, part, ws, step, kh, kw, pt, pl, dh, dw, groups):
+    """Stride 1: part[t, o, k] = thread t's share of gw[o, k] = sum over items of gy_wide[i, o] . view_k,
+    MW channels x KT weights at a time (``_micro_dots``).
+
+    The operands are ``_grad_weight_taps_kernel``'s (padded x band, gy band in the wide layout
+    with zeros in the garbage columns); each weight k = (c, p, q) is the dot product of a gy row
+    with the band shifted to tap (p, q) of channel c. Channels past a group's last, and weights
+    past the last, repeat the last one and their sums are dropped.
+    """
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    og, cg = c_out // groups, c_in // groups
+    kk = cg * kh * kw
+    wq = wo + (kw - 1) * dw
+    xb_size = c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw
+    gy_size = c_out * step * wq
+    bands = (ho + step - 1) // step
+    nt = ws.shape[0]
+    for t in prange(nt):
+        xb, gyw = ws[t, :xb_size], ws[t, xb_size : xb_size + gy_size]
+        tile = ws[t, xb_size + gy_size : xb_size + gy_size + MW * KT].reshape((MW, KT))
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0 = item // bands, item % bands * step
+            rows = min(i0 + step, ho) - i0
+            r_all = rows + (kh - 1) * dh
+            npix = rows * wq
+            _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw], i0 - pt, r_all, pl, wq)
+            _pad_band(gy[i], gyw[: c_out * npix], i0, rows, 0, wq)
+            for g in range(groups):
+                base = g * cg * r_all * wq
+                for o0 in range(0, og, MW):
+                    last = og - 1
+                    y0, y1 = (g * og + min(o0, last)) * npix, (g * og + min(o0 + 1, last)) * npix
+                    y2, y3 = (g * og + min(o0 + 2, last)) * npix, (g * og + min(o0 + 3, last)) * npix
+                    for k0 in range(0, kk, KT):
+                        x0 = _tap_offset(k0, kh, kw, base, r_all * wq, dh * wq, dw)
+                        x1 = _tap_offset(min(k0 + 1, kk - 1), kh, kw, base, r_all * wq, dh * wq, dw)
+                        x2 = _tap_offset(min(k0 + 2, kk - 1), kh, kw, base, r_all * wq, dh * wq, dw)
+                        _micro_dots(gyw, y0, y1, y2, y3, xb, x0, x1, x2, npix, tile)
+                        for a in range(min(MW, og - o0)):
+                            for j in range(min(KT, kk - k0)):
+                                part[t, g * og + o0 + a, k0 + j] += tile[a, j]
+
+
+def _grad_weight_v4(x, gy, w_shape, stride, padding, dilation, groups):
+    """Stride 1: gw by register-blocked dot products (``_grad_weight_tiles_kernel``); else im2col (v2)."""
+    if stride != (1, 1):
+        return _grad_weight_im2col(x, gy, w_shape, stride, padding, dilation, groups)
+    c_out = gy.shape[1]
+    _, cg, kh, kw = w_shape
+    nt = _item_threads()
+    part = np.zeros((nt, c_out, cg * kh * kw), x.dtype)
+    step, xb_size, wq = _taps_band(x.shape[1], c_out, gy.shape[2:], (kh, kw), dilation, x.dtype.itemsize)
+    ws = _workspace(nt * (xb_size + c_out * step * wq + MW * KT), x.dtype).reshape(nt, -1)
+    _grad_weight_tiles_kernel(x, gy, part, ws, step, kh, kw, padding[0][0], padding[1][0], *dilation, groups)
+    return part.sum(axis=0).reshape(w_shape)
+
+
 # ----------------------------------------------------------------------- versions
 
 FORWARD_VERSIONS = {1: _forward_v1, 2: _forward_v2, 3: _forward_v3, 4: _forward_v4}
 GRAD_INPUT_VERSIONS = {1: _grad_input_v1, 2: _grad_input_col2im, 3: _grad_input_v3, 4: _grad_input_v4}
-GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_im2col, 3: _grad_weight_v3}
+GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_im2col, 3: _grad_weight_v3, 4: _grad_weight_v4}
 DEFAULT_FORWARD_VERSION = DEFAULT_GRAD_INPUT_VERSION = DEFAULT_GRAD_WEIGHT_VERSION = 3
 
 

@@ -277,24 +277,27 @@ def test_cpu_kernels_agree_across_bands_and_threads(monkeypatch, band_bytes, thr
         assert cpu._OPENBLAS[0]() == openblas_threads
 
 
-# v4's micro-tiles are MR = 6 channels x NR = 16 (or 32) wide pixels. Og = 13 is two full channel
-# blocks and a partial one; with Wq = Wo + (kw-1)*dw = 11 + 4 = 15 columns per band row, strips of NR
-# wide pixels straddle rows and the last strip of a band is partial. A band row takes (10 + 26) * 15 * 8 = 4320
-# bytes: 600 bytes give bands of 1 row, 13000 bytes bands of 3 rows out of Ho = 8 (3, 3 and a ragged 2).
-@pytest.mark.parametrize("band_bytes", [600, 13000])
+# v4's micro-tiles: the forward's are MR = 6 channels x NR = 16 (or 32) wide pixels, grad_weight's
+# MW = 4 channels x KT = 3 weights. Og = 13 is two full forward channel blocks and a partial one
+# (three and a partial for grad_weight); Cg*kh*kw = 5*2*2 = 20 weights are six blocks of 3 and a
+# partial one. With Wq = Wo + (kw-1)*dw = 13 + 2 = 15 columns per band row, strips of NR wide pixels
+# straddle rows, the last strip of a band is partial, and grad_weight's dot products over 15*rows
+# pixels end with a partial vector. A band row takes (10 + 26) * 15 * 8 = 4320 bytes: 600 bytes give
+# bands of 1 row, 17300 bytes bands of 4 rows out of Ho = 9 (4, 4 and a ragged 1).
+@pytest.mark.parametrize("band_bytes", [600, 17300])
 @pytest.mark.parametrize("threads", ["all", "one"])
 def test_cpu_v4_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads):
-    """Forward and grad_input v4 vs the reference where the micro-tiles' edges matter: several
-    channel blocks with a partial last one, strips across band rows, ragged bands, two groups,
-    dilation, asymmetric and cropping (grad_input's negative) padding, and a workspace full of NaN."""
+    """All three v4 functions vs the reference where the micro-tiles' edges matter: partial channel
+    and weight blocks, strips across band rows, ragged bands, two groups, dilation, asymmetric and
+    cropping (grad_input's negative) padding, and a workspace full of NaN."""
     import numba
 
     cpu = pytest.importorskip("kernels.conv2d.cpu")
     monkeypatch.setattr(cpu, "_TAPS_BAND_BYTES", band_bytes)
-    case = dict(x_shape=(2, 10, 9, 13), w_shape=(26, 5, 3, 3), args=((1, 1), ((1, 0), (2, 0)), (1, 2), 2))
-    case["y_shape"] = (2, 26, conv_out(9, (1, 0), 1, 3, 1), conv_out(13, (2, 0), 2, 3, 1))
-    assert case["y_shape"][2:] == (8, 11)
-    assert cpu._taps_band(10, 26, (8, 11), (3, 3), (1, 2), 8)[0] == (1 if band_bytes == 600 else 3)
+    case = dict(x_shape=(2, 10, 9, 13), w_shape=(26, 5, 2, 2), args=((1, 1), ((1, 0), (2, 0)), (1, 2), 2))
+    case["y_shape"] = (2, 26, conv_out(9, (1, 0), 1, 2, 1), conv_out(13, (2, 0), 2, 2, 1))
+    assert case["y_shape"][2:] == (9, 13)
+    assert cpu._taps_band(10, 26, (9, 13), (2, 2), (1, 2), 8)[0] == (1 if band_bytes == 600 else 4)
     x, w, b, gy = arrays(case, np.float64, 1)
     args = case["args"]
     numba_threads = numba.get_num_threads()
@@ -306,15 +309,35 @@ def test_cpu_v4_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads):
         assert_close(cpu.conv2d_forward(x, w, b, *args, version=4), ref.conv2d_forward(x, w, b, *args), 1e-10, 1e-12, name="y")
         assert_close(cpu.conv2d_grad_input(gy, w, x.shape, *args, version=4), ref.conv2d_grad_input(gy, w, x.shape, *args),
                      1e-10, 1e-12, name="gx")
+        assert_close(cpu.conv2d_grad_weight(x, gy, w.shape, *args, version=4), ref.conv2d_grad_weight(x, gy, w.shape, *args),
+                     1e-10, 1e-12, name="gw")
     finally:
         numba.set_num_threads(numba_threads)
 
 
-def test_cpu_micro_tile_keeps_its_accumulators_in_registers():
-    """v4's point: the reduction loop of ``_micro_tile`` does its MR x NR multiply-adds as vector FMAs
-    on registers -- MR*NR/lanes FMA instructions and no load or store of the stack in that loop. A
-    change that sends the accumulators to memory (a heap array, an index LLVM cannot resolve) fails
-    here even though the results stay right. Compiled afresh (cached code cannot be inspected)."""
+def _micro_tile_call(cpu):
+    """(kernel, args, expected tile, multiply-adds per reduction step) for ``_micro_tile`` on ones:
+    2*3*3 products per element."""
+    tile = np.empty((cpu.MR, cpu.NR), np.float32)
+    args = (np.ones(4000, np.float32), 0, 300, 20, 1, 2, 3, 3, np.ones((18, cpu.MR), np.float32), 0, tile)
+    return cpu._micro_tile, args, np.full(tile.shape, 18.0), cpu.MR * cpu.NR
+
+
+def _micro_dots_call(cpu):
+    """The same for ``_micro_dots``: dot products of 301 ones (a partial last vector)."""
+    tile = np.empty((cpu.MW, cpu.KT), np.float32)
+    ones = np.ones(4000, np.float32)
+    args = (ones, 0, 400, 800, 1200, ones, 7, 8, 2000, 301, tile)
+    return cpu._micro_dots, args, np.full(tile.shape, 301.0), cpu.MW * cpu.KT * cpu.LANES
+
+
+@pytest.mark.parametrize("call", [_micro_tile_call, _micro_dots_call], ids=["forward", "grad_weight"])
+def test_cpu_micro_kernels_keep_their_accumulators_in_registers(call):
+    """v4's point: the reduction loop of each micro-kernel does its multiply-adds as vector FMAs on
+    registers -- (multiply-adds per step)/lanes FMA instructions, and no vector register saved to
+    or loaded from the stack in that loop. A change that sends the accumulators to memory (a heap
+    array, an index LLVM cannot resolve, too many accumulators) fails here even though the results
+    stay right. Compiled afresh: cached code cannot be inspected."""
     import re
 
     import numba
@@ -322,17 +345,17 @@ def test_cpu_micro_tile_keeps_its_accumulators_in_registers():
     cpu = pytest.importorskip("kernels.conv2d.cpu")
     if "fma" not in open("/proc/cpuinfo").read():
         pytest.skip("no FMA instructions on this CPU")
-    fresh = numba.njit(fastmath={"contract"})(cpu._micro_tile.py_func)
-    xb, wg = np.ones(4000, np.float32), np.ones((18, cpu.MR), np.float32)
-    tile = np.empty((cpu.MR, cpu.NR), np.float32)
-    fresh(xb, 0, 300, 20, 1, 2, 3, 3, wg, 0, tile)
-    assert_close(tile, np.full((cpu.MR, cpu.NR), 18.0), 0, 0, name="tile")  # 2*3*3 products of ones
+    kernel, args, expected, per_step = call(cpu)
+    fresh = numba.njit(fastmath={"contract"})(kernel.py_func)
+    fresh(*args)
+    assert_close(args[-1], expected, 0, 0, name="tile")
     lines = next(iter(fresh.inspect_asm().values())).splitlines()
-    first = next(k for k, line in enumerate(lines) if "vfmadd" in line)
+    first = next(k for k, line in enumerate(lines) if re.search(r"vfmadd\w+ps", line))
     start = max(k for k in range(first) if re.match(r"^\.LBB\d+_\d+:", lines[k]))
     end = next(k for k in range(first, len(lines)) if re.match(r"^\.LBB\d+_\d+:", lines[k]) or lines[k].strip().startswith("j"))
     loop = lines[start:end]
     fmas = [line for line in loop if "vfmadd" in line]
     lanes = {"xmm": 4, "ymm": 8, "zmm": 16}[re.findall(r"[xyz]mm", fmas[0])[-1]]
-    assert len(fmas) * lanes == cpu.MR * cpu.NR, "\n".join(loop)
-    assert not any("(%rsp)" in line for line in loop), "the reduction loop touches the stack:\n" + "\n".join(loop)
+    assert len(fmas) * lanes == per_step, "\n".join(loop)
+    spills = [line for line in loop if "(%rsp)" in line and re.search(r"[xyz]mm", line)]
+    assert not spills, "vector registers spill to the stack in the reduction loop:\n" + "\n".join(loop)
