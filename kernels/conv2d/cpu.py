@@ -130,7 +130,7 @@ Optimisations of v2 and v3:
   copies could not be parallelised; it was slower than this one.)
 * Bands: a band's buffers (``_TAPS_BAND_BYTES``, chosen by trial; for the
   8x32x64x64 case that is 192 KiB / ((32 + 32) channels * 66 columns * 4 bytes)
-  = 11 rows; ``_BAND_BYTES`` of im2col columns, half of a 2 MB L2) stay in the
+  = 11 rows; ``_BAND_BYTES`` of im2col columns, half of a 2 MB L2, assumed) stay in the
   core's cache between the copy and the GEMMs that read it. Each thread's
   buffers are rows of a workspace kept between calls (``_WORKSPACE``), so a
   call does not pay fresh page faults for them; it is never returned, every
@@ -161,7 +161,7 @@ from kernels.shapes import conv_output_size
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
 
-_BAND_BYTES = 1 << 20  # one thread's band of im2col columns: half a core's 2 MB L2, the rest for W and the output
+_BAND_BYTES = 1 << 20  # one thread's band of im2col columns: half of an (assumed) 2 MB L2, the rest for W and the output
 _TAPS_BAND_BYTES = 192 << 10  # one thread's band of padded input + wide output rows at stride 1 (chosen by trial)
 _WORKSPACE: dict[str, np.ndarray] = {}
 _N, _T = ord("n"), ord("t")  # BLAS's transpose flags
@@ -473,8 +473,8 @@ def _one_blas_thread():
     """OpenBLAS runs single-threaded inside (a no-op when it was not found).
 
     Each thread's GEMM must be single-threaded: a multi-threaded BLAS call nested in the
-    parallel region fights the other threads for the cores (measured: 4-15x slower than the
-    whole call with one BLAS thread, and OpenBLAS warns that it may hang). Without OpenBLAS
+    parallel region fights the other threads for the cores (several times slower when this
+    was tried, and OpenBLAS warns that it may hang). Without OpenBLAS
     the items run on one Numba thread instead, and the BLAS keeps its own threads.
     """
     if _OPENBLAS is None:
