@@ -34,6 +34,17 @@ with torch's ('rel err' column), so a table never times a different computation.
 After a run that used the ``cpu`` backend, a second process repeats the first
 calls: with Numba's ``cache=True`` it must compile nothing.
 
+Limits: before the cases run, the benchmark measures this machine's FP32 peak
+(the best large SGEMM of numpy's BLAS and torch's) and its memory bandwidth (a
+parallel copy); the '% peak' and '% bw' columns put each FLOP-counted or
+byte-counted row against them (``machine.limits``). ``ops --only conv2d`` with
+the cpu backend times every numbered CPU conv version (``cpu vK`` rows,
+``kernels/conv2d/cpu.py``); ``train --conv-versions 4`` adds a step with the
+conv kernels at version 4. ``train`` also reports each side's peak RSS of
+training (in a fresh process each) and minseg's time outside the backend's
+kernels (graph walk, ``Function.apply``, checks, allocation, optimizer).
+``--plot FILE.png`` draws the ratios to torch and the % of the limits (Pillow).
+
 Environment: the header prints the CPU, the BLAS libraries with the kernels
 they picked (threadpoolctl), torch's MKL/oneDNN and every thread count.
 ``--unset-openblas-coretype`` re-runs without ``OPENBLAS_CORETYPE`` (which forces
@@ -43,6 +54,6 @@ keeping freed memory for reuse (fewer page faults, for both sides).
 Files: ``machine.py`` (what ran), ``timing.py`` (how it is timed, the table),
 ``cases.py`` (the op cases), ``train.py`` (the U-Net step and its torch twin),
 ``gpu.py`` (the GPU mode), ``ddp.py`` (data-parallel over MPI ranks, and the cost model
-for W machines), ``__main__.py`` (the command line).
+for W machines), ``plot.py`` (``--plot``), ``__main__.py`` (the command line).
 ``RESULTS.md`` records measured tables with the machine they ran on.
 """

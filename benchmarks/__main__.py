@@ -10,7 +10,7 @@ import tempfile
 import time
 
 from . import machine
-from .timing import CompileMeter, measure, metered, table
+from .timing import CompileMeter, add_limits, measure, metered, table
 
 DEFAULT_REPEAT = {"ops": 20, "train": 10, "gpu": 20, "ddp": 10}
 QUICK_REPEAT = 2
@@ -52,11 +52,20 @@ def parse_args(argv):
     p.add_argument("--sections", help="gpu: comma-separated subset of machine,tests,copy,launch,kernels,train")
     p.add_argument("--budget", type=float, default=345.0, help="gpu: seconds for all sections together (default "
                    "345), shared in benchmarks/gpu.py's proportions")
+    p.add_argument("--plot", metavar="FILE.png", help="ops/train: also draw bars of x torch and of %% of the measured "
+                   "FP32 peak or memory bandwidth per case to FILE.png (Pillow)")
+    p.add_argument("--conv-versions", metavar="K,K", help="train: also time the step with the cpu backend's conv2d "
+                   "kernels at these numbered versions ('cpu vK' rows; ops times every version in its conv cases)")
     p.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)  # the cache check's child
+    p.add_argument("--memory-child", metavar="LABEL", help=argparse.SUPPRESS)  # train: one library's step memory
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
     args.sections = [t.strip() for t in args.sections.split(",") if t.strip()] if args.sections else None
+    try:
+        args.conv_versions = [int(v) for v in args.conv_versions.split(",") if v.strip()] if args.conv_versions else None
+    except ValueError:
+        p.error(f"--conv-versions takes comma-separated integers, got {args.conv_versions!r}")
     if args.repeat is None:
         args.repeat = QUICK_REPEAT if args.quick else DEFAULT_REPEAT[args.mode]
     if args.warmup is None:
@@ -124,8 +133,11 @@ def build_cases(args, libs):
         from .cases import op_cases
 
         return op_cases(libs, "quick" if args.quick else "full"), {}
+    from .cases import conv_version_libs
     from .train import train_case
 
+    if args.conv_versions:
+        libs[:] = conv_version_libs(libs, args.conv_versions)  # the step profile walks the same list
     case, facts = train_case(libs, "quick" if args.quick else "full")
     return [case], facts
 
@@ -172,6 +184,26 @@ def cache_check(args) -> dict:
             child = json.load(f)
     child["process_wall_s"] = wall
     return child
+
+
+def memory_in_child(args, label: str) -> dict:
+    """``train.step_memory`` of library ``label`` alone, in a fresh process (the RSS of this one
+    holds every library's model and what its allocator kept)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "memory.json")
+        if label == "torch":
+            peer = ["--backends", ""]
+        elif label.startswith("cpu v"):  # a CpuConvVersionLib
+            peer = ["--backends", "cpu", "--no-torch", "--conv-versions", label[len("cpu v"):]]
+        else:
+            peer = ["--backends", label, "--no-torch"]
+        cmd = [sys.executable, "-m", "benchmarks", "train", "--memory-child", label, *peer, "--threads", str(args.threads),
+               "--warmup", str(args.warmup), "--json", path] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, env=_child_env(os.environ), capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            return dict(error=f"child process failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        with open(path) as f:
+            return json.load(f)
 
 
 def cache_lines(check: dict) -> list[str]:
@@ -245,13 +277,34 @@ def run_cpu(args, argv) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         return 0
+    if args.memory_child:
+        from .train import step_memory, train_case
 
+        # One step of the small quick-size model first: it loads (or compiles) every kernel and
+        # creates the library's per-op state, which would otherwise count as a step's memory.
+        warm, _ = train_case(libs, "quick")
+        next(impl for impl in warm.impls if impl.name == args.memory_child).run()
+        del warm
+        impl = next(impl for impl in cases[0].impls if impl.name == args.memory_child)
+        with open(args.json, "w") as f:
+            json.dump(step_memory(impl, args.warmup + 1), f)
+        return 0
+
+    print("measuring the machine's FP32 peak and memory bandwidth ...", file=sys.stderr, flush=True)
+    limits = machine.limits("quick" if args.quick else "full")
     entries = []
     t_start = time.perf_counter()
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.name} ({', '.join(m.name for m in case.impls)}) "
               f"at {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
         entries.append(measure(case, args.repeat, args.warmup))
+    add_limits(entries, limits)
+    profile = None
+    if args.mode == "train":
+        from .train import step_profile
+
+        print("step profile: memory and time outside kernels ...", file=sys.stderr, flush=True)
+        profile = step_profile(cases[0], libs, args.repeat, lambda label: memory_in_child(args, label)) if cases else None
 
     info = machine.describe(threads)  # after the runs: Numba's threading layer is known once a kernel ran
     notes = machine.notes(info)
@@ -264,7 +317,7 @@ def run_cpu(args, argv) -> int:
 
     print(f"minseg benchmarks: {args.mode}{' (quick)' if args.quick else ''}, {args.repeat} timed calls after "
           f"{args.warmup} warm-up, interleaved")
-    for line in machine.header_lines(info):
+    for line in machine.header_lines(info) + machine.limit_lines(limits):
         print(line)
     for note in notes:
         print(f"NOTE: {note}")
@@ -275,16 +328,31 @@ def run_cpu(args, argv) -> int:
     print()
     for line in summary_lines(entries, imports, facts):
         print(line)
+    if any(name.startswith("cpu v") for e in entries for name in e["results"]):
+        from .cases import conv_version_line
+
+        print(conv_version_line())
+    if profile:
+        from .train import profile_lines
+
+        for line in profile_lines(profile):
+            print(line)
     if check is not None:
         for line in cache_lines(check):
             print(line)
     if args.json:
         report = dict(mode=args.mode, quick=args.quick, repeat=args.repeat, warmup=args.warmup, argv=list(argv),
                       machine=info, notes=notes, backend_imports=imports, skipped=skipped, model=facts or None,
-                      cases=entries, cache_check=check)
+                      cases=entries, cache_check=check, limits=limits, step_profile=profile)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"JSON written to {args.json}")
+    if args.plot:
+        from .plot import draw
+
+        title = f"minseg {args.mode}{' (quick)' if args.quick else ''}, {info['date_utc']} UTC, {args.threads} threads"
+        draw(entries, limits, args.plot, title, profile)
+        print(f"plot written to {args.plot}")
     return 0
 
 

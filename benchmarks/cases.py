@@ -48,6 +48,69 @@ class MinsegLib:
         return t.numpy() if isinstance(t, self.minseg.Tensor) else self.backend.to_numpy(t)
 
 
+class CpuConvVersionLib(MinsegLib):
+    """minseg's 'cpu' backend with its conv2d kernels at one numbered version (kernels/conv2d/cpu.py).
+
+    Runs through ``minseg.functional`` like every other library: while active, the loaded
+    backend's conv2d functions are called with ``version=k`` (functions whose table lacks k keep
+    their default), so forward and backward both use version k. The backend's current entries
+    are wrapped, not replaced, so a timing wrapper around them (``train.kernel_time_split``)
+    still sees the calls.
+    """
+
+    FUNCTIONS = {"conv2d_forward": "FORWARD_VERSIONS", "conv2d_grad_input": "GRAD_INPUT_VERSIONS",
+                 "conv2d_grad_weight": "GRAD_WEIGHT_VERSIONS"}
+
+    def __init__(self, version: int):
+        import functools
+
+        from kernels.conv2d import cpu
+
+        super().__init__("cpu")
+        self.version, self.label = version, f"cpu v{version}"
+        self.patched = [name for name, table in self.FUNCTIONS.items() if version in getattr(cpu, table)]
+        self.partial = functools.partial
+
+    @contextlib.contextmanager
+    def active(self):
+        functions = self.backend.load("cpu").functions
+        saved = {name: functions[name] for name in self.patched}
+        functions.update({name: self.partial(fn, version=self.version) for name, fn in saved.items()})
+        try:
+            with self.backend.using("cpu"):
+                yield
+        finally:
+            functions.update(saved)
+
+
+def conv_version_libs(libs: list, versions=None) -> list:
+    """One CpuConvVersionLib per numbered CPU conv version in ``versions`` (default: every one
+    other than the defaults, which the 'cpu' library runs), when 'cpu' is among ``libs``;
+    placed right after it. An unknown version is a ValueError listing the known ones."""
+    if not any(isinstance(lib, MinsegLib) and lib.label == "cpu" for lib in libs):
+        return libs
+    from kernels.conv2d import cpu
+
+    defaults = {cpu.DEFAULT_FORWARD_VERSION, cpu.DEFAULT_GRAD_INPUT_VERSION, cpu.DEFAULT_GRAD_WEIGHT_VERSION}
+    known = sorted(set(cpu.FORWARD_VERSIONS) | set(cpu.GRAD_INPUT_VERSIONS) | set(cpu.GRAD_WEIGHT_VERSIONS))
+    if versions is None:
+        versions = [v for v in known if not (len(defaults) == 1 and v in defaults)]
+    elif not set(versions) <= set(known):
+        raise ValueError(f"--conv-versions: the CPU conv versions are {known}, got {sorted(versions)}")
+    extra = [CpuConvVersionLib(v) for v in versions]
+    at = [lib.label for lib in libs].index("cpu") + 1
+    return libs[:at] + extra + libs[at:]
+
+
+def conv_version_line() -> str:
+    """What the 'cpu' rows of the conv cases run: the default version of each function."""
+    from kernels.conv2d import cpu
+
+    return (f"conv2d 'cpu' = defaults forward v{cpu.DEFAULT_FORWARD_VERSION}, grad_input v{cpu.DEFAULT_GRAD_INPUT_VERSION}, "
+            f"grad_weight v{cpu.DEFAULT_GRAD_WEIGHT_VERSION}; 'cpu vK' = every function at version K where it has one "
+            "(kernels/conv2d/cpu.py)")
+
+
 class TorchLib:
     """torch on ``device`` ('cpu' or 'cuda')."""
 
@@ -132,6 +195,18 @@ def conv_flops(n, c_in, h, w, c_out, k=3) -> float:
     return 2.0 * n * c_out * h * w * c_in * k * k
 
 
+def bilinear_x2_bytes(n, c, h, w, itemsize=4) -> float:
+    """Fewest bytes of forward + backward: read x, write y (4x larger); read gy, write gx."""
+    return 10.0 * n * c * h * w * itemsize
+
+
+def max_pool_2x2_bytes(n, c, h, w, itemsize=4) -> float:
+    """Fewest bytes of forward + backward: read x, write y and a 1-byte argmax per output (4 window
+    positions); read gy and the argmax, write gx."""
+    x, y = n * c * h * w * itemsize, n * c * (h // 2) * (w // 2) * itemsize
+    return x + y + 2 * (y / itemsize) + y + x
+
+
 def cross_entropy_bytes(n, c, h, w, itemsize=4) -> float:
     """Bytes a fused forward + backward ('mean') must move, as the kernels are designed.
 
@@ -194,7 +269,7 @@ def op_specs(size: str = "full", seed: int = 0) -> list[OpSpec]:
     n, c, h, w = sizes["bilinear"]
     specs.append(
         OpSpec(f"bilinear x2 fwd+bwd {_name((n, c, h, w))}", dict(x=normal(n, c, h, w)), _bilinear, True, ("x",),
-               normal(n, c, 2 * h, 2 * w))
+               normal(n, c, 2 * h, 2 * w), nbytes=bilinear_x2_bytes(n, c, h, w))
     )
     n, c, h, w = sizes["cross_entropy"]
     inputs = dict(logits=normal(n, c, h, w), target=rng.integers(0, c, (n, h, w)).astype(np.int64))
@@ -205,7 +280,7 @@ def op_specs(size: str = "full", seed: int = 0) -> list[OpSpec]:
     n, c, h, w = sizes["max_pool"]
     specs.append(
         OpSpec(f"max_pool2d 2x2 fwd+bwd {_name((n, c, h, w))}", dict(x=normal(n, c, h, w)), _max_pool, True, ("x",),
-               normal(n, c, h // 2, w // 2))
+               normal(n, c, h // 2, w // 2), nbytes=max_pool_2x2_bytes(n, c, h, w))
     )
     return specs
 
@@ -222,4 +297,7 @@ def build_case(name: str, libs: list, make_impl: Callable, flops=None, nbytes=No
 
 
 def op_cases(libs: list, size: str = "full") -> list[Case]:
-    return [build_case(s.name, libs, lambda lib, s=s: op_impl(s, lib), s.flops, s.nbytes) for s in op_specs(size)]
+    """Every op case for every library; the conv cases also for every numbered CPU conv version."""
+    conv_libs = conv_version_libs(libs)
+    return [build_case(s.name, conv_libs if s.name.startswith("conv2d") else libs, lambda lib, s=s: op_impl(s, lib),
+                       s.flops, s.nbytes) for s in op_specs(size)]

@@ -22,6 +22,8 @@ REPORTED_ENV = (
     "MKL_NUM_THREADS",
     "NUMBA_NUM_THREADS",
     "NUMBA_THREADING_LAYER",
+    "NUMBA_CPU_NAME",
+    "NUMBA_CPU_FEATURES",
     "NUMBA_CACHE_DIR",
     "NUMBA_ENABLE_CUDASIM",
     "MINSEG_BACKEND",
@@ -265,3 +267,106 @@ def header_lines(info: dict) -> list[str]:
     if info["env"]:
         lines.append("env          " + " ".join(f"{k}={v}" for k, v in info["env"].items()))
     return lines
+
+
+# ------------------------------------------------------------- the machine's limits
+#
+# A kernel's GFLOP/s or GB/s means most next to what the machine can do at all.
+# Both limits are measured here, on the machine and thread count of the run, by
+# the code that comes closest to them: a large single-precision GEMM in a vendor
+# BLAS (FMA-bound, blocked for registers and caches; the best of the BLAS found
+# is a lower bound of the FP32 peak, typically within 10% of it), and a parallel
+# copy of arrays far larger than the caches (read + write bytes: a lower bound of
+# the DRAM bandwidth, as write-allocate traffic is not counted).
+
+PEAK_SIZES = {"full": 2048, "quick": 256}  # SGEMM side n: 2n^3 flops
+COPY_BYTES = {"full": 256 << 20, "quick": 8 << 20}  # each of source and destination
+
+
+def _best_seconds(fn, repeat):
+    """The fastest of ``repeat`` timed calls after one untimed call (the limit, not the typical)."""
+    import time
+
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def fp32_peak(size: str = "full", repeat: int = 5) -> dict:
+    """Measured FP32 peak: the best GFLOP/s of an n x n x n SGEMM in each BLAS found.
+
+    NumPy's (OpenBLAS: threadpoolctl names the kernel it picked, which
+    ``OPENBLAS_CORETYPE`` can force onto an older core's) and torch's (MKL or
+    oneDNN) when installed; both run on the threads ``set_threads`` gave them.
+    Returns ``{'gflops', 'basis', 'runs': [{'library', 'kernel', 'n', 'gflops'}]}``.
+    """
+    import numpy as np
+
+    n = PEAK_SIZES[size]
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    c = np.empty((n, n), np.float32)
+    flops = 2.0 * n**3
+    openblas = [p for p in threadpools() if p["user_api"] == "blas" and p["owner"] == "numpy"]
+    kernel = openblas[0].get("architecture") if openblas else None
+    runs = [dict(library="numpy matmul (" + (openblas[0]["internal_api"] if openblas else "BLAS") + ")", kernel=kernel,
+                 n=n, gflops=flops / _best_seconds(lambda: np.matmul(a, b, out=c), repeat) / 1e9)]
+    try:
+        import torch
+
+        ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
+        runs.append(dict(library=f"torch.mm ({torch_info()['blas']})", kernel=torch.backends.cpu.get_cpu_capability(),
+                         n=n, gflops=flops / _best_seconds(lambda: torch.mm(ta, tb, out=tc), repeat) / 1e9))
+    except ImportError:
+        pass
+    best = max(runs, key=lambda r: r["gflops"])
+    basis = f"best n={n} SGEMM of {', '.join(r['library'] + (' kernel ' + str(r['kernel']) if r['kernel'] else '') for r in runs)}"
+    return dict(gflops=best["gflops"], basis=basis, runs=runs)
+
+
+def _parallel_copy():
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=True)
+    def copy(src, dst):
+        for i in prange(src.size):
+            dst[i] = src[i]
+
+    return copy
+
+
+def copy_bandwidth(size: str = "full", repeat: int = 5) -> dict:
+    """Measured memory bandwidth: (read + write bytes) / time of the best parallel copy.
+
+    A Numba ``prange`` copy over all Numba threads, of arrays much larger than
+    the last-level cache. Returns ``{'gbytes_per_s', 'basis'}``.
+    """
+    import numba
+    import numpy as np
+
+    nbytes = COPY_BYTES[size]
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    copy = _parallel_copy()
+    seconds = _best_seconds(lambda: copy(src, dst), repeat)
+    return dict(gbytes_per_s=2 * nbytes / seconds / 1e9,
+                basis=f"best parallel copy of {nbytes >> 20} MiB float32 ({numba.get_num_threads()} Numba threads), "
+                      "bytes read + written")
+
+
+def limits(size: str = "full") -> dict:
+    """Both limits, for the header and the % columns."""
+    return dict(fp32_peak=fp32_peak(size), bandwidth=copy_bandwidth(size))
+
+
+def limit_lines(lim: dict) -> list[str]:
+    peak, bw = lim["fp32_peak"], lim["bandwidth"]
+    runs = "; ".join(f"{r['library']}: {r['gflops']:.1f}" for r in peak["runs"])
+    return [
+        f"FP32 peak    {peak['gflops']:.1f} GFLOP/s measured ({peak['basis']}; {runs}): the '% peak' column",
+        f"bandwidth    {bw['gbytes_per_s']:.1f} GB/s measured ({bw['basis']}): the '% bw' column",
+    ]

@@ -178,3 +178,129 @@ def train_case(libs: list, size: str = "full", seed: int = 0):
         raise AssertionError(f"minseg and torch U-Nets differ in parameter count: {facts['params']}")
     facts["conv_gflop_per_step"] = None if flops is None else flops / 1e9
     return case, facts
+
+
+# ------------------------------------------------- where a step's time and memory go
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (VmRSS: resident now, VmHWM: its high-water mark)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def step_memory(impl: Impl, steps: int) -> dict:
+    """Peak resident memory of ``steps`` training steps, in MiB, in a process that has only built the model.
+
+    Run in a fresh process per implementation (``--memory-child``): 'base_mib' is the RSS
+    once the model, optimizer and batch exist, 'peak_rss_mib' the high-water mark of the
+    RSS over the steps (reset to the base first), and 'step_mib' their difference, the
+    memory training adds: activations, gradients, optimizer state, workspaces, memory the
+    allocator keeps for reuse. The caller ran one step of a small model first, so loading
+    kernels (Numba's cache, oneDNN's primitives) is mostly not counted. None where /proc
+    cannot reset the mark (not Linux).
+    """
+    import gc
+
+    gc.collect()
+    if not _reset_peak_rss():
+        return dict(base_mib=None, peak_rss_mib=None, step_mib=None, steps=steps)
+    base = _status_kib("VmRSS")
+    for _ in range(steps):
+        impl.reset()
+        out = impl.run()
+        del out
+    peak = _status_kib("VmHWM")
+    return dict(base_mib=base / 1024, peak_rss_mib=peak / 1024, step_mib=(peak - base) / 1024, steps=steps)
+
+
+def kernel_time_split(lib: MinsegLib, impl: Impl, steps: int) -> dict:
+    """Time of a step inside the backend's kernel functions vs outside them.
+
+    Every function of the backend (``Backend.functions``, what ``ctx.kernels`` calls) is
+    wrapped with a clock for ``steps`` steps; the rest of a step -- the graph walk,
+    ``Function.apply``, argument checks, allocation, the optimizer's NumPy update -- is
+    'outside'. Medians over the steps; the wrappers' own cost (two clock reads per call)
+    lands outside, so 'outside' is an upper bound.
+    """
+    import time
+
+    functions = lib.backend.load(lib.name).functions
+    saved = dict(functions)
+    spent = [0.0, 0]
+
+    def timed(fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+                spent[1] += 1
+        return call
+
+    totals, inside, calls = [], [], 0
+    functions.update({name: timed(fn) for name, fn in saved.items()})
+    try:
+        for _ in range(steps):
+            impl.reset()
+            spent[0], spent[1] = 0.0, 0
+            t0 = time.perf_counter()
+            out = impl.run()
+            totals.append(time.perf_counter() - t0)
+            inside.append(spent[0])
+            calls = spent[1]
+            del out
+    finally:
+        functions.update(saved)
+    step, kernel = float(np.median(totals)), float(np.median(inside))
+    return dict(step_s=step, kernel_s=kernel, outside_s=step - kernel, outside_pct=100 * (step - kernel) / step,
+                kernel_calls=calls, steps=steps)
+
+
+def step_profile(case, libs: list, steps: int, memory_of) -> dict:
+    """{impl name: memory (``memory_of(label)``, measured in a fresh process) and, for minseg,
+    the split of the step's time inside / outside the backend's kernels}."""
+    by_label = {lib.label: lib for lib in libs}
+    out = {}
+    for impl in case.impls:
+        out[impl.name] = memory_of(impl.name)
+        lib = by_label.get(impl.name)
+        if isinstance(lib, MinsegLib):
+            out[impl.name].update(kernel_time_split(lib, impl, steps))
+    return out
+
+
+def profile_lines(profile: dict) -> list[str]:
+    lines = []
+    for name, p in profile.items():
+        if "error" in p:
+            mem = f"memory not measured: {p['error']}"
+        elif p["peak_rss_mib"] is None:
+            mem = "peak RSS n/a (no /proc/self/clear_refs)"
+        else:
+            mem = (f"peak RSS {p['peak_rss_mib']:.1f} MiB over {p['steps']} steps in a fresh process, "
+                   f"{p['step_mib']:.1f} MiB above the {p['base_mib']:.1f} MiB it held with the model built")
+        line = f"step profile [{name}]: {mem}"
+        if "outside_s" in p:
+            line += (f"; of a {p['step_s'] * 1e3:.2f} ms step (median of {p['steps']}), {p['kernel_s'] * 1e3:.2f} ms in "
+                     f"{p['kernel_calls']} backend kernel calls and {p['outside_s'] * 1e3:.2f} ms "
+                     f"({p['outside_pct']:.1f}%) outside them (graph walk, Function.apply, checks, allocation, optimizer)")
+        lines.append(line)
+    return lines

@@ -45,17 +45,44 @@ def check_report(report, stdout, names, impls):
                 assert r["ratio_vs_torch"] == pytest.approx(r["median_s"] / entry["results"]["torch"]["median_s"])
         if entry["flops"]:
             assert all(r["gflops"] > 0 for r in entry["results"].values())
-    for line in ("CPU ", "threads ", "native pool"):
+    for line in ("CPU ", "threads ", "native pool", "FP32 peak ", "bandwidth "):
         assert line in stdout, f"header line {line!r} missing"
+    # the machine's limits are measured, and every row with a FLOP (byte) count is a % of them
+    limits = report["limits"]
+    assert limits["fp32_peak"]["gflops"] > 0 and limits["bandwidth"]["gbytes_per_s"] > 0
+    assert "SGEMM" in limits["fp32_peak"]["basis"]
+    for entry in report["cases"]:
+        for r in entry["results"].values():
+            if entry["flops"]:
+                assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / limits["fp32_peak"]["gflops"])
+            if entry["nbytes"]:
+                assert r["pct_bandwidth"] == pytest.approx(100 * r["gbytes_per_s"] / limits["bandwidth"]["gbytes_per_s"])
+
+
+def check_plot(path, rows):
+    """A PNG that Pillow reads, tall enough for one bar row per timed implementation."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        width, height = img.size
+        assert width >= 800 and height >= 20 * rows, img.size
+        assert len(img.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 3  # not blank: bars, text
 
 
 def test_ops_quick(tmp_path):
     path = tmp_path / "ops.json"
+    png = tmp_path / "ops.png"
     stdout = run_bench("ops", "--quick", "--repeat", str(REPEAT), "--threads", "1", "--backends", "numpy",
-                       "--no-cache-check", "--json", str(path))
+                       "--no-cache-check", "--json", str(path), "--plot", str(png))
     report = json.loads(path.read_text())
     impls = ["numpy"] + (["torch"] if HAS_TORCH else [])
     check_report(report, stdout, [s.name for s in op_specs("quick")], impls)
+    check_plot(png, len(report["cases"]) * len(impls))
+    # the memory-bound ops have byte counts (a % of bandwidth), the convolutions FLOP counts
+    for entry in report["cases"]:
+        assert (entry["flops"] is not None) == entry["case"].startswith("conv2d"), entry["case"]
+        assert (entry["nbytes"] is not None) == (not entry["case"].startswith("conv2d")), entry["case"]
     assert report["machine"]["threads"]["requested"] == 1
     # every op of issue 4 is there, forward-only and forward+backward convs at both sizes
     names = " ".join(e["case"] for e in report["cases"])
@@ -63,14 +90,43 @@ def test_ops_quick(tmp_path):
         assert op in names
 
 
+def test_ops_quick_times_every_cpu_conv_version(tmp_path):
+    """``--only conv2d`` with the cpu backend: a row per numbered CPU conv version beside the
+    default, each computing torch's result (rel err), through minseg.functional."""
+    cpu = pytest.importorskip("kernels.conv2d.cpu")
+    path = tmp_path / "conv.json"
+    stdout = run_bench("ops", "--quick", "--only", "conv2d", "--repeat", str(REPEAT), "--threads", "1", "--backends",
+                       "cpu", "--no-cache-check", "--json", str(path), timeout=600)
+    report = json.loads(path.read_text())
+    versions = set(cpu.FORWARD_VERSIONS) | set(cpu.GRAD_INPUT_VERSIONS) | set(cpu.GRAD_WEIGHT_VERSIONS)
+    assert len(versions) >= 3
+    extra = [f"cpu v{v}" for v in sorted(versions) if v != cpu.DEFAULT_FORWARD_VERSION]
+    impls = ["cpu", *extra] + (["torch"] if HAS_TORCH else [])
+    check_report(report, stdout, [s.name for s in op_specs("quick") if s.name.startswith("conv2d")], impls)
+    assert "conv2d 'cpu' = defaults forward v" in stdout
+
+
 def test_train_quick(tmp_path):
-    path = tmp_path / "train.json"
+    path, png = tmp_path / "train.json", tmp_path / "train.png"
     stdout = run_bench("train", "--quick", "--repeat", str(REPEAT), "--threads", "1", "--backends", "numpy",
-                       "--no-cache-check", "--json", str(path))
+                       "--no-cache-check", "--json", str(path), "--plot", str(png))
     report = json.loads(path.read_text())
     impls = ["numpy"] + (["torch"] if HAS_TORCH else [])
     (entry,) = report["cases"]
     check_report(report, stdout, [entry["case"]], impls)
+    check_plot(png, len(impls))
+    # memory of every implementation (each in its own process), and minseg's time outside kernels
+    profile = report["step_profile"]
+    assert sorted(profile) == sorted(impls)
+    for name, p in profile.items():
+        assert "error" not in p, p
+        if p["peak_rss_mib"] is not None:  # Linux
+            assert p["peak_rss_mib"] >= p["base_mib"] > 0 and p["step_mib"] == pytest.approx(p["peak_rss_mib"] - p["base_mib"])
+        assert f"step profile [{name}]" in stdout
+    numpy = profile["numpy"]
+    assert numpy["kernel_calls"] > 0 and 0 < numpy["kernel_s"] < numpy["step_s"]
+    assert numpy["outside_s"] == pytest.approx(numpy["step_s"] - numpy["kernel_s"])
+    assert numpy["outside_pct"] == pytest.approx(100 * numpy["outside_s"] / numpy["step_s"])
     model = report["model"]
     size = TRAIN_SIZES["quick"]
     assert model["channels"] == "-".join(str(size["base_channels"] * 2**i) for i in range(size["depth"] + 1))
@@ -85,3 +141,27 @@ def test_gpu_mode_without_gpu_exits_cleanly():
         pytest.skip("a real GPU is present: this test is for the no-GPU path")
     stdout = run_bench("gpu", "--quick")
     assert stdout.startswith("no GPU")
+
+
+def test_train_quick_at_a_cpu_conv_version(tmp_path):
+    """``train --conv-versions 1``: the step also runs with every conv kernel at version 1 ('cpu v1'),
+    computing torch's loss, with its own memory (a child process) and kernel-time split."""
+    pytest.importorskip("kernels.conv2d.cpu")
+    path = tmp_path / "train.json"
+    stdout = run_bench("train", "--quick", "--repeat", str(REPEAT), "--threads", "1", "--backends", "cpu",
+                       "--conv-versions", "1", "--no-cache-check", "--json", str(path), timeout=600)
+    report = json.loads(path.read_text())
+    impls = ["cpu", "cpu v1"] + (["torch"] if HAS_TORCH else [])
+    (entry,) = report["cases"]
+    check_report(report, stdout, [entry["case"]], impls)
+    profile = report["step_profile"]["cpu v1"]
+    assert "error" not in profile and profile["kernel_calls"] == report["step_profile"]["cpu"]["kernel_calls"] > 0
+
+
+def test_bad_conv_versions_are_refused():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for value, message in (("x", "comma-separated integers"), ("99", "the CPU conv versions are")):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", "train", "--quick", "--backends", "cpu", "--no-torch",
+                               "--conv-versions", value, "--no-cache-check"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

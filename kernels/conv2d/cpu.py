@@ -1,7 +1,77 @@
-"""conv2d on the CPU: matrix products in BLAS, one per work item, work items in parallel in Numba.
+"""conv2d on the CPU in numbered versions: from direct loops to BLAS GEMMs and a register-blocked micro-kernel.
 
-The math is in ``reference.py``; this module computes the same four functions
-fast, as matrix products (GEMMs) of two kinds.
+Read ``reference.py`` first: it defines the op and derives the gradients. Here
+the same sums run compiled (Numba), in parallel over the cores. Notation (as
+in the reference)::
+
+    x (N, C_in, H, W)   w (C_out, Cg, kh, kw)   y, gy (N, C_out, Ho, Wo)
+    G groups, Cg = C_in/G input and Og = C_out/G output channels per group;
+    output (i, j) reads, through tap (p, q), the input pixel
+        h = i*sh - pt + p*dh,   v = j*sw - pl + q*dw     (zero outside [0, H) x [0, W))
+
+Versions (llm.c dev/cuda style, as ``cuda.py``): each function takes
+``version=k``; ``FORWARD_VERSIONS``, ``GRAD_INPUT_VERSIONS`` and
+``GRAD_WEIGHT_VERSIONS`` list them, tests/kernels/test_conv2d.py checks every
+one against the reference, and ``python -m benchmarks ops --only conv2d``
+times every one against torch. The defaults are the fastest measured so far (v3; v4 is not yet timed).
+
+* **v1 direct** -- the reference's sums as plain loops: one output plane
+  (image, channel) per ``prange`` iteration, and for each output pixel the
+  Cg*kh*kw-term dot product, skipping taps that fall in the padding.
+  grad_input is the *gather* of the same index map (each input pixel sums over
+  the taps and channels that read it: no two iterations write the same
+  value, so no locks), grad_weight one weight plane (o, c) per iteration
+  summing over N*Ho*Wo. Short and easy to check; slow because the innermost
+  loop runs over the kh*kw taps with a bounds test each, walks x with stride
+  dw (not along a row), and reuses nothing: every product loads both
+  operands, so memory and loop overhead bound it, not the multipliers.
+* **v2 im2col + GEMM** -- per image and band of output rows, copy every
+  receptive field into a column, then one BLAS GEMM per group does the
+  Og x Cg*kh*kw x pixels product (see *im2col* below). The GEMM is blocked for
+  the caches and registers by BLAS, which is written to run near the FMA peak; the
+  price is the copy of x kh*kw times, and the col2im scatter for grad_input.
+* **v3 taps** (default) -- at stride 1, no column matrix at all: each tap
+  (p, q) is one GEMM on a *shifted view* of a padded band of x (see *Taps*
+  below), so x is copied once per band instead of kh*kw times, and grad_input
+  is a forward of gy with the flipped kernel (no col2im). Strided
+  convolutions fall back to v2's im2col.
+* **v4 register-blocked micro-kernels** -- the same padded bands as v3
+  (strided convolutions: v2), but instead of kh*kw BLAS calls that each
+  stream the band and the wide output through the cache, a Numba micro-kernel
+  (``_micro_tile``) computes a block of MR = 6 output channels x NR = 16
+  pixels with *all* Cg*kh*kw terms of its sum in registers: per term it loads
+  NR inputs (in place from the band: no packing of x) and MR weights (packed
+  once per call) and does MR*NR fused multiply-adds, then writes the finished
+  block to y with the bias. The band is read once per channel block, the
+  output written once, and small channel counts (the 3->16 first layer, the
+  1x1 head) are not many small BLAS calls. grad_input is the flipped forward
+  with the same micro-kernel. grad_weight (``_micro_dots``) computes MW = 4
+  channels x KT = 3 weights at once, each a dot product of a gy row with a
+  shifted band row over all the band's pixels: per vector of pixels, 7 loads
+  and 12 FMAs into 12 vector accumulators, summed across lanes at the end.
+  tests/kernels/test_conv2d.py checks in the compiled code that the
+  accumulators stay in registers. LLVM vectorises both with 256-bit registers
+  (12 ymm accumulators), as it prefers on AVX-512 CPUs, so they can use at
+  most half of the 512-bit FMA width; with ``NUMBA_CPU_FEATURES`` = the
+  host's features plus ``,-prefer-256-bit`` they use 512-bit registers and
+  NR = 32 (see ``NR``). Whether v4 beats v3 is for the benchmark to say, so
+  v3 stays the default until then.
+
+Measured by ``python -m benchmarks ops --only conv2d`` (fwd+bwd = forward +
+grad_input + grad_weight + grad_bias through ``minseg.functional``; % of peak
+against the FP32 peak the benchmark measures on the same machine)::
+
+    case                      version | ms | GFLOP/s | % of FP32 peak | x torch
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v1 | not yet measured
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v2 | not yet measured
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v3 | not yet measured
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v4 | not yet measured
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v1 | not yet measured
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v2 | not yet measured
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v3 | not yet measured
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v4 | not yet measured
+
+The products of v2 and v3 are GEMMs of two kinds.
 
 *Taps* (stride 1: the forward, grad_weight, and grad_input, see below). Pad a
 band of rows of one image to ``xb`` (C_in rows of ``R*Wq`` values: R padded
@@ -26,9 +96,8 @@ and a band of output rows ``[i0, i1)``::
     grad_input   dcols[g]          = W[g]^T @ gy[n, g][:, band], then col2im adds dcols into gx
 
 where ``cols[g]`` is rows ``g*K .. (g+1)*K`` (K = Cg*kh*kw). It copies x kh*kw
-times (measured: 40% of the forward's time single-threaded for (8, 32, 64, 64)),
-which the taps avoid; strided convolutions cannot use taps because a view
-with stride sw > 1 along a row is not a BLAS operand.
+times, which the taps avoid; strided convolutions cannot use taps because a
+view with stride sw > 1 along a row is not a BLAS operand.
 
 grad_input at stride 1 is a forward: ``gx[c, r, s] = sum_{o,p,q} w[o, c, p, q] *
 gy[o, r + pt - p*dh, s + pl - q*dw]`` is the convolution of gy with the kernel
@@ -37,7 +106,7 @@ on top and ``(kw-1)*dw - pl`` on the left (a negative pad crops), with gx's
 size as output size. Other strides use col2im, im2col's adjoint (the same
 index map with ``+=`` in the other direction).
 
-Optimisations:
+Optimisations of v2 and v3:
 
 * One parallel region per call. A *work item* is one (image, band of output
   rows); ``prange`` gives each Numba thread a contiguous run of items (an
@@ -53,19 +122,20 @@ Optimisations:
   in a fixed order (results do not depend on scheduling).
 * While a kernel runs, that OpenBLAS is set to one thread (``_one_blas_thread``):
   a multi-threaded BLAS call nested in the parallel region fights the other
-  threads for the cores (measured: 4-15x slower, and OpenBLAS warns that it
-  may hang). When the BLAS is not an OpenBLAS this module can find, the work
-  items run on one Numba thread and the BLAS keeps its own threads. An earlier
-  version alternated a serial im2col with NumPy's multi-threaded GEMM: BLAS's
-  threads spin for a while after each call, so the copies could not be
-  parallelised, and it was 2.5-4x slower than this one (measured on 2 cores).
-* Bands: a band's buffers (``_TAPS_BAND_BYTES``: ~11 rows of a 64x64 image,
-  measured fastest; ``_BAND_BYTES`` of im2col columns, half a core's L2) stay
-  in the core's cache between the copy and the GEMMs that read it. Each
-  thread's buffers are rows of a workspace kept between calls (``_WORKSPACE``),
-  so a call does not pay fresh page faults for them; it is never returned,
-  every output is a fresh array. (The shared buffer makes these functions
-  unsafe to call from several Python threads at once.)
+  threads for the cores (several times slower when this was tried, and
+  OpenBLAS warns that it may hang). When the BLAS is not an OpenBLAS this
+  module can find, the work items run on one Numba thread and the BLAS keeps
+  its own threads. (An earlier design alternated a serial im2col with NumPy's
+  multi-threaded GEMM: BLAS's threads spin for a while after each call, so the
+  copies could not be parallelised; it was slower than this one.)
+* Bands: a band's buffers (``_TAPS_BAND_BYTES``, chosen by trial; for the
+  8x32x64x64 case that is 192 KiB / ((32 + 32) channels * 66 columns * 4 bytes)
+  = 11 rows; ``_BAND_BYTES`` of im2col columns, half of a 2 MB L2, assumed) stay in the
+  core's cache between the copy and the GEMMs that read it. Each thread's
+  buffers are rows of a workspace kept between calls (``_WORKSPACE``), so a
+  call does not pay fresh page faults for them; it is never returned, every
+  output is a fresh array. (The shared buffer makes these functions unsafe to
+  call from several Python threads at once.)
 * The copies never materialise more padding than a band needs: each row
   computes once which columns fall inside the image, zero-fills the rest and
   copies the inside (contiguously when the stride is 1, which LLVM vectorises).
@@ -77,19 +147,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 
 import numba
 import numpy as np
-from numba import njit, prange
-from numba.extending import overload
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, overload
 from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
 from kernels.shapes import conv_output_size
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
 
-_BAND_BYTES = 1 << 20  # one thread's band of im2col columns: half a core's 2 MB L2, the rest for W and the output
-_TAPS_BAND_BYTES = 192 << 10  # one thread's band of padded input + wide output rows at stride 1 (measured best)
+_BAND_BYTES = 1 << 20  # one thread's band of im2col columns: half of an (assumed) 2 MB L2, the rest for W and the output
+_TAPS_BAND_BYTES = 192 << 10  # one thread's band of padded input + wide output rows at stride 1 (chosen by trial)
 _WORKSPACE: dict[str, np.ndarray] = {}
 _N, _T = ord("n"), ord("t")  # BLAS's transpose flags
 
@@ -400,8 +473,8 @@ def _one_blas_thread():
     """OpenBLAS runs single-threaded inside (a no-op when it was not found).
 
     Each thread's GEMM must be single-threaded: a multi-threaded BLAS call nested in the
-    parallel region fights the other threads for the cores (measured: 4-15x slower than the
-    whole call with one BLAS thread, and OpenBLAS warns that it may hang). Without OpenBLAS
+    parallel region fights the other threads for the cores (several times slower when this
+    was tried, and OpenBLAS warns that it may hang). Without OpenBLAS
     the items run on one Numba thread instead, and the BLAS keeps its own threads.
     """
     if _OPENBLAS is None:
@@ -455,38 +528,171 @@ def _run_taps(kernel, inputs, out, channels, kernel_hw, out_hw, padding, dilatio
     return out
 
 
-def _forward(x, w, b, out_hw, stride, padding, dilation, groups):
+# ------------------------------------------------------------------ v1: direct loops
+
+
+@njit(parallel=True, cache=True)
+def _forward_direct_kernel(x, w, b, y, sh, sw, pt, pl, dh, dw, groups):
+    """y[i, o, r, s] = b[o] + sum_{c, p, q} w[o, c, p, q] * x[i, g*Cg + c, r*sh + p*dh - pt, s*sw + q*dw - pl].
+
+    One output plane (i, o) per iteration; taps that land in the padding are skipped
+    (``b.size == 0``: no bias).
+    """
+    n, _, h, wd = x.shape
+    c_out, cg, kh, kw = w.shape
+    ho, wo = y.shape[2], y.shape[3]
+    og = c_out // groups
+    for plane in prange(n * c_out):
+        i, o = plane // c_out, plane % c_out
+        c0 = o // og * cg  # first input channel of o's group
+        bias = b[o] if b.size else y.dtype.type(0)
+        for r in range(ho):
+            for s in range(wo):
+                acc = bias
+                for c in range(cg):
+                    for p in range(kh):
+                        xi = r * sh + p * dh - pt
+                        if xi < 0 or xi >= h:
+                            continue
+                        for q in range(kw):
+                            xj = s * sw + q * dw - pl
+                            if 0 <= xj < wd:
+                                acc += w[o, c, p, q] * x[i, c0 + c, xi, xj]
+                y[i, o, r, s] = acc
+
+
+@njit(parallel=True, cache=True)
+def _grad_input_direct_kernel(gy, w, gx, sh, sw, pt, pl, dh, dw, groups):
+    """gx[i, g*Cg + c, u, v] = sum over o of group g and taps (p, q) of w[o, c, p, q] * gy[i, o, r, s],
+    where u = r*sh + p*dh - pt and v = s*sw + q*dw - pl, with (r, s) inside gy.
+
+    The gather form: each input pixel inverts the forward's index map, r = (u + pt - p*dh) / sh,
+    for the taps where that is a whole number in [0, Ho). One input plane per iteration: every
+    value is written by one iteration, so there are no races.
+    """
+    n, c_in, h, wd = gx.shape
+    c_out, cg, kh, kw = w.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    og = c_out // groups
+    for plane in prange(n * c_in):
+        i, ci = plane // c_in, plane % c_in
+        g, c = ci // cg, ci % cg
+        for u in range(h):
+            for v in range(wd):
+                acc = gx.dtype.type(0)
+                for p in range(kh):
+                    rs = u + pt - p * dh  # = r*sh
+                    r = rs // sh
+                    if rs < 0 or r * sh != rs or r >= ho:
+                        continue
+                    for q in range(kw):
+                        ss = v + pl - q * dw  # = s*sw
+                        s = ss // sw
+                        if ss < 0 or s * sw != ss or s >= wo:
+                            continue
+                        for o in range(g * og, (g + 1) * og):
+                            acc += w[o, c, p, q] * gy[i, o, r, s]
+                gx[i, ci, u, v] = acc
+
+
+@njit(parallel=True, cache=True)
+def _grad_weight_direct_kernel(x, gy, gw, sh, sw, pt, pl, dh, dw, groups):
+    """gw[o, c, p, q] = sum_{i, r, s} gy[i, o, r, s] * x[i, g*Cg + c, r*sh + p*dh - pt, s*sw + q*dw - pl].
+
+    One weight plane (o, c) per iteration, each a sum over all N*Ho*Wo outputs per tap.
+    """
+    n, _, h, wd = x.shape
+    c_out, cg, kh, kw = gw.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    og = c_out // groups
+    for plane in prange(c_out * cg):
+        o, c = plane // cg, plane % cg
+        ci = o // og * cg + c
+        for p in range(kh):
+            for q in range(kw):
+                acc = gw.dtype.type(0)
+                for i in range(n):
+                    for r in range(ho):
+                        xi = r * sh + p * dh - pt
+                        if xi < 0 or xi >= h:
+                            continue
+                        for s in range(wo):
+                            xj = s * sw + q * dw - pl
+                            if 0 <= xj < wd:
+                                acc += gy[i, o, r, s] * x[i, ci, xi, xj]
+                gw[o, c, p, q] = acc
+
+
+def _forward_v1(x, w, b, stride, padding, dilation, groups):
+    y = np.empty((x.shape[0], w.shape[0], *_out_hw(x, w, stride, padding, dilation)), x.dtype)
+    b = np.empty(0, x.dtype) if b is None else b
+    _forward_direct_kernel(x, w, b, y, *stride, padding[0][0], padding[1][0], *dilation, groups)
+    return y
+
+
+def _grad_input_v1(gy, w, x_shape, stride, padding, dilation, groups):
+    gx = np.empty(x_shape, gy.dtype)
+    _grad_input_direct_kernel(gy, w, gx, *stride, padding[0][0], padding[1][0], *dilation, groups)
+    return gx
+
+
+def _grad_weight_v1(x, gy, w_shape, stride, padding, dilation, groups):
+    gw = np.empty(w_shape, x.dtype)
+    _grad_weight_direct_kernel(x, gy, gw, *stride, padding[0][0], padding[1][0], *dilation, groups)
+    return gw
+
+
+# ------------------------------------------------------- v2: im2col + GEMM, v3: taps
+
+
+def _out_hw(x, w, stride, padding, dilation):
+    return tuple(conv_output_size(x.shape[2 + a], sum(padding[a]), dilation[a], w.shape[2 + a], stride[a]) for a in (0, 1))
+
+
+def _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups):
+    """Any stride: y[i, g][:, band] = w[g] @ im2col(x[i])[g] per (image, band) item."""
     y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
     b = np.empty(0, x.dtype) if b is None else b
-    if stride != (1, 1):
-        k = x.shape[1] * w.shape[2] * w.shape[3]
-        return _run(_forward_im2col_kernel, (x, w, b), y, w.shape[2:], out_hw, k, stride, padding, dilation, groups)
+    k = x.shape[1] * w.shape[2] * w.shape[3]
+    return _run(_forward_im2col_kernel, (x, w, b), y, w.shape[2:], out_hw, k, stride, padding, dilation, groups)
+
+
+def _forward_taps(x, w, b, out_hw, padding, dilation, groups):
+    """Stride 1: y[i, g][:, band] = sum over taps of w[g][:, :, p, q] @ (shifted band of padded x[i])[g]."""
+    y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
+    b = np.empty(0, x.dtype) if b is None else b
     wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # (kh, kw, C_out, Cg): one (C_out, Cg) matrix per tap
     channels = (x.shape[1], w.shape[0])
     return _run_taps(_forward_taps_kernel, (x, wt, b), y, channels, w.shape[2:], out_hw, padding, dilation, groups)
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, groups):
-    """y = conv(x, W) + b: taps at stride 1, else im2col; (image, band) items in parallel."""
-    out_hw = tuple(conv_output_size(x.shape[2 + a], sum(padding[a]), dilation[a], w.shape[2 + a], stride[a]) for a in (0, 1))
-    return _forward(x, w, b, out_hw, stride, padding, dilation, groups)
+def _forward_v2(x, w, b, stride, padding, dilation, groups):
+    return _forward_im2col(x, w, b, _out_hw(x, w, stride, padding, dilation), stride, padding, dilation, groups)
 
 
-def conv2d_grad_input(gy, w, x_shape, stride, padding, dilation, groups):
-    """Stride 1: the forward of gy with the flipped, channel-swapped kernel; else col2im(W^T @ gy) per image."""
+def _forward_v3(x, w, b, stride, padding, dilation, groups):
+    out_hw = _out_hw(x, w, stride, padding, dilation)
+    if stride != (1, 1):
+        return _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups)
+    return _forward_taps(x, w, b, out_hw, padding, dilation, groups)
+
+
+def _grad_input_v3(gy, w, x_shape, stride, padding, dilation, groups):
+    """Stride 1: the forward of gy with the flipped, channel-swapped kernel; else col2im (v2)."""
     if stride == (1, 1):
-        return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups)
+        return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, _forward_taps)
     return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
 
 
-def _grad_input_flipped(gy, w, x_shape, padding, dilation, groups):
-    """Stride 1 only: gx = conv2d(gy, w_flip), w_flip[g*Cg + c, o, p, q] = w[g*Og + o, c, kh-1-p, kw-1-q]."""
+def _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, forward):
+    """Stride 1 only: gx = conv2d(gy, w_flip) by ``forward`` (``_forward_taps`` or ``_forward_tiles``),
+    w_flip[g*Cg + c, o, p, q] = w[g*Og + o, c, kh-1-p, kw-1-q]."""
     c_out, cg, kh, kw = w.shape
     og = c_out // groups
     w_flip = w.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
     w_flip = np.ascontiguousarray(w_flip).reshape(groups * cg, og, kh, kw)
     pad = tuple(((k - 1) * d - p[0], 0) for k, d, p in zip((kh, kw), dilation, padding))
-    return _forward(gy, w_flip, None, tuple(x_shape[2:]), (1, 1), pad, dilation, groups)
+    return forward(gy, w_flip, None, tuple(x_shape[2:]), pad, dilation, groups)
 
 
 def _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups):
@@ -497,20 +703,318 @@ def _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups):
     return _run(_grad_input_col2im_kernel, (gy, w), gx, (kh, kw), gy.shape[2:], k, stride, padding, dilation, groups)
 
 
-def conv2d_grad_weight(x, gy, w_shape, stride, padding, dilation, groups):
-    """gw = sum over (image, band) items of gy @ (taps at stride 1, else im2col of x)^T, in per-thread partial sums."""
+def _grad_weight_im2col(x, gy, w_shape, stride, padding, dilation, groups):
+    """Any stride: gw = sum over (image, band) items of gy @ im2col(x)^T, in per-thread partial sums."""
     _, c_out, ho, wo = gy.shape
     _, cg, kh, kw = w_shape
-    nt = _item_threads()
+    part = np.zeros((_item_threads(), c_out, cg * kh * kw), x.dtype)
+    k = x.shape[1] * kh * kw
+    _run(_grad_weight_im2col_kernel, (x, gy), part, (kh, kw), (ho, wo), k, stride, padding, dilation, groups)
+    return part.sum(axis=0).reshape(w_shape)
+
+
+def _grad_weight_v3(x, gy, w_shape, stride, padding, dilation, groups):
+    """Stride 1: gw[:, :, p, q] = sum over items of gy_wide @ (tap (p, q)'s view)^T; else im2col (v2)."""
     if stride != (1, 1):
-        part = np.zeros((nt, c_out, cg * kh * kw), x.dtype)
-        k = x.shape[1] * kh * kw
-        _run(_grad_weight_im2col_kernel, (x, gy), part, (kh, kw), (ho, wo), k, stride, padding, dilation, groups)
-        return part.sum(axis=0).reshape(w_shape)
-    part = np.zeros((nt, kh, kw, c_out, cg), x.dtype)
+        return _grad_weight_im2col(x, gy, w_shape, stride, padding, dilation, groups)
+    c_out = gy.shape[1]
+    _, cg, kh, kw = w_shape
+    part = np.zeros((_item_threads(), kh, kw, c_out, cg), x.dtype)
     channels = (x.shape[1], c_out)
-    _run_taps(_grad_weight_taps_kernel, (x, gy), part, channels, (kh, kw), (ho, wo), padding, dilation, groups)
+    _run_taps(_grad_weight_taps_kernel, (x, gy), part, channels, (kh, kw), gy.shape[2:], padding, dilation, groups)
     return np.ascontiguousarray(part.sum(axis=0).transpose(2, 3, 0, 1))
+
+
+# --------------------------------------------------- v4: register-blocked micro-kernel
+
+# A micro-tile: MR output channels x NR output pixels, accumulated in registers. A row of NR is two
+# vector registers: LLVM vectorises with 256-bit registers on AVX-512 CPUs (their "prefer-256-bit"
+# tuning) unless NUMBA_CPU_FEATURES removes that flag, and then 512-bit ones; 6 x 2 accumulators,
+# 2 input vectors and the broadcast weights fit the 32 vector registers without spills either way.
+MR = 6
+NR = 32 if "-prefer-256-bit" in os.environ.get("NUMBA_CPU_FEATURES", "") else 16
+# grad_weight's micro-tile: MW output channels x KT weights (taps), each a dot product over the
+# pixels accumulated in LANES-wide partial sums (one vector register in float32).
+MW, KT, LANES = 4, 3, NR // 2
+
+
+@intrinsic
+def _stack_array(typingctx, like, size):
+    """A pointer to ``size`` (a constant) values of ``like``'s dtype on the stack (an LLVM ``alloca``).
+
+    Numba has no vector types, and an array from ``np.empty`` lives on the heap, where every
+    ``+=`` is a load and a store. A stack array indexed only by a loop that LLVM vectorises
+    is promoted to registers: a row of accumulators stays in vector registers for the
+    whole reduction.
+    """
+    if not isinstance(size, types.IntegerLiteral):
+        raise TypingError("_stack_array: size must be a compile-time constant")
+    sig = types.CPointer(like.dtype)(like, size)
+
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_value_type(like.dtype), size=size.literal_value)
+
+    return sig, codegen
+
+
+@njit(cache=True, fastmath={"contract"})
+def _micro_tile(xb, x0, c_stride, row_step, dw, cg, kh, kw, wg, o0, tile):
+    """tile[a, b] = sum_{c, p, q} wg[(c*kh + p)*kw + q, o0 + a] * xb[x0 + c*c_stride + p*row_step + q*dw + b].
+
+    a < MR, b < NR: one MR x NR block of the taps product (``_forward_taps_kernel``) with every
+    tap of the kernel in one reduction of K = Cg*kh*kw steps. Each step loads NR consecutive
+    inputs (a row of the B panel, read in place from the padded band) and MR weights (packed
+    contiguously), and does MR*NR multiply-adds (``contract``: fused FMAs) into accumulators
+    that stay in registers: MR*NR FMAs per NR + MR loads, where a GEMM row at a time does one
+    FMA per load. The MR = 6 rows are written out (r0..r5) because each must be its own stack
+    array (``_stack_array``) for LLVM to keep it in registers.
+    """
+    r0, r1, r2 = carray(_stack_array(xb, NR), NR), carray(_stack_array(xb, NR), NR), carray(_stack_array(xb, NR), NR)
+    r3, r4, r5 = carray(_stack_array(xb, NR), NR), carray(_stack_array(xb, NR), NR), carray(_stack_array(xb, NR), NR)
+    for b in range(NR):
+        r0[b] = r1[b] = r2[b] = r3[b] = r4[b] = r5[b] = 0
+    k = 0
+    for c in range(cg):
+        for p in range(kh):
+            row = x0 + c * c_stride + p * row_step
+            for q in range(kw):
+                xs = xb[row + q * dw : row + q * dw + NR]
+                w = wg[k, o0 : o0 + MR]
+                w0, w1, w2, w3, w4, w5 = w[0], w[1], w[2], w[3], w[4], w[5]
+                for b in range(NR):
+                    v = xs[b]
+                    r0[b] += w0 * v
+                    r1[b] += w1 * v
+                    r2[b] += w2 * v
+                    r3[b] += w3 * v
+                    r4[b] += w4 * v
+                    r5[b] += w5 * v
+                k += 1
+    for b in range(NR):
+        tile[0, b], tile[1, b], tile[2, b] = r0[b], r1[b], r2[b]
+        tile[3, b], tile[4, b], tile[5, b] = r3[b], r4[b], r5[b]
+
+
+@njit(parallel=True, cache=True)
+def _forward_tiles_kernel(x, wp, b, y, ws, step, kh, kw, pt, pl, dh, dw, groups):
+    """Stride 1: the taps product of ``_forward_taps_kernel`` computed MR x NR micro-tile by micro-tile.
+
+    Same work items, padded bands and wide pixel index m = ii*Wq + j as the taps kernel, but
+    instead of kh*kw BLAS calls that each stream the whole band, ``_micro_tile`` sums all
+    K = Cg*kh*kw terms of one block of MR channels x NR wide pixels in registers, and the
+    block goes straight into y (garbage columns j >= Wo dropped, bias added): no wide output
+    buffer. For each strip of NR pixels (K x NR inputs: stays in L1) it walks the channel
+    blocks; wp[g] is (K, Og rounded up to MR), zero in the padded channels.
+    """
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    og, cg = c_out // groups, c_in // groups
+    wq = wo + (kw - 1) * dw
+    xb_size = c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + NR  # the last strip reads NR past the band
+    bands = (ho + step - 1) // step
+    nt = ws.shape[0]
+    for t in prange(nt):
+        xb, tile = ws[t, :xb_size], ws[t, xb_size : xb_size + MR * NR].reshape((MR, NR))
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0 = item // bands, item % bands * step
+            rows = min(i0 + step, ho) - i0
+            r_all = rows + (kh - 1) * dh
+            npix = rows * wq
+            _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw + NR], i0 - pt, r_all, pl, wq)
+            for g in range(groups):
+                for m0 in range(0, npix, NR):
+                    for o0 in range(0, og, MR):
+                        _micro_tile(xb, g * cg * r_all * wq + m0, r_all * wq, dh * wq, dw, cg, kh, kw, wp[g], o0, tile)
+                        for a in range(min(MR, og - o0)):
+                            o = g * og + o0 + a
+                            bias = b[o] if b.size else y.dtype.type(0)
+                            for col in range(min(NR, npix - m0)):
+                                ii, j = divmod(m0 + col, wq)
+                                if j < wo:
+                                    y[i, o, i0 + ii, j] = tile[a, col] + bias
+
+
+def _forward_tiles(x, w, b, out_hw, padding, dilation, groups):
+    """Stride 1: y by register-blocked micro-tiles over padded bands (``_forward_tiles_kernel``)."""
+    y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
+    b = np.empty(0, x.dtype) if b is None else b
+    c_out, cg, kh, kw = w.shape
+    og = c_out // groups
+    wp = np.zeros((groups, cg * kh * kw, -(-og // MR) * MR), w.dtype)  # wp[g, (c, p, q), o], Og rounded up to MR
+    wp[:, :, :og] = w.reshape(groups, og, cg * kh * kw).transpose(0, 2, 1)
+    step, xb_size, _ = _taps_band(x.shape[1], c_out, out_hw, (kh, kw), dilation, x.dtype.itemsize)
+    nt = _item_threads()
+    ws = _workspace(nt * (xb_size + NR + MR * NR), x.dtype).reshape(nt, -1)
+    _forward_tiles_kernel(x, wp, b, y, ws, step, kh, kw, padding[0][0], padding[1][0], *dilation, groups)
+    return y
+
+
+def _forward_v4(x, w, b, stride, padding, dilation, groups):
+    out_hw = _out_hw(x, w, stride, padding, dilation)
+    if stride != (1, 1):
+        return _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups)
+    return _forward_tiles(x, w, b, out_hw, padding, dilation, groups)
+
+
+def _grad_input_v4(gy, w, x_shape, stride, padding, dilation, groups):
+    """Stride 1: the flipped-kernel forward by micro-tiles; else col2im (v2)."""
+    if stride == (1, 1):
+        return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, _forward_tiles)
+    return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
+
+
+@njit(cache=True, fastmath={"contract"})
+def _micro_dots(gyw, y0, y1, y2, y3, xb, x0, x1, x2, length, tile):
+    """tile[a, t] = sum_{m < length} gyw[y_a + m] * xb[x_t + m] for a < MW (= 4), t < KT (= 3).
+
+    grad_weight's micro-kernel: MW*KT dot products over the pixels at once. Each step loads
+    LANES values of MW gy rows and KT shifted x rows and does MW*KT vector FMAs into
+    accumulators that stay in registers (``_stack_array``); one horizontal sum per
+    accumulator at the end. The pixels past the last whole LANES go one by one.
+    """
+    r00, r01, r02 = carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES)
+    r10, r11, r12 = carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES)
+    r20, r21, r22 = carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES)
+    r30, r31, r32 = carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES), carray(_stack_array(xb, LANES), LANES)
+    for b in range(LANES):
+        r00[b] = r01[b] = r02[b] = r10[b] = r11[b] = r12[b] = 0
+        r20[b] = r21[b] = r22[b] = r30[b] = r31[b] = r32[b] = 0
+    full = length - length % LANES
+    for m0 in range(0, full, LANES):
+        g0, g1 = gyw[y0 + m0 : y0 + m0 + LANES], gyw[y1 + m0 : y1 + m0 + LANES]
+        g2, g3 = gyw[y2 + m0 : y2 + m0 + LANES], gyw[y3 + m0 : y3 + m0 + LANES]
+        v0, v1, v2 = xb[x0 + m0 : x0 + m0 + LANES], xb[x1 + m0 : x1 + m0 + LANES], xb[x2 + m0 : x2 + m0 + LANES]
+        for b in range(LANES):
+            r00[b] += g0[b] * v0[b]
+            r01[b] += g0[b] * v1[b]
+            r02[b] += g0[b] * v2[b]
+            r10[b] += g1[b] * v0[b]
+            r11[b] += g1[b] * v1[b]
+            r12[b] += g1[b] * v2[b]
+            r20[b] += g2[b] * v0[b]
+            r21[b] += g2[b] * v1[b]
+            r22[b] += g2[b] * v2[b]
+            r30[b] += g3[b] * v0[b]
+            r31[b] += g3[b] * v1[b]
+            r32[b] += g3[b] * v2[b]
+    for m in range(full, length):
+        b = m - full
+        r00[b] += gyw[y0 + m] * xb[x0 + m]
+        r01[b] += gyw[y0 + m] * xb[x1 + m]
+        r02[b] += gyw[y0 + m] * xb[x2 + m]
+        r10[b] += gyw[y1 + m] * xb[x0 + m]
+        r11[b] += gyw[y1 + m] * xb[x1 + m]
+        r12[b] += gyw[y1 + m] * xb[x2 + m]
+        r20[b] += gyw[y2 + m] * xb[x0 + m]
+        r21[b] += gyw[y2 + m] * xb[x1 + m]
+        r22[b] += gyw[y2 + m] * xb[x2 + m]
+        r30[b] += gyw[y3 + m] * xb[x0 + m]
+        r31[b] += gyw[y3 + m] * xb[x1 + m]
+        r32[b] += gyw[y3 + m] * xb[x2 + m]
+    tile[:, :] = 0
+    for b in range(LANES):
+        tile[0, 0], tile[0, 1], tile[0, 2] = tile[0, 0] + r00[b], tile[0, 1] + r01[b], tile[0, 2] + r02[b]
+        tile[1, 0], tile[1, 1], tile[1, 2] = tile[1, 0] + r10[b], tile[1, 1] + r11[b], tile[1, 2] + r12[b]
+        tile[2, 0], tile[2, 1], tile[2, 2] = tile[2, 0] + r20[b], tile[2, 1] + r21[b], tile[2, 2] + r22[b]
+        tile[3, 0], tile[3, 1], tile[3, 2] = tile[3, 0] + r30[b], tile[3, 1] + r31[b], tile[3, 2] + r32[b]
+
+
+@njit(cache=True, inline="always")
+def _tap_offset(k, kh, kw, base, c_stride, row_step, dw):
+    """Where weight k = (c*kh + p)*kw + q's view of the padded band starts: base + c*c_stride + p*row_step + q*dw."""
+    c, pq = divmod(k, kh * kw)
+    p, q = divmod(pq, kw)
+    return base + c * c_stride + p * row_step + q * dw
+
+
+@njit(parallel=True, cache=True)
+def _grad_weight_tiles_kernel(x, gy, part, ws, step, kh, kw, pt, pl, dh, dw, groups):
+    """Stride 1: part[t, o, k] = thread t's share of gw[o, k] = sum over items of gy_wide[i, o] . view_k,
+    MW channels x KT weights at a time (``_micro_dots``).
+
+    The operands are ``_grad_weight_taps_kernel``'s (padded x band, gy band in the wide layout
+    with zeros in the garbage columns); each weight k = (c, p, q) is the dot product of a gy row
+    with the band shifted to tap (p, q) of channel c. Channels past a group's last, and weights
+    past the last, repeat the last one and their sums are dropped.
+    """
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    og, cg = c_out // groups, c_in // groups
+    kk = cg * kh * kw
+    wq = wo + (kw - 1) * dw
+    xb_size = c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw
+    gy_size = c_out * step * wq
+    bands = (ho + step - 1) // step
+    nt = ws.shape[0]
+    for t in prange(nt):
+        xb, gyw = ws[t, :xb_size], ws[t, xb_size : xb_size + gy_size]
+        tile = ws[t, xb_size + gy_size : xb_size + gy_size + MW * KT].reshape((MW, KT))
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0 = item // bands, item % bands * step
+            rows = min(i0 + step, ho) - i0
+            r_all = rows + (kh - 1) * dh
+            npix = rows * wq
+            _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw], i0 - pt, r_all, pl, wq)
+            _pad_band(gy[i], gyw[: c_out * npix], i0, rows, 0, wq)
+            for g in range(groups):
+                base = g * cg * r_all * wq
+                for o0 in range(0, og, MW):
+                    last = og - 1
+                    y0, y1 = (g * og + min(o0, last)) * npix, (g * og + min(o0 + 1, last)) * npix
+                    y2, y3 = (g * og + min(o0 + 2, last)) * npix, (g * og + min(o0 + 3, last)) * npix
+                    for k0 in range(0, kk, KT):
+                        x0 = _tap_offset(k0, kh, kw, base, r_all * wq, dh * wq, dw)
+                        x1 = _tap_offset(min(k0 + 1, kk - 1), kh, kw, base, r_all * wq, dh * wq, dw)
+                        x2 = _tap_offset(min(k0 + 2, kk - 1), kh, kw, base, r_all * wq, dh * wq, dw)
+                        _micro_dots(gyw, y0, y1, y2, y3, xb, x0, x1, x2, npix, tile)
+                        for a in range(min(MW, og - o0)):
+                            for j in range(min(KT, kk - k0)):
+                                part[t, g * og + o0 + a, k0 + j] += tile[a, j]
+
+
+def _grad_weight_v4(x, gy, w_shape, stride, padding, dilation, groups):
+    """Stride 1: gw by register-blocked dot products (``_grad_weight_tiles_kernel``); else im2col (v2)."""
+    if stride != (1, 1):
+        return _grad_weight_im2col(x, gy, w_shape, stride, padding, dilation, groups)
+    c_out = gy.shape[1]
+    _, cg, kh, kw = w_shape
+    nt = _item_threads()
+    part = np.zeros((nt, c_out, cg * kh * kw), x.dtype)
+    step, xb_size, wq = _taps_band(x.shape[1], c_out, gy.shape[2:], (kh, kw), dilation, x.dtype.itemsize)
+    ws = _workspace(nt * (xb_size + c_out * step * wq + MW * KT), x.dtype).reshape(nt, -1)
+    _grad_weight_tiles_kernel(x, gy, part, ws, step, kh, kw, padding[0][0], padding[1][0], *dilation, groups)
+    return part.sum(axis=0).reshape(w_shape)
+
+
+# ----------------------------------------------------------------------- versions
+
+FORWARD_VERSIONS = {1: _forward_v1, 2: _forward_v2, 3: _forward_v3, 4: _forward_v4}
+GRAD_INPUT_VERSIONS = {1: _grad_input_v1, 2: _grad_input_col2im, 3: _grad_input_v3, 4: _grad_input_v4}
+GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_im2col, 3: _grad_weight_v3, 4: _grad_weight_v4}
+DEFAULT_FORWARD_VERSION = DEFAULT_GRAD_INPUT_VERSION = DEFAULT_GRAD_WEIGHT_VERSION = 3
+
+
+def _pick(versions, version, function):
+    if version not in versions:
+        raise ValueError(f"{function}: version must be one of {sorted(versions)}, got {version!r}")
+    return versions[version]
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, groups, version=DEFAULT_FORWARD_VERSION):
+    """y = conv(x, W) + b; ``version`` picks a kernel of FORWARD_VERSIONS (see the module docstring)."""
+    return _pick(FORWARD_VERSIONS, version, "conv2d_forward")(x, w, b, stride, padding, dilation, groups)
+
+
+def conv2d_grad_input(gy, w, x_shape, stride, padding, dilation, groups, version=DEFAULT_GRAD_INPUT_VERSION):
+    """gx (x_shape); ``version`` picks a kernel of GRAD_INPUT_VERSIONS (see the module docstring)."""
+    return _pick(GRAD_INPUT_VERSIONS, version, "conv2d_grad_input")(gy, w, x_shape, stride, padding, dilation, groups)
+
+
+def conv2d_grad_weight(x, gy, w_shape, stride, padding, dilation, groups, version=DEFAULT_GRAD_WEIGHT_VERSION):
+    """gw (w_shape); ``version`` picks a kernel of GRAD_WEIGHT_VERSIONS (see the module docstring)."""
+    return _pick(GRAD_WEIGHT_VERSIONS, version, "conv2d_grad_weight")(x, gy, w_shape, stride, padding, dilation, groups)
 
 
 def conv2d_grad_bias(gy):

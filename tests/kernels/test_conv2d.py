@@ -7,6 +7,8 @@ smaller problems still.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -123,33 +125,81 @@ def check_against_reference(mod, dtype, case, with_bias, seed):
 
 
 CUDA = "kernels.conv2d.cuda"
-HOST_MODULES = [p for p in kernel_modules("conv2d") if p.values[0] != CUDA]
+CPU = "kernels.conv2d.cpu"
+VERSION_TABLES = {"conv2d_forward": "FORWARD_VERSIONS", "conv2d_grad_input": "GRAD_INPUT_VERSIONS",
+                  "conv2d_grad_weight": "GRAD_WEIGHT_VERSIONS"}
+
+
+class AtVersion:
+    """``mod``'s four conv2d functions called with ``version=k`` (those whose table lists k; the
+    others at their default), so the property tests below check every numbered CPU version."""
+
+    def __init__(self, mod, version):
+        for fn_name, table in VERSION_TABLES.items():
+            fn = getattr(mod, fn_name)
+            setattr(self, fn_name, functools.partial(fn, version=version) if version in getattr(mod, table) else fn)
+        self.conv2d_grad_bias = mod.conv2d_grad_bias
+
+
+def cpu_versions():
+    """Every version number that one of cpu.py's tables lists (none if cpu.py is absent)."""
+    if not any(p.values[0] == CPU for p in kernel_modules("conv2d")):
+        return []
+    mod = load(CPU)
+    return sorted(set().union(*(getattr(mod, table) for table in VERSION_TABLES.values())))
+
+
+def host_modules():
+    """pytest params (module, version): cpu.py at each numbered version (its defaults are listed
+    versions, see test_cpu_versions_are_listed_and_checked), any other host module at its defaults."""
+    params = [pytest.param(p.values[0], None, id=p.id) for p in kernel_modules("conv2d") if p.values[0] not in (CUDA, CPU)]
+    return params + [pytest.param(CPU, v, id=f"cpu-v{v}") for v in cpu_versions()]
+
+
+def load_at(modname, version):
+    mod = load(modname)
+    return mod if version is None else AtVersion(mod, version)
+
+
 CUDA_MODULES = [p for p in kernel_modules("conv2d") if p.values[0] == CUDA]
 
 
-@pytest.mark.parametrize("modname", HOST_MODULES)
+@pytest.mark.parametrize("modname, version", host_modules())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @settings(max_examples=15)
 @given(case=conv_cases(), with_bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_kernels_match_reference(modname, dtype, case, with_bias, seed):
-    check_against_reference(load(modname), dtype, case, with_bias, seed)
+def test_kernels_match_reference(modname, version, dtype, case, with_bias, seed):
+    check_against_reference(load_at(modname, version), dtype, case, with_bias, seed)
 
 
-@pytest.mark.parametrize("modname", CUDA_MODULES)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@settings(max_examples=5)
-@given(case=conv_cases(max_side=5, max_weights=16, max_outputs=64), with_bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_cuda_kernels_match_reference(modname, dtype, case, with_bias, seed):
-    """Under the simulator a grad_weight block of >= 32 Python threads runs per weight: fewer,
-    smaller problems here (tests/cuda/ tests the CUDA kernels in depth)."""
-    check_against_reference(load(modname), dtype, case, with_bias, seed)
+@pytest.mark.skipif(not cpu_versions(), reason="kernels/conv2d/cpu.py does not import here")
+def test_cpu_versions_are_listed_and_checked():
+    """Each function's default is one of its listed versions, and an unlisted version is a
+    ValueError that names the function and the choices (not a KeyError from the table)."""
+    mod = load(CPU)
+    x, gy, w = np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)), np.ones((1, 1, 1, 1))
+    args = ((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
+    calls = {
+        "conv2d_forward": lambda version: mod.conv2d_forward(x, w, None, *args, version=version),
+        "conv2d_grad_input": lambda version: mod.conv2d_grad_input(gy, w, x.shape, *args, version=version),
+        "conv2d_grad_weight": lambda version: mod.conv2d_grad_weight(x, gy, w.shape, *args, version=version),
+    }
+    for fn_name, table in VERSION_TABLES.items():
+        versions = getattr(mod, table)
+        assert getattr(mod, "DEFAULT_" + table.replace("VERSIONS", "VERSION")) in versions
+        with pytest.raises(ValueError, match=rf"{fn_name}: version must be one of \{sorted(versions)}, got 99"):
+            calls[fn_name](99)
 
 
-@pytest.mark.parametrize("modname", ["kernels.conv2d.reference"] + kernel_modules("conv2d"))
-def test_grad_input_is_zero_where_no_output_reads(modname):
+ALL_MODULES = [pytest.param("kernels.conv2d.reference", None, id="reference")] + host_modules() + [
+    pytest.param(p.values[0], None, id=p.id) for p in CUDA_MODULES]
+
+
+@pytest.mark.parametrize("modname, version", ALL_MODULES)
+def test_grad_input_is_zero_where_no_output_reads(modname, version):
     """Kernel 2, stride 3 on 5 pixels: Ho = 2 windows read rows/cols {0, 1} and {3, 4}; 2 is skipped.
     A 1x1 kernel at stride 2 skips rows/cols 1 and 3."""
-    mod = load(modname)
+    mod = load_at(modname, version)
     x_shape = (1, 1, 5, 5)
     gy = np.ones((1, 1, 2, 2))
     gx = to_numpy(mod.conv2d_grad_input(gy, np.ones((1, 1, 2, 2)), x_shape, (3, 3), ((0, 0), (0, 0)), (1, 1), 1))
@@ -160,13 +210,13 @@ def test_grad_input_is_zero_where_no_output_reads(modname):
     assert_close(gx[0, 0], np.outer(read, read), rtol=0, atol=0, name="gx (k=1, s=2)")
 
 
-@pytest.mark.parametrize("modname", ["kernels.conv2d.reference"] + kernel_modules("conv2d"))
+@pytest.mark.parametrize("modname, version", ALL_MODULES)
 @settings(max_examples=8)
 @given(case=conv_cases(max_channels=2, max_side=5, max_weights=16, max_outputs=64), seed=st.integers(0, 2**16))
-def test_gradients_take_ho_wo_from_gy(modname, case, seed):
+def test_gradients_take_ho_wo_from_gy(modname, version, case, seed):
     """A gy with fewer rows/cols than the forward's Ho/Wo (conv_transpose2d with output_padding >=
     stride) acts as the full-size gy with zeros in the rows/cols it lacks."""
-    mod = load(modname)
+    mod = load_at(modname, version)
     _, _, ho, wo = case["y_shape"]
     assume(ho > 1 or wo > 1)
     x, w, _, gy_full = arrays(case, np.float64, seed)
@@ -225,3 +275,87 @@ def test_cpu_kernels_agree_across_bands_and_threads(monkeypatch, band_bytes, thr
         numba.set_num_threads(numba_threads)
     if openblas_threads is not None:
         assert cpu._OPENBLAS[0]() == openblas_threads
+
+
+# v4's micro-tiles: the forward's are MR = 6 channels x NR = 16 (or 32) wide pixels, grad_weight's
+# MW = 4 channels x KT = 3 weights. Og = 13 is two full forward channel blocks and a partial one
+# (three and a partial for grad_weight); Cg*kh*kw = 5*2*2 = 20 weights are six blocks of 3 and a
+# partial one. With Wq = Wo + (kw-1)*dw = 13 + 2 = 15 columns per band row, strips of NR wide pixels
+# straddle rows, the last strip of a band is partial, and grad_weight's dot products over 15*rows
+# pixels end with a partial vector. A band row takes (10 + 26) * 15 * 8 = 4320 bytes: 600 bytes give
+# bands of 1 row, 17300 bytes bands of 4 rows out of Ho = 9 (4, 4 and a ragged 1).
+@pytest.mark.parametrize("band_bytes", [600, 17300])
+@pytest.mark.parametrize("threads", ["all", "one"])
+def test_cpu_v4_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads):
+    """All three v4 functions vs the reference where the micro-tiles' edges matter: partial channel
+    and weight blocks, strips across band rows, ragged bands, two groups, dilation, asymmetric and
+    cropping (grad_input's negative) padding, and a workspace full of NaN."""
+    import numba
+
+    cpu = pytest.importorskip("kernels.conv2d.cpu")
+    monkeypatch.setattr(cpu, "_TAPS_BAND_BYTES", band_bytes)
+    case = dict(x_shape=(2, 10, 9, 13), w_shape=(26, 5, 2, 2), args=((1, 1), ((1, 0), (2, 0)), (1, 2), 2))
+    case["y_shape"] = (2, 26, conv_out(9, (1, 0), 1, 2, 1), conv_out(13, (2, 0), 2, 2, 1))
+    assert case["y_shape"][2:] == (9, 13)
+    assert cpu._taps_band(10, 26, (9, 13), (2, 2), (1, 2), 8)[0] == (1 if band_bytes == 600 else 4)
+    x, w, b, gy = arrays(case, np.float64, 1)
+    args = case["args"]
+    numba_threads = numba.get_num_threads()
+    try:
+        if threads == "one":
+            numba.set_num_threads(1)
+        for buf in cpu._WORKSPACE.values():
+            buf[...] = np.nan
+        assert_close(cpu.conv2d_forward(x, w, b, *args, version=4), ref.conv2d_forward(x, w, b, *args), 1e-10, 1e-12, name="y")
+        assert_close(cpu.conv2d_grad_input(gy, w, x.shape, *args, version=4), ref.conv2d_grad_input(gy, w, x.shape, *args),
+                     1e-10, 1e-12, name="gx")
+        assert_close(cpu.conv2d_grad_weight(x, gy, w.shape, *args, version=4), ref.conv2d_grad_weight(x, gy, w.shape, *args),
+                     1e-10, 1e-12, name="gw")
+    finally:
+        numba.set_num_threads(numba_threads)
+
+
+def _micro_tile_call(cpu):
+    """(kernel, args, expected tile, multiply-adds per reduction step) for ``_micro_tile`` on ones:
+    2*3*3 products per element."""
+    tile = np.empty((cpu.MR, cpu.NR), np.float32)
+    args = (np.ones(4000, np.float32), 0, 300, 20, 1, 2, 3, 3, np.ones((18, cpu.MR), np.float32), 0, tile)
+    return cpu._micro_tile, args, np.full(tile.shape, 18.0), cpu.MR * cpu.NR
+
+
+def _micro_dots_call(cpu):
+    """The same for ``_micro_dots``: dot products of 301 ones (a partial last vector)."""
+    tile = np.empty((cpu.MW, cpu.KT), np.float32)
+    ones = np.ones(4000, np.float32)
+    args = (ones, 0, 400, 800, 1200, ones, 7, 8, 2000, 301, tile)
+    return cpu._micro_dots, args, np.full(tile.shape, 301.0), cpu.MW * cpu.KT * cpu.LANES
+
+
+@pytest.mark.parametrize("call", [_micro_tile_call, _micro_dots_call], ids=["forward", "grad_weight"])
+def test_cpu_micro_kernels_keep_their_accumulators_in_registers(call):
+    """v4's point: the reduction loop of each micro-kernel does its multiply-adds as vector FMAs on
+    registers -- (multiply-adds per step)/lanes FMA instructions, and no vector register saved to
+    or loaded from the stack in that loop. A change that sends the accumulators to memory (a heap
+    array, an index LLVM cannot resolve, too many accumulators) fails here even though the results
+    stay right. Compiled afresh: cached code cannot be inspected."""
+    import re
+
+    import numba
+
+    cpu = pytest.importorskip("kernels.conv2d.cpu")
+    if "fma" not in open("/proc/cpuinfo").read():
+        pytest.skip("no FMA instructions on this CPU")
+    kernel, args, expected, per_step = call(cpu)
+    fresh = numba.njit(fastmath={"contract"})(kernel.py_func)
+    fresh(*args)
+    assert_close(args[-1], expected, 0, 0, name="tile")
+    lines = next(iter(fresh.inspect_asm().values())).splitlines()
+    first = next(k for k, line in enumerate(lines) if re.search(r"vfmadd\w+ps", line))
+    start = max(k for k in range(first) if re.match(r"^\.LBB\d+_\d+:", lines[k]))
+    end = next(k for k in range(first, len(lines)) if re.match(r"^\.LBB\d+_\d+:", lines[k]) or lines[k].strip().startswith("j"))
+    loop = lines[start:end]
+    fmas = [line for line in loop if "vfmadd" in line]
+    lanes = {"xmm": 4, "ymm": 8, "zmm": 16}[re.findall(r"[xyz]mm", fmas[0])[-1]]
+    assert len(fmas) * lanes == per_step, "\n".join(loop)
+    spills = [line for line in loop if "(%rsp)" in line and re.search(r"[xyz]mm", line)]
+    assert not spills, "vector registers spill to the stack in the reduction loop:\n" + "\n".join(loop)
