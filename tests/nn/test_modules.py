@@ -140,6 +140,12 @@ LAYERS = {
     ),
     "bn_train": (lambda: nn.BatchNorm2d(3, momentum=0.3), lambda t: t.nn.BatchNorm2d(3, momentum=0.3), (4, 3, 5, 5)),
     "pool": (lambda: nn.MaxPool2d(3, stride=2, padding=1), lambda t: t.nn.MaxPool2d(3, stride=2, padding=1), (2, 3, 7, 8)),
+    "avg_pool": (
+        lambda: nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        lambda t: t.nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        (2, 3, 7, 8),
+    ),
+    "adaptive_avg_pool": (lambda: nn.AdaptiveAvgPool2d((3, None)), lambda t: t.nn.AdaptiveAvgPool2d((3, None)), (2, 3, 7, 5)),
     "upsample_bilinear": (
         lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
         lambda t: t.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
