@@ -156,6 +156,22 @@ LAYERS = {
 }
 
 
+# Layers without a row above, and the test that covers them instead.
+NOT_IN_LAYERS = {"Sequential": "a container (test_named_parameters_buffers_and_modes)", "Dropout": "random (test_dropout_train_and_eval)"}
+
+
+def test_every_layer_is_exported_and_compared_with_torch():
+    """A new layer in minseg/nn/layers.py must be in minseg.nn.__all__ and have a row in LAYERS."""
+    from minseg.nn import layers
+
+    defined = {n for n, v in vars(layers).items() if isinstance(v, type) and issubclass(v, nn.Module) and not n.startswith("_")}
+    defined -= {"Module"}
+    assert not defined - set(nn.__all__), f"add to minseg/nn/__init__.py (import and __all__): {sorted(defined - set(nn.__all__))}"
+    compared = {type(make()).__name__ for make, _, _ in LAYERS.values()}
+    missing = defined - compared - set(NOT_IN_LAYERS)
+    assert not missing, f"add a (minseg layer, torch layer, input shape) row to LAYERS in {__file__}: {sorted(missing)}"
+
+
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_layer_matches_torch(name, mode):
