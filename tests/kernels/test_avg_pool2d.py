@@ -43,11 +43,12 @@ def adaptive_cases(draw, max_planes=2, max_side=8):
     return dict(shape=shape, out=(draw(st.integers(1, max_side + 3)), draw(st.integers(1, max_side + 3))))
 
 
-# ceil_mode with an overhanging last window, padding counted or not (7 rows, k 3, s 2, p 1 -> 4 rows,
-# the last window [5, 8) is cut at H + p = 8); stride > kernel (columns skipped)
+# ceil_mode with a last window that overhangs the padding, padding counted or not (6 rows, k 3, s 2,
+# p 1 -> 4 rows; the last window [5, 8) is cut at H + p = 7: divisor 2 with count_include_pad, not 3);
+# stride > kernel (columns skipped)
 AVG_EDGES = [
-    dict(shape=(1, 2, 7, 6), args=((3, 2), (2, 3), (1, 1), True, False, None), out=(4, 3)),
-    dict(shape=(2, 1, 7, 6), args=((3, 2), (2, 3), (1, 1), True, True, None), out=(4, 3)),
+    dict(shape=(1, 2, 6, 6), args=((3, 2), (2, 3), (1, 1), True, False, None), out=(4, 3)),
+    dict(shape=(2, 1, 6, 6), args=((3, 2), (2, 3), (1, 1), True, True, None), out=(4, 3)),
     dict(shape=(1, 1, 5, 5), args=((5, 5), (1, 1), (2, 2), False, False, 7), out=(5, 5)),  # every window padded
 ]
 ADAPTIVE_EDGES = [
@@ -137,13 +138,14 @@ def test_adaptive_windows_cover_the_input_in_order(size, n_out):
 
 
 def test_pool_windows_count_padding_only_inside_the_padded_input():
-    """7 samples, k 3, s 2, p 1, ceil_mode: starts -1, 1, 3, 5; the last window [5, 8) is cut at
-    H + p = 8 (size 3, one padded), so count_include_pad divides it by 3 and otherwise by 2."""
-    start, end, divisor = pool_windows(7, 3, 2, 1, True, True)
+    """6 samples, k 3, s 2, p 1, ceil_mode: starts -1, 1, 3, 5; the last window [5, 8) overhangs the
+    padded input and is cut at H + p = 7 (one pixel, one padding), so count_include_pad divides it
+    by 2, not 3 (torch: avg_pool2d of 1..6 gives [1, 3, 5, 3]), and otherwise by 1."""
+    start, end, divisor = pool_windows(6, 3, 2, 1, True, True)
     np.testing.assert_array_equal(start, [0, 1, 3, 5])
-    np.testing.assert_array_equal(end, [2, 4, 6, 7])
-    np.testing.assert_array_equal(divisor, [3, 3, 3, 3])
-    np.testing.assert_array_equal(pool_windows(7, 3, 2, 1, True, False)[2], [2, 3, 3, 2])
+    np.testing.assert_array_equal(end, [2, 4, 6, 6])
+    np.testing.assert_array_equal(divisor, [3, 3, 3, 2])
+    np.testing.assert_array_equal(pool_windows(6, 3, 2, 1, True, False)[2], [2, 3, 3, 1])
 
 
 def test_constant_input_averages_to_itself_without_padding_in_the_divisor():
