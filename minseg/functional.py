@@ -340,7 +340,7 @@ class AvgPool2dFunction(Function):
         return (ctx.kernels.avg_pool2d_backward(_contiguous(gy), *ctx.args),)
 
 
-def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None) -> Tensor:
     """2-D average pooling, as ``torch.nn.functional.avg_pool2d``; ``stride`` defaults to ``kernel_size``.
 
     ``count_include_pad`` divides by the window size including zero padding;
@@ -358,7 +358,7 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
         raise ValueError(f"avg_pool2d output size would be {out} <= 0 for input size {x.shape[2:]}, kernel {k}, padding {p}")
     return AvgPool2dFunction.apply(
         _contig_tensor(x), kernel_size=k, stride=s, padding=p, ceil_mode=ceil_mode,
-        count_include_pad=count_include_pad, divisor_override=divisor_override and int(divisor_override),
+        count_include_pad=count_include_pad, divisor_override=None if divisor_override is None else int(divisor_override),
     )
 
 
