@@ -58,6 +58,25 @@ def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
+def _flag(value, name: str) -> bool:
+    """A bool argument: torch raises on ints and other truthy values, so do we."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def _pool_args(input, kernel_size, stride, padding, ceil_mode):
+    """The checks every pooling op shares: (x, kernel_size, stride, padding, ceil_mode), stride defaulting to kernel_size."""
+    x = _float_tensor(input, "input")
+    _ndim(x, 4, "input", "(N, C, H, W)")
+    k = _pair(kernel_size, "kernel_size", 1)
+    s = k if stride is None or stride == () else _pair(stride, "stride", 1)
+    p = _pair(padding, "padding", 0)
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise ValueError(f"padding {p} must be at most half of kernel_size {k}")
+    return x, k, s, p, _flag(ceil_mode, "ceil_mode")
+
+
 def _contiguous(a):
     """``a`` itself when C-contiguous (0-d arrays included), else a contiguous copy."""
     return a if a.flags.c_contiguous else backend.array_module(a).ascontiguousarray(a)
@@ -284,14 +303,8 @@ class MaxPool2dFunction(Function):
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """2-D max pooling, as ``torch.nn.functional.max_pool2d``; ``stride`` defaults to ``kernel_size``."""
-    x = _float_tensor(input, "input")
-    _ndim(x, 4, "input", "(N, C, H, W)")
-    k = _pair(kernel_size, "kernel_size", 1)
-    s = k if stride is None or stride == () else _pair(stride, "stride", 1)
-    p = _pair(padding, "padding", 0)
+    x, k, s, p, ceil_mode = _pool_args(input, kernel_size, stride, padding, ceil_mode)
     d = _pair(dilation, "dilation", 1)
-    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
-        raise ValueError(f"padding {p} must be at most half of kernel_size {k}")
     out = tuple(pool_output_size(x.shape[2 + i], k[i], s[i], p[i], d[i], ceil_mode) for i in range(2))
     if min(out) <= 0:
         raise ValueError(f"max_pool2d output size would be {out} <= 0 for input size {x.shape[2:]}, kernel {k}, dilation {d}")
@@ -309,6 +322,72 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
             _, idx = backend.current().max_pool2d_forward(_array(x), k, s, p, d, bool(ceil_mode))
         return y, Tensor(idx)
     return y
+
+
+# ------------------------------------------------- avg_pool2d, adaptive_avg_pool2d
+
+
+class AvgPool2dFunction(Function):
+    """Window means (kernels/avg_pool2d/); y is linear in x, so the backward needs only the hyper-parameters."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        ctx.kernels = backend.current()
+        ctx.args = (x.shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        return ctx.kernels.avg_pool2d_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return (ctx.kernels.avg_pool2d_backward(_contiguous(gy), *ctx.args),)
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None) -> Tensor:
+    """2-D average pooling, as ``torch.nn.functional.avg_pool2d``; ``stride`` defaults to ``kernel_size``.
+
+    ``count_include_pad`` divides by the window size including zero padding;
+    ``divisor_override`` (a non-zero int) replaces the divisor altogether.
+    """
+    x, k, s, p, ceil_mode = _pool_args(input, kernel_size, stride, padding, ceil_mode)
+    count_include_pad = _flag(count_include_pad, "count_include_pad")
+    if divisor_override is not None:
+        if not isinstance(divisor_override, numbers.Integral) or isinstance(divisor_override, bool):
+            raise TypeError(f"divisor_override must be None or an int, got {divisor_override!r} ({type(divisor_override).__name__})")
+        if divisor_override == 0:
+            raise ValueError("divisor_override must not be 0")
+    out = tuple(pool_output_size(x.shape[2 + i], k[i], s[i], p[i], 1, ceil_mode) for i in range(2))
+    if min(out) <= 0:
+        raise ValueError(f"avg_pool2d output size would be {out} <= 0 for input size {x.shape[2:]}, kernel {k}, padding {p}")
+    return AvgPool2dFunction.apply(
+        _contig_tensor(x), kernel_size=k, stride=s, padding=p, ceil_mode=ceil_mode,
+        count_include_pad=count_include_pad, divisor_override=None if divisor_override is None else int(divisor_override),
+    )
+
+
+class AdaptiveAvgPool2dFunction(Function):
+    @staticmethod
+    def forward(ctx, x, output_size):
+        ctx.kernels, ctx.x_shape = backend.current(), x.shape
+        return ctx.kernels.adaptive_avg_pool2d_forward(x, output_size)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return (ctx.kernels.adaptive_avg_pool2d_backward(_contiguous(gy), ctx.x_shape),)
+
+
+def adaptive_avg_pool2d(input, output_size) -> Tensor:
+    """Average pooling to a fixed (Ho, Wo), as ``torch.nn.functional.adaptive_avg_pool2d``.
+
+    ``output_size`` is an int or a pair; a ``None`` entry keeps that input side.
+    Output i averages rows ``floor(i*H/Ho)`` to ``ceil((i+1)*H/Ho) - 1`` (columns
+    likewise), so any sizes work, an output larger than the input included.
+    """
+    x = _float_tensor(input, "input")
+    _ndim(x, 4, "input", "(N, C, H, W)")
+    sizes = (output_size, output_size) if output_size is None or isinstance(output_size, numbers.Integral) else output_size
+    if isinstance(sizes, (tuple, list)) and len(sizes) == 2:
+        sizes = tuple(x.shape[2 + a] if v is None else v for a, v in enumerate(sizes))
+    out = _pair(sizes, "output_size", 1)
+    return AdaptiveAvgPool2dFunction.apply(_contig_tensor(x), output_size=out)
 
 
 # ------------------------------------------------------------- relu and softmaxes
@@ -595,6 +674,8 @@ __all__ = [
     "conv_transpose2d",
     "interpolate",
     "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
     "relu",
     "softmax",
     "log_softmax",

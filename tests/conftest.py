@@ -5,7 +5,8 @@
   before numba is first imported, which is why it sits at the very top here.
 * Hypothesis profiles: ``ci`` (default) has no deadline, since the first call of a
   Numba kernel compiles it, and few examples so the suite stays fast; ``dev``
-  explores more. Choose with HYPOTHESIS_PROFILE=dev. A failing example prints its
+  explores more (200 examples by default, and 10x every test's own count). Choose with
+  HYPOTHESIS_PROFILE=dev. A failing example prints its
   reproduction blob (``@reproduce_failure``) and the seed.
 """
 import os
@@ -40,4 +41,22 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+# A test's own @settings(max_examples=N) overrides the profile's count, and most tests set one
+# (sized for the ci run), so the dev profile multiplies those counts too.
+DEV_EXAMPLES_FACTOR = 10
+
+
+def pytest_collection_modifyitems(config, items):
+    if PROFILE != "dev":
+        return
+    scaled = set()
+    for item in items:
+        test = getattr(item, "obj", None)
+        # where @given keeps the test's settings, read when the test runs (hypothesis internals, stable for years)
+        own = getattr(test, "_hypothesis_internal_use_settings", None)
+        if own is None or id(test) in scaled or own.max_examples == settings.default.max_examples:
+            continue
+        scaled.add(id(test))  # parametrized items share one function: scale it once
+        test._hypothesis_internal_use_settings = settings(own, max_examples=own.max_examples * DEV_EXAMPLES_FACTOR)

@@ -56,3 +56,14 @@ def torch_or_skip():
     return pytest.importorskip(
         "torch", reason="oracle tests need torch (pip install torch==2.13.0); minseg itself never needs it"
     )
+
+
+def oracle_backends() -> list:
+    """pytest params: every backend that loads here (the cuda one under the simulator without a GPU).
+
+    The torch oracle tests run on each, so a bug in one backend's kernel meets torch, not only
+    the reference; keep their shapes small (the simulator runs one Python thread per CUDA thread).
+    """
+    from minseg.backend import available_backends
+
+    return [pytest.param(name, id=name) for name in available_backends()]

@@ -1,5 +1,5 @@
 """Neural-network building blocks (torch.nn's names and defaults) and segmentation models."""
-from .layers import BatchNorm2d, Conv2d, ConvTranspose2d, Dropout, MaxPool2d, ReLU, Sequential, Upsample
+from .layers import AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, ConvTranspose2d, Dropout, MaxPool2d, ReLU, Sequential, Upsample
 from .models import FCN, MODELS, UNet, build_model, double_conv
 from .module import Module, Parameter
 
@@ -11,6 +11,8 @@ __all__ = [
     "BatchNorm2d",
     "ReLU",
     "MaxPool2d",
+    "AvgPool2d",
+    "AdaptiveAvgPool2d",
     "Upsample",
     "Dropout",
     "Sequential",

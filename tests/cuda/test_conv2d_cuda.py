@@ -16,7 +16,7 @@ or a shared-memory tree here, einsum/BLAS blocking there); each of the at most
 """
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from kernels.conv2d import cuda as K
@@ -109,6 +109,18 @@ def _check_grad_weight(x, w, args, gy, version, **kwargs):
     assert_close(gw, expected, *tol(x.dtype), name=f"grad_weight v{version} {kwargs}")
 
 
+def grouped_problem(groups, cg, og, kernel, seed):
+    """A fixed conv2d with ``groups`` groups of ``cg`` input / ``og`` output channels, on a 1x(groups*cg)x4x5 input."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, groups * cg, 4, 5))
+    w = rng.standard_normal((groups * og, cg, *kernel))
+    return x, w, None, ((1, 1), ((0, 0), (1, 0)), (1, 1), groups), rng
+
+
+# groups >= 2 with >= 2 channels per group: the only case where the input channel of a weight,
+# g*Cg + c, differs from g + c or from g*Og + c (og != cg); random draws under max_weights rarely hit it
+@example(problem=grouped_problem(2, 2, 1, (1, 2), seed=0), trim=0)
+@example(problem=grouped_problem(3, 2, 2, (1, 1), seed=1), trim=1)
 @settings(max_examples=12)
 @given(problem=problems(max_pixels=40, max_weights=12), trim=st.integers(0, 1))
 def test_grad_weight_v1_matches_reference(problem, trim):

@@ -40,6 +40,20 @@ def test_backend_module_matches_reference_interface(op, name):
         assert params[: len(ref_params)] == ref_params, f"{op}.{name}.{fn}{params} differs from reference {ref_params}"
 
 
+def test_every_public_op_is_exported_and_every_op_folder_documented():
+    """A new op needs its functional entry in ``functional.__all__`` and a row in kernels/README.md's table."""
+    from minseg import functional
+
+    public = {
+        n for n, v in vars(functional).items()
+        if inspect.isfunction(v) and v.__module__ == functional.__name__ and not n.startswith("_")
+    }
+    assert not public - set(functional.__all__), f"add to minseg/functional.py's __all__: {sorted(public - set(functional.__all__))}"
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "kernels", "README.md")).read()
+    undocumented = [op for op in backend.OPS if f"| `{op}/` |" not in readme]
+    assert not undocumented, f"add a row to the 'Op folders' table of kernels/README.md for {undocumented}"
+
+
 def test_backend_switching_and_errors():
     before = minseg.get_backend()
     with backend.using("numpy") as k:

@@ -140,6 +140,12 @@ LAYERS = {
     ),
     "bn_train": (lambda: nn.BatchNorm2d(3, momentum=0.3), lambda t: t.nn.BatchNorm2d(3, momentum=0.3), (4, 3, 5, 5)),
     "pool": (lambda: nn.MaxPool2d(3, stride=2, padding=1), lambda t: t.nn.MaxPool2d(3, stride=2, padding=1), (2, 3, 7, 8)),
+    "avg_pool": (
+        lambda: nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        lambda t: t.nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        (2, 3, 7, 8),
+    ),
+    "adaptive_avg_pool": (lambda: nn.AdaptiveAvgPool2d((3, None)), lambda t: t.nn.AdaptiveAvgPool2d((3, None)), (2, 3, 7, 5)),
     "upsample_bilinear": (
         lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
         lambda t: t.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
@@ -148,6 +154,22 @@ LAYERS = {
     "upsample_nearest": (lambda: nn.Upsample(size=(7, 4)), lambda t: t.nn.Upsample(size=(7, 4)), (1, 2, 3, 3)),
     "relu": (lambda: nn.ReLU(), lambda t: t.nn.ReLU(), (2, 3, 4, 4)),
 }
+
+
+# Layers without a row above, and the test that covers them instead.
+NOT_IN_LAYERS = {"Sequential": "a container (test_named_parameters_buffers_and_modes)", "Dropout": "random (test_dropout_train_and_eval)"}
+
+
+def test_every_layer_is_exported_and_compared_with_torch():
+    """A new layer in minseg/nn/layers.py must be in minseg.nn.__all__ and have a row in LAYERS."""
+    from minseg.nn import layers
+
+    defined = {n for n, v in vars(layers).items() if isinstance(v, type) and issubclass(v, nn.Module) and not n.startswith("_")}
+    defined -= {"Module"}
+    assert not defined - set(nn.__all__), f"add to minseg/nn/__init__.py (import and __all__): {sorted(defined - set(nn.__all__))}"
+    compared = {type(make()).__name__ for make, _, _ in LAYERS.values()}
+    missing = defined - compared - set(NOT_IN_LAYERS)
+    assert not missing, f"add a (minseg layer, torch layer, input shape) row to LAYERS in {__file__}: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

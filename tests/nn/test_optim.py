@@ -18,15 +18,30 @@ def problem(seed=0):
     return rng.standard_normal((8, 3)), rng.standard_normal((8, 2)), rng.standard_normal((3, 2)), rng.standard_normal(2)
 
 
-def minseg_trajectory(make_opt, schedule=None):
+def without_gradient(step, missing):
+    """Which parameter gets no gradient at ``step`` when ``missing``: b on steps 1, 5, 9, ..., W on 3, 8, 13, ...
+
+    A parameter left out of the loss keeps ``grad is None`` after zero_grad, and torch's optimizers
+    skip it: no update, no weight decay, its momentum and Adam moments untouched, and its own Adam
+    step count t not advanced -- so W and b reach different t, which a global count gets wrong.
+    """
+    if missing and step % 4 == 1:
+        return "b"
+    if missing and step % 5 == 3:
+        return "w"
+    return None
+
+
+def minseg_trajectory(make_opt, schedule=None, missing=False):
     x, y, w0, b0 = problem()
     w, b = Parameter(w0.copy()), Parameter(b0.copy())
     opt = make_opt([w, b])
     sched = schedule(opt) if schedule else None
     out = []
-    for _ in range(STEPS):
-        pred = minseg.tensor(x) @ w + b
-        loss = ((pred - minseg.tensor(y)) ** 2).mean() + (w * w * w).mean()
+    for step in range(STEPS):
+        skip = without_gradient(step, missing)
+        pred = minseg.tensor(x) @ w if skip == "b" else minseg.tensor(x) @ w0 + b if skip == "w" else minseg.tensor(x) @ w + b
+        loss = ((pred - minseg.tensor(y)) ** 2).mean() + (0 if skip == "w" else (w * w * w).mean())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -36,14 +51,16 @@ def minseg_trajectory(make_opt, schedule=None):
     return out
 
 
-def torch_trajectory(torch, make_opt, schedule=None):
+def torch_trajectory(torch, make_opt, schedule=None, missing=False):
     x, y, w0, b0 = (torch.tensor(a) for a in problem())
     w, b = torch.tensor(w0.numpy(), requires_grad=True), torch.tensor(b0.numpy(), requires_grad=True)
     opt = make_opt([w, b])
     sched = schedule(opt) if schedule else None
     out = []
-    for _ in range(STEPS):
-        loss = ((x @ w + b - y) ** 2).mean() + (w**3).mean()
+    for step in range(STEPS):
+        skip = without_gradient(step, missing)
+        pred = x @ w if skip == "b" else x @ w0 + b if skip == "w" else x @ w + b
+        loss = ((pred - y) ** 2).mean() + (0 if skip == "w" else (w**3).mean())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -73,12 +90,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("missing", [False, True], ids=["every-grad", "some-grads-missing"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_optimizer_trajectory_matches_torch(case):
+def test_optimizer_trajectory_matches_torch(case, missing):
     torch = torch_or_skip()
     ours, torch_name, kwargs = CASES[case]
-    got = minseg_trajectory(ours)
-    want = torch_trajectory(torch, lambda p: getattr(torch.optim, torch_name)(p, **kwargs))
+    got = minseg_trajectory(ours, missing=missing)
+    want = torch_trajectory(torch, lambda p: getattr(torch.optim, torch_name)(p, **kwargs), missing=missing)
     # float64 on both sides, same formulas: only summation order differs (~1e-15 per step),
     # amplified a little over 25 steps; 1e-10 is far below any real semantic difference.
     for step, ((w, b, _), (tw, tb, _)) in enumerate(zip(got, want)):

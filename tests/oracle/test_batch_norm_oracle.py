@@ -1,14 +1,15 @@
-"""minseg.functional.batch_norm (numpy backend) vs torch 2.13: forward, gradients of input,
+"""minseg.functional.batch_norm (every backend) vs torch 2.13: forward, gradients of input,
 weight and bias, in training and eval mode, with and without affine parameters, and the
 running_mean / running_var updates after a training step."""
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minseg
 from minseg import backend
 from minseg.functional import batch_norm
-from tests.helpers import assert_close, torch_or_skip
+from tests.helpers import assert_close, oracle_backends, torch_or_skip
 
 torch = torch_or_skip()
 F = torch.nn.functional
@@ -17,6 +18,7 @@ F = torch.nn.functional
 FWD, GRAD = dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend_name", oracle_backends())
 @settings(max_examples=40)
 @given(
     shape=st.sampled_from([(2, 3), (4, 1), (2, 3, 5), (1, 2, 3, 4), (3, 4, 1, 1), (2, 1, 7, 5), (1, 3, 1, 2)]),
@@ -29,7 +31,7 @@ FWD, GRAD = dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-4, atol=1e-4)
     transposed=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_batch_norm_matches_torch(shape, dtype, training, affine, with_running, momentum, eps, transposed, seed):
+def test_batch_norm_matches_torch(backend_name, shape, dtype, training, affine, with_running, momentum, eps, transposed, seed):
     rng = np.random.default_rng(seed)
     c = shape[1]
     transposed = transposed and len(shape) == 4
@@ -51,7 +53,7 @@ def test_batch_norm_matches_torch(shape, dtype, training, affine, with_running, 
     w, b = ours(w_np), ours(b_np)
     rm = None if rm_np is None else minseg.Tensor(rm_np.copy())
     rv = None if rv_np is None else minseg.Tensor(rv_np.copy())
-    with backend.using("numpy"):
+    with backend.using(backend_name):
         y = batch_norm(x, rm, rv, w, b, training=training, momentum=momentum, eps=eps)
         y.backward(minseg.Tensor(gy))
 
@@ -78,12 +80,13 @@ def test_batch_norm_matches_torch(shape, dtype, training, affine, with_running, 
             np.testing.assert_array_equal(rm.numpy(), rm_np)
 
 
-def test_running_statistics_after_several_steps():
+@pytest.mark.parametrize("backend_name", oracle_backends())
+def test_running_statistics_after_several_steps(backend_name):
     """Three training steps then eval, as a BatchNorm layer would run: the same buffers and output."""
     rng = np.random.default_rng(1)
     rm, rv = minseg.Tensor(np.zeros(3, np.float32)), minseg.Tensor(np.ones(3, np.float32))
     trm, trv = torch.zeros(3), torch.ones(3)
-    with backend.using("numpy"):
+    with backend.using(backend_name):
         for _ in range(3):
             x = (rng.standard_normal((4, 3, 5, 5)) * 2 + 1).astype(np.float32)
             batch_norm(minseg.Tensor(x), rm, rv, training=True)

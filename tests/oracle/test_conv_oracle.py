@@ -1,4 +1,4 @@
-"""minseg.functional.conv2d / conv_transpose2d (numpy backend) vs torch.nn.functional: the output
+"""minseg.functional.conv2d / conv_transpose2d (every backend) vs torch.nn.functional: the output
 and the input, weight and bias gradients, whole tensors, for drawn shapes and hyper-parameters
 ('same' with its asymmetric padding, 'valid', groups, dilation, output_padding) and inputs that
 are non-contiguous views.
@@ -17,7 +17,7 @@ import minseg
 from minseg import backend
 from minseg.functional import conv2d, conv_transpose2d
 from tests.grad.test_conv_grad import transpose_cases
-from tests.helpers import assert_close, torch_or_skip
+from tests.helpers import assert_close, oracle_backends, torch_or_skip
 from tests.kernels.test_conv2d import conv_cases, conv_out
 
 torch = torch_or_skip()
@@ -32,10 +32,10 @@ def draw_array(rng, shape, dtype, transposed):
     return rng.standard_normal(shape).astype(dtype)
 
 
-def compare(minseg_fn, torch_fn, x, w, b, rng):
+def compare(backend_name, minseg_fn, torch_fn, x, w, b, rng):
     """Run both, backward a random gy through both, compare y and every gradient."""
     inputs = [minseg.Tensor(a, requires_grad=True) for a in (x, w, b) if a is not None]
-    with backend.using("numpy"):
+    with backend.using(backend_name):
         y = minseg_fn(*inputs)
         gy = rng.standard_normal(y.shape).astype(x.dtype)
         y.backward(minseg.Tensor(gy))
@@ -48,6 +48,7 @@ def compare(minseg_fn, torch_fn, x, w, b, rng):
         assert_close(t.grad.numpy(), tt.grad.numpy(), rtol=1e-4, atol=1e-4, name=name)
 
 
+@pytest.mark.parametrize("backend_name", oracle_backends())
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # torch's speed note
 @settings(max_examples=40)
 @given(
@@ -58,7 +59,7 @@ def compare(minseg_fn, torch_fn, x, w, b, rng):
     dtype=DTYPES,
     seed=st.integers(0, 2**16),
 )
-def test_conv2d_matches_torch(case, padding_mode, with_bias, transposed, dtype, seed):
+def test_conv2d_matches_torch(backend_name, case, padding_mode, with_bias, transposed, dtype, seed):
     stride, pads, dilation, groups = case["args"]
     if padding_mode == "ints":
         padding = (pads[0][0], pads[1][0])
@@ -72,9 +73,10 @@ def test_conv2d_matches_torch(case, padding_mode, with_bias, transposed, dtype, 
     w = draw_array(rng, case["w_shape"], dtype, transposed[1])
     b = rng.standard_normal(case["w_shape"][0]).astype(dtype) if with_bias else None
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    compare(lambda *t: conv2d(*t, **kwargs), lambda *t: F.conv2d(*t, **kwargs), x, w, b, rng)
+    compare(backend_name, lambda *t: conv2d(*t, **kwargs), lambda *t: F.conv2d(*t, **kwargs), x, w, b, rng)
 
 
+@pytest.mark.parametrize("backend_name", oracle_backends())
 @settings(max_examples=30)
 @given(
     case=transpose_cases(max_side=6),
@@ -83,22 +85,23 @@ def test_conv2d_matches_torch(case, padding_mode, with_bias, transposed, dtype, 
     dtype=DTYPES,
     seed=st.integers(0, 2**16),
 )
-def test_conv_transpose2d_matches_torch(case, with_bias, transposed, dtype, seed):
+def test_conv_transpose2d_matches_torch(backend_name, case, with_bias, transposed, dtype, seed):
     rng = np.random.default_rng(seed)
     x = draw_array(rng, case["x_shape"], dtype, transposed[0])
     w = draw_array(rng, case["w_shape"], dtype, transposed[1])
     c_out = case["w_shape"][1] * case["kwargs"]["groups"]
     b = rng.standard_normal(c_out).astype(dtype) if with_bias else None
     kwargs = case["kwargs"]
-    compare(lambda *t: conv_transpose2d(*t, **kwargs), lambda *t: F.conv_transpose2d(*t, **kwargs), x, w, b, rng)
+    compare(backend_name, lambda *t: conv_transpose2d(*t, **kwargs), lambda *t: F.conv_transpose2d(*t, **kwargs), x, w, b, rng)
 
 
-def test_same_padding_puts_the_extra_pixel_bottom_right():
+@pytest.mark.parametrize("backend_name", oracle_backends())
+def test_same_padding_puts_the_extra_pixel_bottom_right(backend_name):
     """A 2x2 kernel of ones with padding='same': y[i, j] = x[i, j] + x[i, j+1] + x[i+1, j] + x[i+1, j+1]
     (zero beyond the last row/column), as torch."""
     x = np.arange(9.0).reshape(1, 1, 3, 3)
     w = np.ones((1, 1, 2, 2))
-    with backend.using("numpy"):
+    with backend.using(backend_name):
         y = conv2d(minseg.Tensor(x), minseg.Tensor(w), padding="same").numpy()
     xp = np.pad(x[0, 0], ((0, 1), (0, 1)))
     expected = xp[:-1, :-1] + xp[:-1, 1:] + xp[1:, :-1] + xp[1:, 1:]
