@@ -97,7 +97,7 @@ from numba import cuda, types
 from kernels import cuda_common as cc
 from kernels.shapes import conv_output_size
 
-__all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
+__all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias", "conv2d_grad_weight_bias"]
 
 THREADS = 128  # block size of the one-thread-per-element kernels
 TILE = 16  # v2: a TILE x TILE block computes TILE output channels x TILE output pixels (or taps)
@@ -456,15 +456,17 @@ def conv2d_forward(x, w, b, stride, padding, dilation, groups, version=DEFAULT_F
 # ----------------------------------------------------------------------- backward
 
 
-@cuda.jit
-def _grad_input_kernel(gy, w, gx, sh, sw, pt, pl, dh, dw):
-    """Thread e computes gx.flat[e] by gathering over the taps that read it (see the module docstring)."""
-    e = cuda.grid(1)
-    if e >= gx.size:
-        return
+@cuda.jit(device=True, **_compiled_only(forceinline=True))
+def _gather_grad_input(gy, w, gx, e, kh, kw, sh, sw, pt, pl, dh, dw):
+    """gx.flat[e], gathered over the taps that read it (see the module docstring).
+
+    Shared by v1 (geometry passed at run time) and v3's stride > 1 kernels (the
+    geometry compile-time constants: after inlining, ``% sh`` and ``// sh``
+    become shifts or multiplications, and the tap loops have constant trip counts).
+    """
     _, c_in, h_in, w_in = gx.shape
     _, c_out, ho, wo = gy.shape
-    cg, kh, kw = w.shape[1], w.shape[2], w.shape[3]
+    cg = w.shape[1]
     n, c, h, v = cc.unravel4(e, c_in, h_in, w_in)
     og = c_out // (c_in // cg)
     o0 = (c // cg) * og  # first output channel of c's group ...
@@ -490,8 +492,28 @@ def _grad_input_kernel(gy, w, gx, sh, sw, pt, pl, dh, dw):
     gx[n, c, h, v] = acc
 
 
-def conv2d_grad_input(gy, w, x_shape, stride, padding, dilation, groups):
-    """gx (x_shape): the adjoint of the forward in x, one thread per input element."""
+@cuda.jit
+def _grad_input_kernel(gy, w, gx, sh, sw, pt, pl, dh, dw):
+    """v1: thread e computes gx.flat[e] by gathering over the taps that read it."""
+    e = cuda.grid(1)
+    if e < gx.size:
+        _gather_grad_input(gy, w, gx, e, w.shape[2], w.shape[3], sh, sw, pt, pl, dh, dw)
+
+
+@functools.cache
+def _grad_input_gather_kernel(kh, kw, sh, sw, pt, pl, dh, dw):
+    """v3 for stride > 1: v1's gather with the geometry compile-time (cached per geometry)."""
+
+    def kernel(gy, w, gx):
+        e = cuda.grid(1)
+        if e < gx.size:
+            _gather_grad_input(gy, w, gx, e, kh, kw, sh, sw, pt, pl, dh, dw)
+
+    _name(kernel, "_grad_input_gather", kh, kw, sh, sw, pt, pl, dh, dw)
+    return cuda.jit(**_compiled_only(launch_bounds=THREADS))(kernel)
+
+
+def _grad_input_v1(gy, w, x_shape, stride, padding, dilation, groups):
     gy, w = _float_inputs(gy, w)
     gx = cc.empty(tuple(x_shape), gy.dtype)
     (pt, _), (pl, _) = padding
@@ -499,6 +521,43 @@ def conv2d_grad_input(gy, w, x_shape, stride, padding, dilation, groups):
         gy, w, gx, stride[0], stride[1], pt, pl, dilation[0], dilation[1]
     )
     return gx
+
+
+def _flipped_weights(w, groups):
+    """w (C_out, Cg, kh, kw) as the forward weights of grad_input: wt' (kh, kw, Og, C_in) with
+    ``wt'[p', q', o, g*Cg + c] = w[g*Og + o, c, kh-1-p', kw-1-q']`` (taps flipped, in/out swapped per group)."""
+    c_out, cg, kh, kw = w.shape
+    og = c_out // groups
+    flipped = w.reshape(groups, og, cg, kh, kw)[:, :, :, ::-1, ::-1]
+    return cc.as_input(flipped.transpose(3, 4, 1, 0, 2)).reshape(kh, kw, og, groups * cg)
+
+
+def _grad_input_v3(gy, w, x_shape, stride, padding, dilation, groups, tiles=None):
+    """Stride 1: v3's forward on gy (see the module docstring); otherwise the compile-time gather."""
+    gy, w = _float_inputs(gy, w)
+    gx = cc.empty(tuple(x_shape), gy.dtype)
+    (pt, _), (pl, _) = padding
+    c_out, cg, kh, kw = w.shape
+    (dh, dw), (sh, sw) = dilation, stride
+    if (sh, sw) == (1, 1):
+        # gx[h] = sum_p' w'[p'] gy[h - pt' + p'*dh] with p' = kh-1-p and pt' = dh*(kh-1) - pt
+        # (negative when the padding reaches past the kernel: the bounds checks handle it).
+        geometry = (1, 1, dh * (kh - 1) - pt, dw * (kw - 1) - pl, dh, dw)
+        tiles = tiles or _tiles_for(TILES_V3, cg)
+        zero_bias = cc.zeros((gx.shape[1],), gx.dtype)
+        return _launch_forward_tiled(gy, _flipped_weights(w, groups), zero_bias, gx, geometry, groups, tiles)
+    kernel = _grad_input_gather_kernel(kh, kw, sh, sw, pt, pl, dh, dw)
+    kernel[cc.blocks(gx.size, THREADS), THREADS](gy, w, gx)
+    return gx
+
+
+GRAD_INPUT_VERSIONS = {1: _grad_input_v1, 3: _grad_input_v3}
+DEFAULT_GRAD_INPUT_VERSION = 3
+
+
+def conv2d_grad_input(gy, w, x_shape, stride, padding, dilation, groups, version=DEFAULT_GRAD_INPUT_VERSION):
+    """gx (x_shape): the adjoint of the forward in x; ``version`` picks a kernel of GRAD_INPUT_VERSIONS."""
+    return GRAD_INPUT_VERSIONS[version](gy, w, x_shape, stride, padding, dilation, groups)
 
 
 @cuda.jit
@@ -604,7 +663,7 @@ def _grad_weight_v1(x, gy, w_shape, stride, padding, dilation, groups):
     return gw
 
 
-def _grad_weight_splits(blocks: int, m_total: int) -> int:
+def _grad_weight_splits(blocks: int, m_total: int, slice_width: int = TILE) -> int:
     """How many slices of M v2 sums in separate blocks (split-K), for a grid of ``blocks`` tiles.
 
     A layer with few output channels and taps but large images is a handful of
@@ -616,7 +675,7 @@ def _grad_weight_splits(blocks: int, m_total: int) -> int:
     if cc.SIMULATOR:
         return 1
     by_occupancy = -(-SPLIT_TARGET_BLOCKS // blocks)
-    by_length = cc.blocks(m_total, TILE * SPLIT_MIN_TILES)
+    by_length = cc.blocks(m_total, slice_width * SPLIT_MIN_TILES)
     return max(1, min(by_occupancy, by_length))
 
 
@@ -638,8 +697,176 @@ def _grad_weight_v2(x, gy, w_shape, stride, padding, dilation, groups, splits=No
     return gw.reshape(tuple(w_shape))
 
 
-GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_v2}
-DEFAULT_GRAD_WEIGHT_VERSION = 2
+
+@functools.cache
+def _grad_weight_tiled_kernel(kh, kw, sh, sw, pt, pl, dh, dw, tiles, with_bias):
+    """v3 grad_weight kernel for one geometry and tile configuration (compiled once, then cached).
+
+    Block (bx, by, z = g*S + s) computes the register tiles of part[s, o, k] for
+    BM channels o (group g) x BN taps k = (c, p, q), summing split s's share of
+    the pixel slices; with ``with_bias`` the blocks of the first tap column also
+    sum gy into part_b[s, o]. 1-D blocks of (BM/TM)*(BN/TN) threads.
+    """
+    bm, bn, bk, tm, tn = tiles
+    threads = _threads(tiles)
+    step = threads // bk  # a staging thread's column step between its loads
+    g_loads, g_stagers = max(1, bk * bm // threads), bk * bm
+    x_loads = bk * bn // threads
+    cols = bn // tn
+    # One padding register-run per row: the staging stores [r, col] of BK
+    # neighbouring threads then fall into different banks, and rows stay 16-byte aligned.
+    gys_shape, xs_shape = (bk, bm // tm + 1, tm), (bk, cols + 1, tn)
+    micro_tile = _micro_tile(bk, tm, tn)
+
+    def kernel(x, gy, part, part_b):
+        gys = cuda.shared.array(gys_shape, gy.dtype, alignment=_SMEM_ALIGN)
+        xs = cuda.shared.array(xs_shape, x.dtype, alignment=_SMEM_ALIGN)
+        rg = cuda.local.array(g_loads, gy.dtype)  # the next slice, prefetched into registers
+        rx = cuda.local.array(x_loads, x.dtype)
+        tap_chan = cuda.local.array(x_loads, types.int64)  # per staged tap: input channel (-1: past K) ...
+        tap_h = cuda.local.array(x_loads, types.int64)  # ... and its row/column offsets p*dh - pt, q*dw - pl
+        tap_v = cuda.local.array(x_loads, types.int64)
+        acc = cuda.local.array((tm, tn), part.dtype)
+        bias = cuda.local.array(tm, part.dtype)
+        zero = part.dtype.type(0)
+        for u in range(tm):
+            bias[u] = zero
+            for v in range(tn):
+                acc[u, v] = zero
+        n_img, c_in, h_in, w_in = x.shape
+        _, c_out, ho, wo = gy.shape
+        splits, _, k_total = part.shape
+        g = cuda.blockIdx.z // splits
+        s = cuda.blockIdx.z % splits
+        cg = c_in // (cuda.gridDim.z // splits)
+        og = c_out // (cuda.gridDim.z // splits)
+        o0 = cuda.blockIdx.y * bm
+        k0 = cuda.blockIdx.x * bn
+        tid = cuda.threadIdx.x
+        ty = tid // cols
+        tx = tid % cols
+        sums_bias = with_bias and cuda.blockIdx.x == 0 and tx == 0
+        # Staging: this thread's pixel column r of a slice, and the channels / taps it stages.
+        r = tid % bk
+        col = tid // bk
+        for t in range(x_loads):
+            k = k0 + col + t * step
+            c = k // (kh * kw)  # once per thread, by constants: no division in the pixel loop
+            pq = k - c * (kh * kw)
+            tap_chan[t] = g * cg + c if k < k_total else -1
+            tap_h[t] = (pq // kw) * dh - pt
+            tap_v[t] = (pq % kw) * dw - pl
+        # M runs over (n, i) rows and, inside each, slices of BK output columns j;
+        # split s takes the slices [first, last). Advancing is a counter update.
+        row_slices = (wo + bk - 1) // bk
+        n_slices = n_img * ho * row_slices
+        per_split = (n_slices + splits - 1) // splits
+        first = s * per_split
+        last = min(n_slices, first + per_split)
+        n, i, j0 = cc.unravel3(first, ho, row_slices)
+        j0 *= bk
+        for sl in range(first, last + 1):
+            if sl < last:  # fetch slice sl into registers; the loads overlap the FMAs below
+                j = j0 + r
+                in_row = j < wo
+                for t in range(g_loads):
+                    o = o0 + col + t * step
+                    ok = in_row and o < og and tid < g_stagers
+                    rg[t] = gy[n, g * og + o, i, j] if ok else zero
+                for t in range(x_loads):
+                    h = i * sh + tap_h[t]
+                    v = j * sw + tap_v[t]
+                    ok = in_row and tap_chan[t] >= 0 and 0 <= h < h_in and 0 <= v < w_in
+                    rx[t] = x[n, tap_chan[t], h, v] if ok else zero
+            if sl > first:  # multiply slice sl - 1, staged in shared memory
+                micro_tile(gys, xs, acc, ty, tx)
+                if sums_bias:
+                    for t in range(bk):
+                        for u in range(tm):
+                            bias[u] += gys[t, ty, u]
+                cuda.syncthreads()  # everyone done reading before the tiles are overwritten
+            if sl < last:
+                if tid < g_stagers:
+                    for t in range(g_loads):
+                        o = col + t * step
+                        gys[r, o // tm, o % tm] = rg[t]
+                for t in range(x_loads):
+                    k = col + t * step
+                    xs[r, k // tn, k % tn] = rx[t]
+                j0 += bk
+                if j0 >= wo:
+                    j0 = 0
+                    i += 1
+                    if i == ho:
+                        i = 0
+                        n += 1
+                cuda.syncthreads()  # tiles complete before anyone reads them
+        for u in range(tm):
+            o = o0 + ty * tm + u
+            if o < og:
+                for v in range(tn):
+                    k = k0 + tx * tn + v
+                    if k < k_total:
+                        part[s, g * og + o, k] = acc[u, v]
+                if sums_bias:
+                    part_b[s, g * og + o] = bias[u]
+
+    _name(kernel, "_grad_weight_tiled", kh, kw, sh, sw, pt, pl, dh, dw, tiles, int(with_bias))
+    return cuda.jit(**_compiled_only(launch_bounds=threads))(kernel)
+
+
+@cuda.jit
+def _sum_splits_kernel(part, total):
+    """total[e] = part[0, e] + part[1, e] + ... in split order: a fixed order, so the sum is deterministic."""
+    e = cuda.grid(1)
+    if e < total.size:
+        acc = part[0, e]
+        for s in range(1, part.shape[0]):
+            acc += part[s, e]
+        total[e] = acc
+
+
+def _sum_splits(part):
+    """(S, ...) partial sums -> their sum over S (part[0] itself when S = 1)."""
+    if part.shape[0] == 1:
+        return part[0]
+    flat = part.reshape(part.shape[0], -1)
+    total = cc.empty((flat.shape[1],), part.dtype)
+    _sum_splits_kernel[cc.blocks(total.size, THREADS), THREADS](flat, total)
+    return total.reshape(part.shape[1:])
+
+
+def _grad_weight_tiled(x, gy, w_shape, stride, padding, dilation, groups, tiles=None, splits=None, with_bias=False):
+    """v3: gw, and gb when ``with_bias`` (else None). ``tiles`` and ``splits`` are parameters for the tests."""
+    x, gy, m_total, pt, pl = _grad_weight_setup(x, gy, padding)
+    c_out, cg, kh, kw = w_shape
+    og, k_total = c_out // groups, cg * kh * kw
+    tiles = tiles or _tiles_for(TILES_V3, og)
+    _check_tiles(tiles)
+    bm, bn, bk = tiles[:3]
+    grid = (cc.blocks(k_total, bn), cc.blocks(og, bm))
+    if splits is None:
+        n, _, ho, wo = gy.shape
+        splits = _grad_weight_splits(grid[0] * grid[1] * groups, n * ho * cc.blocks(wo, bk) * bk, bk)
+    part = cc.empty((splits, c_out, k_total), x.dtype)
+    part_b = cc.empty((splits, c_out) if with_bias else (1, 1), x.dtype)
+    kernel = _grad_weight_tiled_kernel(kh, kw, *stride, pt, pl, *dilation, tiles, with_bias)
+    kernel[(*grid, groups * splits), _threads(tiles)](x, gy, part, part_b)
+    gw = _sum_splits(part).reshape(tuple(w_shape))
+    return gw, (_sum_splits(part_b) if with_bias else None)
+
+
+def _grad_weight_v3(x, gy, w_shape, stride, padding, dilation, groups, tiles=None, splits=None):
+    return _grad_weight_tiled(x, gy, w_shape, stride, padding, dilation, groups, tiles, splits)[0]
+
+
+def conv2d_grad_weight_bias(x, gy, w_shape, stride, padding, dilation, groups, tiles=None, splits=None):
+    """(gw, gb) in one pass of grad_weight v3: gb = gy summed over (n, i, j), as ``conv2d_grad_bias``."""
+    return _grad_weight_tiled(x, gy, w_shape, stride, padding, dilation, groups, tiles, splits, with_bias=True)
+
+
+GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_v2, 3: _grad_weight_v3}
+DEFAULT_GRAD_WEIGHT_VERSION = 3
 
 
 def conv2d_grad_weight(x, gy, w_shape, stride, padding, dilation, groups, version=DEFAULT_GRAD_WEIGHT_VERSION):
