@@ -912,10 +912,29 @@ PTX_SIGNATURES = [
         _signatures("void({A}, {t}[:, ::1], {t}[::1], {A}, int64, int64, int64, int64, int64, int64, int64, int64)"),
     ),
     (_grad_input_kernel, _signatures("void({A}, {A}, {A}, int64, int64, int64, int64, int64, int64)")),
+    (_sum_splits_kernel, _signatures("void({t}[:, ::1], {t}[::1])")),
     (_grad_weight_reduce_kernel, _signatures("void({A}, {A}, {A}, int64, int64, int64, int64, int64, int64)")),
     (
         _grad_weight_gemm_kernel,
         _signatures("void({A}, {A}, {t}[:, :, ::1], int64, int64, int64, int64, int64, int64, int64, int64)"),
     ),
     (_grad_bias_kernel, _signatures("void({A}, {t}[::1])")),
+]
+
+# The factory kernels (v3, v4) exist per geometry; these representative
+# specialisations -- a U-Net's 3x3 stride 1, a 3x3 stride-2 downsampling, a 1x1
+# head, with the default tile tables -- are what the PTX test and report compile.
+# geometry: (kh, kw, sh, sw, pt, pl, dh, dw)
+_PTX_GEOMETRIES = {"3x3": (3, 3, 1, 1, 1, 1, 1, 1), "3x3/2": (3, 3, 2, 2, 1, 1, 1, 1), "1x1": (1, 1, 1, 1, 0, 0, 1, 1)}
+_FORWARD_TILED_SIG = _signatures("void({A}, {A}, {t}[::1], {A})")
+_GRAD_WEIGHT_TILED_SIG = _signatures("void({A}, {A}, {t}[:, :, ::1], {t}[:, ::1])")
+PTX_SIGNATURES += [
+    (_forward_tiled_kernel(*_PTX_GEOMETRIES["3x3"], TILES_V3[64]), _FORWARD_TILED_SIG),
+    (_forward_tiled_kernel(*_PTX_GEOMETRIES["3x3"], TILES_V3[16]), _FORWARD_TILED_SIG),
+    (_forward_tiled_kernel(*_PTX_GEOMETRIES["3x3/2"], TILES_V3[64]), _FORWARD_TILED_SIG),
+    (_forward_tiled_kernel(*_PTX_GEOMETRIES["1x1"], TILES_V3[32]), _FORWARD_TILED_SIG),
+    (_forward_tiled_kernel(*_PTX_GEOMETRIES["3x3"], TILES_V4[128]), _FORWARD_TILED_SIG),
+    (_grad_input_gather_kernel(*_PTX_GEOMETRIES["3x3/2"]), _signatures("void({A}, {A}, {A})")),
+    (_grad_weight_tiled_kernel(*_PTX_GEOMETRIES["3x3"], TILES_V3[64], True), _GRAD_WEIGHT_TILED_SIG),
+    (_grad_weight_tiled_kernel(*_PTX_GEOMETRIES["1x1"], TILES_V3[16], False), _GRAD_WEIGHT_TILED_SIG),
 ]
