@@ -15,10 +15,10 @@ or a shared-memory tree here, einsum/BLAS blocking there); each of the at most
 1e-5 absolute even when the sum cancels to near 0. float64: 1e-10 / 1e-12.
 
 The register-tiled versions (forward v3/v4, grad_input v3, grad_weight v3) launch
-256-thread blocks with their default tiles: the drawn problems pass small tiles
+256-thread blocks with their GPU tiles: the drawn problems pass small tiles
 (``TEST_TILES``, 16-thread blocks, so most problems still span several tiles with
-partial ones at every edge), and one fixed small problem per kernel runs the real
-tile configuration.
+partial ones at every edge), a fixed small problem runs every GPU tile
+configuration (``REAL_TILES``), and the others run the simulator's default tiles.
 """
 import inspect
 
@@ -38,6 +38,9 @@ FLOATS = st.sampled_from([np.float32, np.float64])
 # (BM, BN, BK, TM, TN): square 2x2 register tiles; and 1x2 ones where only half the
 # threads stage the BK x BM tile (BK*BM < threads), with BK = 2 < Cg possible.
 TEST_TILES = [(8, 8, 4, 2, 2), (4, 8, 2, 1, 2)]
+
+
+REAL_TILES = sorted(set(K.TILES_V3.values()) | set(K.TILES_V4.values()))
 
 
 def _tiles_kwargs(fn, tiles):
@@ -109,6 +112,20 @@ def test_forward_several_tiles_in_every_direction(version):
     assert_close(K.conv2d_forward(x, w, b, *args, version=version), R.conv2d_forward(x, w, b, *args), *tol(np.float32))
 
 
+@pytest.mark.parametrize("tiles", REAL_TILES)
+def test_tiled_forward_with_every_gpu_tile_configuration(tiles):
+    """The forward's GPU tiles on a small problem: 17 output channels (a partial tile;
+    two with 16-row tiles), 2 channels per tap (one partial K-slice), 2 x 4 x 5 pixels
+    (one partial pixel tile); float32. (Groups: the small-tile tests.)"""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 2, 4, 5)).astype(np.float32)
+    w = rng.standard_normal((17, 2, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(17).astype(np.float32)
+    args = ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    y = K.FORWARD_VERSIONS[3](x, w, b, *args, tiles=tiles)
+    assert_close(y, R.conv2d_forward(x, w, b, *args), *tol(np.float32), name=f"forward {tiles}")
+
+
 @pytest.mark.parametrize("tiles", TEST_TILES)
 @pytest.mark.parametrize("groups", [1, 2])
 def test_tiled_forward_several_channel_slices(tiles, groups):
@@ -148,7 +165,7 @@ def test_grad_input_matches_reference(version, problem, trim, tiles):
 
 @pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((3, 0), (0, 4))])
 def test_grad_input_v3_stride_one_with_real_tiles(padding):
-    """The default tiles on a small stride-1 problem with 2 groups of 17 input channels
+    """The GPU tiles on a small stride-1 problem with 2 groups of 17 input channels
     (the flipped forward's output channels: one partial 32-row tile per group), and a
     padding that reaches past the kernel, so the flipped forward's padding is negative."""
     rng = np.random.default_rng(3)
@@ -156,7 +173,7 @@ def test_grad_input_v3_stride_one_with_real_tiles(padding):
     args = ((1, 1), padding, (1, 1), 2)
     ho, wo = _out(4, padding[0], 1, 3, 1), _out(5, padding[1], 1, 3, 1)
     gy = rng.standard_normal((1, 6, ho, wo)).astype(np.float32)
-    gx = K.conv2d_grad_input(gy, w, x_shape, *args, version=3)
+    gx = K.GRAD_INPUT_VERSIONS[3](gy, w, x_shape, *args, tiles=K._tiles_for(K.TILES_V3, 17))
     assert_close(gx, R.conv2d_grad_input(gy, w, x_shape, *args), *tol(np.float32))
 
 
@@ -215,18 +232,18 @@ def test_grad_weight_v3_and_fused_bias_match_reference(problem, trim, splits, ti
     assert_close(gb, R.conv2d_grad_bias(gy), *tol(x.dtype), name="fused gb")
 
 
-@pytest.mark.parametrize("version", [2, 3])
-def test_grad_weight_several_tiles_in_every_direction(version):
+@pytest.mark.parametrize("version, tiles", [(2, None)] + [(3, t) for t in sorted(set(K.TILES_V3.values()))])
+def test_grad_weight_several_tiles_in_every_direction(version, tiles):
     """17 channels x K = 2*3*3 = 18 taps of gW and M = 20 pixels: two v2 tiles along each
     GEMM axis, the second partial, in a group that does not start at channel 0; float32.
-    v3 runs its default tiles (32 channel rows, a partial tile in both directions).
+    v3 runs each of its GPU tile configurations (partial tiles in both directions).
     (v1 is left out: 612 weights would be ~20k simulator threads.)"""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 4, 5, 4)).astype(np.float32)
     w = rng.standard_normal((34, 2, 3, 3)).astype(np.float32)
     args = ((1, 1), ((1, 1), (1, 1)), (1, 1), 2)
     gy = rng.standard_normal((1, 34, 5, 4)).astype(np.float32)
-    _check_grad_weight(x, w, args, gy, version=version)
+    _check_grad_weight(x, w, args, gy, version=version, **({"tiles": tiles} if tiles else {}))
 
 
 @pytest.mark.parametrize("version", sorted(K.GRAD_WEIGHT_VERSIONS))
