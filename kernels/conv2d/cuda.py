@@ -39,18 +39,79 @@ tests/cuda/test_conv2d_cuda.py and can be timed on its own through
   only Og rows (``_channel_rows``), each thread staging several rows of X, so
   the thin early layers of a U-Net do not launch idle rows of threads.
 
-v2 is the default: it moves TILE = 16 times fewer bytes from global memory
-for the same arithmetic, and convolutions with tens of channels are memory bound
-in v1. (No GPU was available when this was written; the benchmarks measure it.)
+* **v3 register-tiled implicit GEMM** -- v2's inner loop does two shared loads
+  per FMA, so shared-memory bandwidth, not the FMA units, caps it (a warp's
+  loads and FMAs issue from the same slots). v3 changes four things:
+
+  - *Register tiles.* A 256-thread block computes a BM x BN tile of Y (64 x 64
+    by default; 16 x 256 or 32 x 128 when a group has <= 16 or <= 32 channels,
+    ``TILES_V3``) and each thread a TM x TN = 4 x 4 tile of it in registers:
+    per step t of a K-slice it loads 4 weights and 4 pixels from shared memory
+    and does 16 FMAs -- 4 FMAs per shared value instead of 1/2, and every global
+    value is reused BN (or BM) times instead of TILE = 16 times.
+  - *128-bit shared loads.* The tiles are stored (BK, BM/TM, TM) and
+    (BK, BN/TN, TN), so a thread's 4 values are one aligned run: the 8 loads of
+    a step are two ``ld.shared.v4``. A warp's 16-byte loads of consecutive
+    runs are conflict-free; the weight row is a broadcast.
+  - *Compile-time geometry.* Kernel size, stride, padding, dilation and tiles are
+    constants of a kernel compiled per geometry and cached
+    (``_forward_tiled_kernel``, a dict keyed by the geometry). K is walked as
+    taps (p, q) x slices of BK input channels, so a slice's X rows are channels
+    of one input pixel and advancing is a counter update: no division or
+    remainder is left in any loop (the pixel of each thread is decoded once),
+    where v2 did three run-time divisions per staged value. The weights are
+    first transposed to (kh, kw, Cg, C_out) so a slice's staging is coalesced.
+  - *Prefetch and launch bounds.* The next K-slice is loaded from global memory
+    into registers before the FMAs of the current one, so the loads' latency
+    overlaps the arithmetic (one shared buffer, two barriers per slice);
+    ``launch_bounds=256`` lets the compiler use up to 255 registers.
+
+  BK = 16: with BK = 8 the slice loop (FMAs plus staging, counters and
+  barriers) was 44% FMA instructions; with 16, 51-53% (the staging cost per
+  FMA halves). The step itself is generated straight-line (``_micro_tile``):
+  a ``for t in range(BK)`` was unrolled only 2x by NVVM. Cost: a tap's last
+  slice is partial when BK does not divide Cg (the 3-channel first layer uses
+  3 of 16 rows), and 94-120 registers (float32; 2 blocks of 256 per SM).
+* **v4** -- v3's kernel with 8 x 8 register tiles and 128 x 128 block tiles
+  (``TILES_V4``; 64 x 256 for <= 64 channels, v3's shapes below 32), BK = 8:
+  64 FMAs per 16 shared values (4 per ``ld.shared.v4``), the slice loop 64-65%
+  FMA instructions. 158 registers (float32): one 256-thread block per SM, so
+  less latency hiding than v3; which wins is for the GPU benchmark to say.
+
+The PTX figures above are counts in the PTX of numba-cuda 0.30.4 for sm_90,
+float32, of the kernel's innermost loop (the K-slice loop) and registers as
+nvJitLink reports them (``python -m benchmarks.ptx_report``); no spills.
+Under the simulator the tiled versions default to ``SIMULATOR_TILES``
+(64-thread blocks), since one Python thread per CUDA thread makes big blocks slow.
+
+v3 is the default: statically better than v2 (4 FMAs per shared value
+instead of 1/2, 128-bit loads, no divisions in its loops, half the registers
+of v4 for twice its occupancy). No GPU was available when this was written:
+the GPU benchmark times v1-v4 and should decide between v3 and v4.
 
 Backward (no atomics anywhere, so results are deterministic):
 
-* **grad_input** is a *gather*: one thread per input element sums
-  ``w[o, c, p, q] * gy[n, o, i, j]`` over the taps (p, q) whose output position
-  ``i = (h + pt - p*dh) / sh`` (and j likewise) is an integer inside [0, Ho) --
-  the transposed index map of the forward. A scatter from the outputs would
-  need atomic adds, which serialise on collisions and make float sums
-  order-dependent.
+* **grad_input** (``GRAD_INPUT_VERSIONS``, ``conv2d_grad_input(..., version=k)``):
+
+  * **v1 gather** -- one thread per input element sums
+    ``w[o, c, p, q] * gy[n, o, i, j]`` over the taps (p, q) whose output position
+    ``i = (h + pt - p*dh) / sh`` (and j likewise) is an integer inside [0, Ho) --
+    the transposed index map of the forward. A scatter from the outputs would
+    need atomic adds, which serialise on collisions and make float sums
+    order-dependent. Its tap loops divide by the run-time stride.
+  * **v3** -- at stride 1, grad_input *is* a forward convolution: gy convolved
+    with the taps flipped and input/output channels swapped per group,
+    ``w'[c, o, p', q'] = w[o, c, kh-1-p', kw-1-q']``, padding
+    ``pt' = dh*(kh-1) - pt`` (negative when the padding reaches past the kernel:
+    the bounds checks treat it like any other). So it runs forward v3's kernel
+    at forward v3's speed, instead of a gather that reads every weight from
+    global memory once per input element. At stride > 1 the flipped forward would
+    multiply the zeros of a dilated gy, so v3 keeps the gather, compiled per
+    geometry like v3's forward (``_grad_input_gather_kernel``): the stride
+    divisions become shifts or multiplications, none left in its loops.
+
+  v3 is the default: at stride 1, the forward's register tiles instead of a
+  gather; at stride > 1, v1's gather without run-time divisions.
 * **grad_weight** needs, per weight, a sum over all N*Ho*Wo output pixels --
   far too long for one thread. Two numbered versions (``GRAD_WEIGHT_VERSIONS``,
   ``conv2d_grad_weight(..., version=k)``), checked and timed like the forward's:
@@ -78,10 +139,26 @@ Backward (no atomics anywhere, so results are deterministic):
     see ``_grad_weight_splits``); each writes a partial gW and one array sum
     adds the S partials, so there are still no atomics.
 
-  v2 is the default: less global traffic, and C_out*Cg*kh*kw threads instead
-  of ~that many blocks. (Under the simulator, one Python thread per CUDA
-  thread, v1's 32-thread block per weight made tests/cuda/test_unet_step_cuda.py
-  take minutes; v2 is ~15x faster there on its 4-channel 16x16 3x3 layer.)
+  * **v3 register-tiled** -- v2's product with forward v3's machinery: a
+    256-thread block computes a BM output channels x BN taps tile of gW (same
+    ``TILES_V3``), each thread a 4 x 4 register tile from 128-bit shared loads,
+    next slice prefetched into registers, geometry compile-time
+    (``_grad_weight_tiled_kernel``). M is walked as (n, i) rows x slices of BK
+    output columns: each thread decodes its taps (c, p, q) once, and advancing
+    a slice is a counter update -- no division in the pixel loop (v2 did five
+    per staged value). Split-K as in v2 (``_grad_weight_splits``); the S partial
+    gW (and gb) are added by ``_sum_splits_kernel`` in split order: a fixed
+    order, deterministic, no atomics. ``conv2d_grad_weight_bias`` also returns
+    grad_bias from the same pass: the blocks of the first tap column sum their
+    staged gy tile. Its slice loop is 43-45% FMA instructions (more staging per
+    FMA than the forward: the taps' offsets are looked up per staged value);
+    182 registers (float32), no spills; in float64 (not a performance target)
+    ptxas spills 32 bytes.
+
+  v3 is the default: 4 FMAs per shared value instead of 1/2 and no divisions
+  in its loops. (Under the simulator, one Python thread per CUDA thread, v1's
+  32-thread block per weight made tests/cuda/test_unet_step_cuda.py take
+  minutes; v2 is ~15x faster there on its 4-channel 16x16 3x3 layer.)
 * **grad_bias** is grad_weight v1's block reduction over gy's (n, i, j) per channel.
 
 Block sizes of the reductions are the smallest power of two covering N*Ho*Wo,
@@ -246,7 +323,7 @@ def _forward_v2(x, w, b, stride, padding, dilation, groups):
 # smallest block height covering a group's channels (``_tiles_for``), so the
 # thin layers of a U-Net do not run mostly idle rows: the block stays 256 threads.
 TILES_V3 = {16: (16, 256, 16, 4, 4), 32: (32, 128, 16, 4, 4), 64: (64, 64, 16, 4, 4)}
-TILES_V4 = {16: (16, 256, 8, 4, 4), 32: (32, 256, 8, 4, 8), 64: (64, 256, 8, 8, 8), 128: (128, 128, 8, 8, 8)}
+TILES_V4 = {16: (16, 256, 16, 4, 4), 32: (32, 256, 8, 4, 8), 64: (64, 256, 8, 8, 8), 128: (128, 128, 8, 8, 8)}
 
 
 # Under the simulator (one Python thread per CUDA thread, a thread switch per barrier)
@@ -320,6 +397,17 @@ def _micro_tile(bk: int, tm: int, tn: int):
 _SMEM_ALIGN = None if cc.SIMULATOR else 16
 
 
+@cuda.jit(device=True, **_compiled_only(forceinline=True))
+def _at(a, i0, i1, i2, i3):
+    """``a[i0, i1, i2, i3]`` for indices the caller has checked to be in range.
+
+    Unsigned indices: Numba then skips its negative-index wrap-around (a compare
+    and select per index), a third of the staging instructions of the tiled
+    kernels' slice loops.
+    """
+    return a[types.uint64(i0), types.uint64(i1), types.uint64(i2), types.uint64(i3)]
+
+
 @functools.cache
 def _forward_tiled_kernel(kh, kw, sh, sw, pt, pl, dh, dw, tiles):
     """v3/v4 forward kernel for one geometry and tile configuration (compiled once, then cached).
@@ -386,10 +474,10 @@ def _forward_tiled_kernel(kh, kw, sh, sw, pt, pl, dh, dw, tiles):
                 inside = pixel_ok and 0 <= h < h_in and 0 <= v < w_in
                 for r in range(x_loads):
                     c = c0 + x_row + r * x_step
-                    rx[r] = x[n, g * cg + c, h, v] if inside and c < cg else zero
+                    rx[r] = _at(x, n, g * cg + c, h, v) if inside and c < cg else zero
                 for r in range(w_loads):
                     c = c0 + w_row + r * w_step
-                    rw[r] = wt[p, q, c, g * og + o_w] if w_ok and c < cg else zero
+                    rw[r] = _at(wt, p, q, c, g * og + o_w) if w_ok and c < cg else zero
             if s > 0:  # multiply slice s - 1, staged in shared memory
                 micro_tile(ws, xs, acc, ty, tx)
                 cuda.syncthreads()  # everyone done reading before the tiles are overwritten
@@ -735,9 +823,9 @@ def _grad_weight_tiled_kernel(kh, kw, sh, sw, pt, pl, dh, dw, tiles, with_bias):
         xs = cuda.shared.array(xs_shape, x.dtype, alignment=_SMEM_ALIGN)
         rg = cuda.local.array(g_loads, gy.dtype)  # the next slice, prefetched into registers
         rx = cuda.local.array(x_loads, x.dtype)
-        tap_chan = cuda.local.array(x_loads, types.int64)  # per staged tap: input channel (-1: past K) ...
-        tap_h = cuda.local.array(x_loads, types.int64)  # ... and its row/column offsets p*dh - pt, q*dw - pl
-        tap_v = cuda.local.array(x_loads, types.int64)
+        tap_chan = cuda.local.array(x_loads, types.int32)  # per staged tap: input channel (-1: past K) ...
+        tap_h = cuda.local.array(x_loads, types.int32)  # ... and its row/column offsets p*dh - pt, q*dw - pl
+        tap_v = cuda.local.array(x_loads, types.int32)
         acc = cuda.local.array((tm, tn), part.dtype)
         bias = cuda.local.array(tm, part.dtype)
         zero = part.dtype.type(0)
@@ -784,12 +872,12 @@ def _grad_weight_tiled_kernel(kh, kw, sh, sw, pt, pl, dh, dw, tiles, with_bias):
                 for t in range(g_loads):
                     o = o0 + col + t * step
                     ok = in_row and o < og and tid < g_stagers
-                    rg[t] = gy[n, g * og + o, i, j] if ok else zero
+                    rg[t] = _at(gy, n, g * og + o, i, j) if ok else zero
                 for t in range(x_loads):
                     h = i * sh + tap_h[t]
                     v = j * sw + tap_v[t]
                     ok = in_row and tap_chan[t] >= 0 and 0 <= h < h_in and 0 <= v < w_in
-                    rx[t] = x[n, tap_chan[t], h, v] if ok else zero
+                    rx[t] = _at(x, n, tap_chan[t], h, v) if ok else zero
             if sl > first:  # multiply slice sl - 1, staged in shared memory
                 micro_tile(gys, xs, acc, ty, tx)
                 if sums_bias:
