@@ -827,12 +827,13 @@ def _grad_weight_tiled_kernel(kh, kw, sh, sw, pt, pl, dh, dw, tiles, with_bias):
         tap_h = cuda.local.array(x_loads, types.int32)  # ... and its row/column offsets p*dh - pt, q*dw - pl
         tap_v = cuda.local.array(x_loads, types.int32)
         acc = cuda.local.array((tm, tn), part.dtype)
-        bias = cuda.local.array(tm, part.dtype)
+        bias = cuda.local.array(g_loads, part.dtype)  # with_bias: sums of the gy values this thread stages
         zero = part.dtype.type(0)
         for u in range(tm):
-            bias[u] = zero
             for v in range(tn):
                 acc[u, v] = zero
+        for t in range(g_loads):
+            bias[t] = zero
         n_img, c_in, h_in, w_in = x.shape
         _, c_out, ho, wo = gy.shape
         splits, _, k_total = part.shape
@@ -845,7 +846,6 @@ def _grad_weight_tiled_kernel(kh, kw, sh, sw, pt, pl, dh, dw, tiles, with_bias):
         tid = cuda.threadIdx.x
         ty = tid // cols
         tx = tid % cols
-        sums_bias = with_bias and cuda.blockIdx.x == 0 and tx == 0
         # Staging: this thread's pixel column r of a slice, and the channels / taps it stages.
         r = tid % bk
         col = tid // bk
@@ -873,6 +873,8 @@ def _grad_weight_tiled_kernel(kh, kw, sh, sw, pt, pl, dh, dw, tiles, with_bias):
                     o = o0 + col + t * step
                     ok = in_row and o < og and tid < g_stagers
                     rg[t] = _at(gy, n, g * og + o, i, j) if ok else zero
+                    if with_bias:
+                        bias[t] += rg[t]
                 for t in range(x_loads):
                     h = i * sh + tap_h[t]
                     v = j * sw + tap_v[t]
@@ -880,10 +882,6 @@ def _grad_weight_tiled_kernel(kh, kw, sh, sw, pt, pl, dh, dw, tiles, with_bias):
                     rx[t] = _at(x, n, tap_chan[t], h, v) if ok else zero
             if sl > first:  # multiply slice sl - 1, staged in shared memory
                 micro_tile(gys, xs, acc, ty, tx)
-                if sums_bias:
-                    for t in range(bk):
-                        for u in range(tm):
-                            bias[u] += gys[t, ty, u]
                 cuda.syncthreads()  # everyone done reading before the tiles are overwritten
             if sl < last:
                 if tid < g_stagers:
@@ -908,8 +906,19 @@ def _grad_weight_tiled_kernel(kh, kw, sh, sw, pt, pl, dh, dw, tiles, with_bias):
                     k = k0 + tx * tn + v
                     if k < k_total:
                         part[s, g * og + o, k] = acc[u, v]
-                if sums_bias:
-                    part_b[s, g * og + o] = bias[u]
+        if with_bias and cuda.blockIdx.x == 0:  # (the whole block takes this branch: its barrier is safe)
+            # The BK threads that staged channel o's values hold its partial sums:
+            # add them through the (now idle) gy tile in a fixed order.
+            if tid < g_stagers:
+                for t in range(g_loads):
+                    o = col + t * step
+                    gys[r, o // tm, o % tm] = bias[t]
+            cuda.syncthreads()
+            if tid < bm and o0 + tid < og:
+                total = zero
+                for t in range(bk):
+                    total += gys[t, tid // tm, tid % tm]
+                part_b[s, g * og + o0 + tid] = total
 
     _name(kernel, "_grad_weight_tiled", kh, kw, sh, sw, pt, pl, dh, dw, tiles, int(with_bias))
     return cuda.jit(**_compiled_only(launch_bounds=threads))(kernel)
