@@ -11,7 +11,8 @@ the same sums are spread over CUDA threads. Notation (as in the reference)::
 
 The kernels derive G, Cg, Og, kh, kw and the sizes from the array shapes, so a
 launch passes only stride, the top/left padding and dilation (bottom/right
-padding only decide Ho, Wo, i.e. the shape of y).
+padding only decide Ho, Wo, i.e. the shape of y); the v3/v4 kernels have these
+compiled in instead, one cached kernel per geometry.
 
 Forward versions (llm.c dev/cuda style: each is checked against the reference by
 tests/cuda/test_conv2d_cuda.py and can be timed on its own through
@@ -38,7 +39,6 @@ tests/cuda/test_conv2d_cuda.py and can be timed on its own through
   zeros and skip their writes. A group with Og < TILE channels gets a block of
   only Og rows (``_channel_rows``), each thread staging several rows of X, so
   the thin early layers of a U-Net do not launch idle rows of threads.
-
 * **v3 register-tiled implicit GEMM** -- v2's inner loop does two shared loads
   per FMA, so shared-memory bandwidth, not the FMA units, caps it (a warp's
   loads and FMAs issue from the same slots). v3 changes four things:
@@ -67,27 +67,49 @@ tests/cuda/test_conv2d_cuda.py and can be timed on its own through
     ``launch_bounds=256`` lets the compiler use up to 255 registers.
 
   BK = 16: with BK = 8 the slice loop (FMAs plus staging, counters and
-  barriers) was 44% FMA instructions; with 16, 51-53% (the staging cost per
-  FMA halves). The step itself is generated straight-line (``_micro_tile``):
-  a ``for t in range(BK)`` was unrolled only 2x by NVVM. Cost: a tap's last
-  slice is partial when BK does not divide Cg (the 3-channel first layer uses
-  3 of 16 rows), and 94-120 registers (float32; 2 blocks of 256 per SM).
+  barriers) was 44% FMA instructions; with 16 the staging cost per FMA halves.
+  The step itself is generated straight-line (``_micro_tile``): a
+  ``for t in range(BK)`` was unrolled only 2x by NVVM. The staging loads index
+  with unsigned integers (``_at``), which drops Numba's negative-index
+  wrap-around, a compare and select per index. Cost: a tap's last slice is
+  partial when BK does not divide Cg (the 3-channel first layer uses 3 of 16
+  rows).
 * **v4** -- v3's kernel with 8 x 8 register tiles and 128 x 128 block tiles
-  (``TILES_V4``; 64 x 256 for <= 64 channels, v3's shapes below 32), BK = 8:
-  64 FMAs per 16 shared values (4 per ``ld.shared.v4``), the slice loop 64-65%
-  FMA instructions. 158 registers (float32): one 256-thread block per SM, so
-  less latency hiding than v3; which wins is for the GPU benchmark to say.
+  (``TILES_V4``; 64 x 256 for <= 64 channels, 32 x 256 with 4 x 8 register
+  tiles for <= 32, v3's tiles for <= 16), BK = 8: 64 FMAs per 16 shared values
+  (4 per ``ld.shared.v4``), at the price of ~160 registers: one 256-thread block
+  per SM instead of two, less latency hiding. Which wins is for the GPU
+  benchmark to say.
 
-The PTX figures above are counts in the PTX of numba-cuda 0.30.4 for sm_90,
-float32, of the kernel's innermost loop (the K-slice loop) and registers as
-nvJitLink reports them (``python -m benchmarks.ptx_report``); no spills.
-Under the simulator the tiled versions default to ``SIMULATOR_TILES``
-(64-thread blocks), since one Python thread per CUDA thread makes big blocks slow.
+Static figures (not timings): the share of FMA instructions in the innermost
+loop (the K-slice loop: FMAs, shared loads, staging, counters, barriers),
+divisions in loops, and registers with the kernels' launch bounds, counted in
+the PTX that numba-cuda 0.30.4 emits for sm_90 in float32 and as nvJitLink
+assembles it, for 3x3 stride 1, 3x3 stride 2 and 1x1 kernels:
+
+  =======  ===========================  =========  =========  ============
+  version  tiles BM x BN x BK, TM x TN  FMA share  registers  div in loops
+  =======  ===========================  =========  =========  ============
+  v2       16 x 16 x 16, 1 x 1          6%         88         10
+  v3       64 x 64 x 16, 4 x 4          54-56%     113-116    0
+  v3       32 x 128 x 16, 4 x 4         52-53%     115        0
+  v3, v4   16 x 256 x 16, 4 x 4         45-46%     130        0
+  v4       32 x 256 x 8, 4 x 8          54-56%     126        0
+  v4       64 x 256 x 8, 8 x 8          68-69%     164-166    0
+  v4       128 x 128 x 8, 8 x 8         70%        158-160    0
+  =======  ===========================  =========  =========  ============
+
+No spills in any. The thin tiles stage more values per FMA ((BM + BN)/(BM*BN)
+per FMA), hence their lower share. Under the simulator the tiled versions
+default to ``SIMULATOR_TILES`` (64-thread blocks), since one Python thread per
+CUDA thread makes big blocks slow; the tests run every GPU tile configuration.
 
 v3 is the default: statically better than v2 (4 FMAs per shared value
-instead of 1/2, 128-bit loads, no divisions in its loops, half the registers
-of v4 for twice its occupancy). No GPU was available when this was written:
-the GPU benchmark times v1-v4 and should decide between v3 and v4.
+instead of 1/2, 128-bit loads, no divisions in its loops, the FMA share above
+50% on the 64 x 64 tiles), and than v4 in occupancy (113-116 registers fit two
+256-thread blocks per SM, v4's ~160 one), though v4 has the higher FMA share.
+No GPU was available when this was written: the GPU benchmark times v1-v4
+and should decide between v3 and v4.
 
 Backward (no atomics anywhere, so results are deterministic):
 
@@ -149,11 +171,12 @@ Backward (no atomics anywhere, so results are deterministic):
     per staged value). Split-K as in v2 (``_grad_weight_splits``); the S partial
     gW (and gb) are added by ``_sum_splits_kernel`` in split order: a fixed
     order, deterministic, no atomics. ``conv2d_grad_weight_bias`` also returns
-    grad_bias from the same pass: the blocks of the first tap column sum their
-    staged gy tile. Its slice loop is 43-45% FMA instructions (more staging per
-    FMA than the forward: the taps' offsets are looked up per staged value);
-    182 registers (float32), no spills; in float64 (not a performance target)
-    ptxas spills 32 bytes.
+    grad_bias from the same pass: in the blocks of the first tap column each
+    thread adds up the gy values it stages (one add per value, in registers),
+    and the block adds those partial sums in a fixed order at the end. Static
+    figures as for the forward: the pixel loop is 50-55% FMA instructions with
+    64 x 64 tiles (45-50% with 32 x 128, 38-41% with 16 x 256), no divisions,
+    117-133 registers with 64 x 64 tiles (up to 236 with 16 x 256), no spills.
 
   v3 is the default: 4 FMAs per shared value instead of 1/2 and no divisions
   in its loops. (Under the simulator, one Python thread per CUDA thread, v1's
