@@ -197,7 +197,7 @@ from numba import cuda, types
 from kernels import cuda_common as cc
 from kernels.shapes import conv_output_size
 
-__all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias", "conv2d_grad_weight_bias"]
+__all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
 
 THREADS = 128  # block size of the one-thread-per-element kernels
 TILE = 16  # v2: a TILE x TILE block computes TILE output channels x TILE output pixels (or taps)
@@ -350,9 +350,9 @@ TILES_V4 = {16: (16, 256, 16, 4, 4), 32: (32, 256, 8, 4, 8), 64: (64, 256, 8, 8,
 
 
 # Under the simulator (one Python thread per CUDA thread, a thread switch per barrier)
-# the default tiles are 64-thread blocks: the 256-thread blocks above made the cuda
-# U-Net step test ~2x slower than v2 (77 s against 41 s, simulated under load);
-# these are about as fast as v2 (43 s). The tests run the real tables explicitly.
+# the default tiles are 64-thread blocks: with the 256-thread blocks above, the cuda
+# U-Net step test took about twice as long as with v2 (a rough ratio on a loaded
+# machine, not a timing); with these, about as long. The tests run the real tables explicitly.
 SIMULATOR_TILES = (32, 32, 8, 4, 4)
 
 
@@ -400,11 +400,12 @@ def _micro_tile(bk: int, tm: int, tn: int):
     and emits scalar loads). Per t: TM + TN shared values, TM*TN FMAs.
 
     The body is generated straight-line (BK*(TM + TN) loads, BK*TM*TN ``cuda.fma``
-    with constant indices): written as ``for t in range(BK)`` NVVM unrolled the
-    loop only 2x (v3) or not at all (v4), leaving a loop counter, Numba's
-    negative-index wrap-around and address arithmetic in every step -- 43% FMAs
-    instead of the ~90% the straight-line code gets (the PTX counts are in the
-    module docstring). The constant indices also let the register tile stay in registers.
+    with constant indices). Written as ``for t in range(BK)``, NVVM unrolled the
+    loop only 2x (4 x 4 tiles) or not at all (8 x 8), leaving a loop counter,
+    Numba's negative-index wrap-around and address arithmetic in every step (with
+    BK = 8 and 4 x 4 tiles, 43% of that loop's PTX instructions were FMAs). The
+    straight-line body is nothing but the vector loads and the FMAs, and its
+    constant indices keep the register tile in registers.
     """
     lines = ["def micro_tile(a_s, b_s, acc, row, col):"]
     for t in range(bk):
@@ -425,8 +426,8 @@ def _at(a, i0, i1, i2, i3):
     """``a[i0, i1, i2, i3]`` for indices the caller has checked to be in range.
 
     Unsigned indices: Numba then skips its negative-index wrap-around (a compare
-    and select per index), a third of the staging instructions of the tiled
-    kernels' slice loops.
+    and select per index). In the forward kernels' slice loops that removed
+    6-12% of the PTX instructions (counted for sm_90, float32).
     """
     return a[types.uint64(i0), types.uint64(i1), types.uint64(i2), types.uint64(i3)]
 
@@ -660,7 +661,7 @@ def _grad_input_v3(gy, w, x_shape, stride, padding, dilation, groups, tiles=None
     gy, w = _float_inputs(gy, w)
     gx = cc.empty(tuple(x_shape), gy.dtype)
     (pt, _), (pl, _) = padding
-    c_out, cg, kh, kw = w.shape
+    _, cg, kh, kw = w.shape
     (dh, dw), (sh, sw) = dilation, stride
     if (sh, sw) == (1, 1):
         # gx[h] = sum_p' w'[p'] gy[h - pt' + p'*dh] with p' = kh-1-p and pt' = dh*(kh-1) - pt
@@ -970,7 +971,7 @@ def _sum_splits(part):
 
 def _grad_weight_tiled(x, gy, w_shape, stride, padding, dilation, groups, tiles=None, splits=None, with_bias=False):
     """v3: gw, and gb when ``with_bias`` (else None). ``tiles`` and ``splits`` are parameters for the tests."""
-    x, gy, m_total, pt, pl = _grad_weight_setup(x, gy, padding)
+    x, gy, _, pt, pl = _grad_weight_setup(x, gy, padding)
     c_out, cg, kh, kw = w_shape
     og, k_total = c_out // groups, cg * kh * kw
     tiles = tiles or _default_tiles(TILES_V3, og)
