@@ -13,7 +13,15 @@ or a shared-memory tree here, einsum/BLAS blocking there); each of the at most
 ~50 terms of a sum, products of unit normals, contributes a rounding error of
 ~6e-8 relative to the partial sum, so the difference stays ~1e-6 and below
 1e-5 absolute even when the sum cancels to near 0. float64: 1e-10 / 1e-12.
+
+The register-tiled versions (forward v3/v4, grad_input v3, grad_weight v3) launch
+256-thread blocks with their GPU tiles: the drawn problems pass small tiles
+(``TEST_TILES``, 16-thread blocks, so most problems still span several tiles with
+partial ones at every edge), a fixed small problem runs every GPU tile
+configuration (``REAL_TILES``), and the others run the simulator's default tiles.
 """
+import inspect
+
 import numpy as np
 import pytest
 from hypothesis import assume, example, given, settings
@@ -25,6 +33,19 @@ from tests.helpers import assert_close, reference, tol
 
 R = reference("conv2d")
 FLOATS = st.sampled_from([np.float32, np.float64])
+
+
+# (BM, BN, BK, TM, TN): square 2x2 register tiles; and 1x2 ones where only half the
+# threads stage the BK x BM tile (BK*BM < threads), with BK = 2 < Cg possible.
+TEST_TILES = [(8, 8, 4, 2, 2), (4, 8, 2, 1, 2)]
+
+
+REAL_TILES = sorted(set(K.TILES_V3.values()) | set(K.TILES_V4.values()))
+
+
+def _tiles_kwargs(fn, tiles):
+    """``tiles=`` for the versions that take it (the register-tiled ones)."""
+    return {"tiles": tiles} if "tiles" in inspect.signature(fn).parameters else {}
 
 
 def _tiles(size):
@@ -69,12 +90,13 @@ def _grad_output(x, w, b, args, rng, trim):
 
 
 @pytest.mark.parametrize("version", sorted(K.FORWARD_VERSIONS))
-@given(problem=problems(), contiguous=st.booleans())
-def test_forward_matches_reference(version, problem, contiguous):
+@given(problem=problems(), contiguous=st.booleans(), tiles=st.sampled_from(TEST_TILES))
+def test_forward_matches_reference(version, problem, contiguous, tiles):
     x, w, b, args, _ = problem
     if not contiguous:  # a strided view: the wrapper must copy it before the kernel indexes flat memory
         x = np.repeat(x, 2, axis=3)[..., ::2]
-    y = K.conv2d_forward(x, w, b, *args, version=version)
+    forward = K.FORWARD_VERSIONS[version]
+    y = forward(x, w, b, *args, **_tiles_kwargs(forward, tiles))
     assert y.dtype == x.dtype
     assert_close(y, R.conv2d_forward(x, w, b, *args), *tol(x.dtype), name=f"forward v{version}")
 
@@ -90,16 +112,74 @@ def test_forward_several_tiles_in_every_direction(version):
     assert_close(K.conv2d_forward(x, w, b, *args, version=version), R.conv2d_forward(x, w, b, *args), *tol(np.float32))
 
 
+@pytest.mark.parametrize("tiles", REAL_TILES)
+def test_tiled_forward_with_every_gpu_tile_configuration(tiles):
+    """The forward's GPU tiles on a small problem: 17 output channels (a partial tile;
+    two with 16-row tiles), 2 channels per tap (one partial K-slice), 2 x 4 x 5 pixels
+    (one partial pixel tile); float32. (Groups: the small-tile tests.)"""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 2, 4, 5)).astype(np.float32)
+    w = rng.standard_normal((17, 2, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(17).astype(np.float32)
+    args = ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    y = K.FORWARD_VERSIONS[3](x, w, b, *args, tiles=tiles)
+    assert_close(y, R.conv2d_forward(x, w, b, *args), *tol(np.float32), name=f"forward {tiles}")
+
+
+@pytest.mark.parametrize("tiles", TEST_TILES)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_tiled_forward_several_channel_slices(tiles, groups):
+    """Cg = 9 input channels per group: with BK = 4 (or 2) each tap takes three (five)
+    K-slices, the last one partial, so the (tap, channel-slice) counters wrap mid-tap."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 9 * groups, 4, 3))
+    w = rng.standard_normal((5 * groups, 9, 2, 3))
+    b = rng.standard_normal(5 * groups)
+    args = ((1, 2), ((1, 0), (1, 2)), (2, 1), groups)
+    assert_close(K.FORWARD_VERSIONS[3](x, w, b, *args, tiles=tiles), R.conv2d_forward(x, w, b, *args), *tol(x.dtype))
+
+
+def test_tiled_kernels_reject_tiles_they_cannot_stage():
+    x, w = np.zeros((1, 1, 3, 3)), np.zeros((1, 1, 1, 1))
+    args = ((1, 1), ((0, 0), (0, 0)), (1, 1), 1)
+    with pytest.raises(ValueError, match=r"tiles \(BM, BN, BK, TM, TN\) = \(64, 2, 4, 4, 2\)"):
+        K.FORWARD_VERSIONS[3](x, w, None, *args, tiles=(64, 2, 4, 4, 2))  # 16 threads cannot stage 64 channel columns
+
+
 def test_default_forward_is_a_listed_version():
     assert K.DEFAULT_FORWARD_VERSION in K.FORWARD_VERSIONS
 
 
-@given(problem=problems(), trim=st.integers(0, 1))
-def test_grad_input_matches_reference(problem, trim):
+@pytest.mark.parametrize("version", sorted(K.GRAD_INPUT_VERSIONS))
+@given(problem=problems(), trim=st.integers(0, 1), tiles=st.sampled_from(TEST_TILES))
+def test_grad_input_matches_reference(version, problem, trim, tiles):
+    """v3 runs the forward on flipped weights when both strides are 1 (about a third
+    of the drawn problems), the compile-time gather otherwise."""
     x, w, b, args, rng = problem
     gy = _grad_output(x, w, b, args, rng, trim)
     expected = R.conv2d_grad_input(gy, w, x.shape, *args)
-    assert_close(K.conv2d_grad_input(gy, w, x.shape, *args), expected, *tol(x.dtype), name="grad_input")
+    grad_input = K.GRAD_INPUT_VERSIONS[version]
+    gx = grad_input(gy, w, x.shape, *args, **_tiles_kwargs(grad_input, tiles))
+    assert_close(gx, expected, *tol(x.dtype), name=f"grad_input v{version}")
+
+
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((3, 0), (0, 4))])
+def test_grad_input_v3_stride_one_with_real_tiles(padding):
+    """The GPU tiles on a small stride-1 problem with 2 groups of 17 input channels
+    (the flipped forward's output channels: one partial 32-row tile per group), and a
+    padding that reaches past the kernel, so the flipped forward's padding is negative."""
+    rng = np.random.default_rng(3)
+    x_shape, w = (1, 34, 4, 5), rng.standard_normal((6, 17, 3, 3)).astype(np.float32)
+    args = ((1, 1), padding, (1, 1), 2)
+    ho, wo = _out(4, padding[0], 1, 3, 1), _out(5, padding[1], 1, 3, 1)
+    gy = rng.standard_normal((1, 6, ho, wo)).astype(np.float32)
+    gx = K.GRAD_INPUT_VERSIONS[3](gy, w, x_shape, *args, tiles=K._tiles_for(K.TILES_V3, 17))
+    assert_close(gx, R.conv2d_grad_input(gy, w, x_shape, *args), *tol(np.float32))
+
+
+def test_default_grad_input_is_a_listed_version():
+    assert K.DEFAULT_GRAD_INPUT_VERSION in K.GRAD_INPUT_VERSIONS
+    assert K.conv2d_grad_input.__defaults__ == (K.DEFAULT_GRAD_INPUT_VERSION,)
 
 
 def _check_grad_weight(x, w, args, gy, version, **kwargs):
@@ -144,27 +224,51 @@ def test_grad_weight_v2_matches_reference(problem, trim, splits):
     _check_grad_weight(x, w, args, _grad_output(x, w, b, args, rng, trim), version=2, splits=splits)
 
 
-def test_grad_weight_v2_several_tiles_in_every_direction():
-    """17 channels x K = 2*3*3 = 18 taps of gW and M = 20 pixels: two tiles along each
+@settings(max_examples=15)
+@given(
+    problem=problems(max_pixels=48, max_og=10, max_cg=3),
+    trim=st.integers(0, 1),
+    splits=st.integers(1, 3),
+    tiles=st.sampled_from(TEST_TILES),
+)
+def test_grad_weight_v3_and_fused_bias_match_reference(problem, trim, splits, tiles):
+    """Small tiles, so Og up to 10 and K = Cg*kh*kw up to 27 span several tiles (the
+    last partial) and each pixel row several BK-wide slices; ``splits`` exercises
+    split-K and its fixed-order sum (splits with no slice write zeros). The fused
+    grad_bias is checked in the same pass."""
+    x, w, b, args, rng = problem
+    gy = _grad_output(x, w, b, args, rng, trim)
+    _check_grad_weight(x, w, args, gy, version=3, tiles=tiles, splits=splits)
+    gw, gb = K.conv2d_grad_weight_bias(x, gy, w.shape, *args, tiles=tiles, splits=splits)
+    assert_close(gw, R.conv2d_grad_weight(x, gy, w.shape, *args), *tol(x.dtype), name="fused gw")
+    assert_close(gb, R.conv2d_grad_bias(gy), *tol(x.dtype), name="fused gb")
+
+
+@pytest.mark.parametrize("version, tiles", [(2, None)] + [(3, t) for t in sorted(set(K.TILES_V3.values()))])
+def test_grad_weight_several_tiles_in_every_direction(version, tiles):
+    """17 channels x K = 2*3*3 = 18 taps of gW and M = 20 pixels: two v2 tiles along each
     GEMM axis, the second partial, in a group that does not start at channel 0; float32.
+    v3 runs each of its GPU tile configurations (partial tiles in both directions).
     (v1 is left out: 612 weights would be ~20k simulator threads.)"""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 4, 5, 4)).astype(np.float32)
     w = rng.standard_normal((34, 2, 3, 3)).astype(np.float32)
     args = ((1, 1), ((1, 1), (1, 1)), (1, 1), 2)
     gy = rng.standard_normal((1, 34, 5, 4)).astype(np.float32)
-    _check_grad_weight(x, w, args, gy, version=2)
+    _check_grad_weight(x, w, args, gy, version=version, **({"tiles": tiles} if tiles else {}))
 
 
 @pytest.mark.parametrize("version", sorted(K.GRAD_WEIGHT_VERSIONS))
 def test_grad_weight_long_reduction(version):
     """N*Ho*Wo = 2*12*12 = 288 terms per weight: v1 threads add several terms before
-    the tree (288 > 128 threads), v2 walks 18 M-slices, the last one partial."""
+    the tree (288 > 128 threads), v2 walks 18 M-slices, the last one partial; v3 (small
+    tiles, BK = 4) walks three slices per pixel row across rows and images, in 2 splits."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 1, 12, 12))
     gy = rng.standard_normal((2, 2, 12, 12))
     args = ((1, 1), ((1, 1), (0, 2)), (1, 1), 1)
-    _check_grad_weight(x, np.empty((2, 1, 3, 1)), args, gy, version=version)
+    kwargs = {"tiles": TEST_TILES[0], "splits": 2} if version == 3 else {}
+    _check_grad_weight(x, np.empty((2, 1, 3, 1)), args, gy, version=version, **kwargs)
 
 
 def test_default_grad_weight_is_a_listed_version():
