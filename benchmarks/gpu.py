@@ -629,6 +629,22 @@ def _activation_case(kind):
                     lambda fn, d: [fn(d["gy"], d["idx"], d["x"].shape, (2, 2), (2, 2), (0, 0), (1, 1))],
                     lambda peer, d: [peer.torch.ops.aten.max_pool2d_with_indices_backward(d["gy"], d["x"], *pool, d["idx"])],
                     None, size // 4 + 2 * (size // 4) + size, False)
+        if kind == "avg_pool2d_forward":  # read x, write y
+            return (f"avg_pool2d 2x2 forward {label}", dict(x=x),
+                    lambda fn, d: [fn(d["x"], (2, 2), (2, 2), (0, 0), False, True, None)],
+                    lambda peer, d: [peer.F.avg_pool2d(d["x"], 2)], None, size + size // 4, False)
+        if kind == "avg_pool2d_backward":  # read gy, write gx
+            return (f"avg_pool2d 2x2 backward {label}", dict(x=x, gy=_normal(rng, n, c, h // 2, w // 2)),
+                    lambda fn, d: [fn(d["gy"], d["x"].shape, (2, 2), (2, 2), (0, 0), False, True, None)],
+                    lambda peer, d: [peer.torch.ops.aten.avg_pool2d_backward(
+                        d["gy"], d["x"], [2, 2], [2, 2], [0, 0], False, True, None)], None, size // 4 + size, False)
+        if kind == "adaptive_avg_pool2d_forward":  # the global pool of a DeepLab/ASPP head: read x, write (N, C)
+            return (f"adaptive_avg_pool2d 1x1 forward {label}", dict(x=x), lambda fn, d: [fn(d["x"], (1, 1))],
+                    lambda peer, d: [peer.F.adaptive_avg_pool2d(d["x"], 1)], None, size, False)
+        if kind == "adaptive_avg_pool2d_backward":  # read (N, C), write gx
+            return (f"adaptive_avg_pool2d 1x1 backward {label}", dict(x=x, gy=_normal(rng, n, c, 1, 1)),
+                    lambda fn, d: [fn(d["gy"], d["x"].shape)],
+                    lambda peer, d: [peer.torch.ops.aten._adaptive_avg_pool2d_backward(d["gy"], d["x"])], None, size, False)
         args = ("bilinear", False, (0.5, 0.5))  # scales: input size / output size per axis
         if kind == "interpolate_forward":  # read x, write the 4x larger y
             return (f"bilinear x2 forward {label}", dict(x=x), lambda fn, d: [fn(d["x"], (2 * h, 2 * w), *args)],
@@ -683,6 +699,8 @@ KERNEL_CASES = {
     "kernels.batch_norm.cuda": {k: _activation_case(k) for k in ("batch_norm_stats", "batch_norm_forward", "batch_norm_backward")},
     "kernels.max_pool2d.cuda": {k: _activation_case(k) for k in ("max_pool2d_forward", "max_pool2d_backward")},
     "kernels.interpolate.cuda": {k: _activation_case(k) for k in ("interpolate_forward", "interpolate_backward")},
+    "kernels.avg_pool2d.cuda": {k: _activation_case(k) for k in ("avg_pool2d_forward", "avg_pool2d_backward",
+                                                                 "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward")},
     "kernels.softmax_cross_entropy.cuda": {"cross_entropy_forward": ("cross_entropy", _cross_entropy_case)},
 }
 
