@@ -289,7 +289,7 @@ def write_report(out: Path, history: list, scores: dict, samples, classes) -> No
     )
     plot_curves(out / "curves_miou.png", {"val mIoU": [h["val_mIoU"] for h in history]}, title="validation mIoU")
     if samples:
-        save_png(out / "samples.png", prediction_grid(*zip(*samples)))
+        save_png(out / "samples.png", prediction_grid(*zip(*samples), classes=classes))
     epoch = history[-1]["epoch"] if history else 0
     (out / "metrics.md").write_text(
         f"# Validation metrics after epoch {epoch}\n\n{format_table(scores, classes, fmt='markdown')}"

@@ -99,14 +99,62 @@ def grid(rows, scale: int = 2, gap: int = 2) -> np.ndarray:
     return out.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else out
 
 
-def prediction_grid(images, truths, preds, scale: int = 2) -> np.ndarray:
-    """One row per sample: image | ground truth | prediction (ignored truth pixels shown white)."""
+def prediction_grid(images, truths, preds, scale: int = 2, classes=None, titles=("image", "truth", "prediction")) -> np.ndarray:
+    """One row per sample: image | ground truth | prediction (ignored truth pixels shown white).
+
+    Column ``titles`` go above the columns (``None``: no header); with ``classes``
+    (names, in class-id order) a legend of the class colours goes below.
+    """
     rows = []
     for image, truth, pred in zip(images, truths, preds):
         truth_rgb = colorize(truth)
         truth_rgb[np.asarray(truth) == 255] = 255
         rows.append([to_uint8(image), truth_rgb, colorize(pred)])
-    return grid(rows, scale=scale)
+    picture = grid(rows, scale=scale)
+    if titles is not None:
+        picture = column_titles(picture, titles, column_width=rows[0][0].shape[1] * scale, gap=2 * scale)
+    if classes is not None:
+        picture = np.concatenate([picture, legend(classes, width=picture.shape[1])], axis=0)
+    return picture
+
+
+def column_titles(picture, titles, column_width: int, gap: int) -> np.ndarray:
+    """``picture`` with a white header holding one centred title per column."""
+    from PIL import Image, ImageDraw
+
+    header = Image.new("RGB", (picture.shape[1], TEXT_HEIGHT + 6), "white")
+    draw = ImageDraw.Draw(header)
+    for j, title in enumerate(titles):
+        x0, _, x1, _ = draw.textbbox((0, 0), title)
+        left = j * (column_width + gap) + max(0, (column_width - (x1 - x0)) // 2)
+        draw.text((left, 2), title, fill="black")
+    return np.concatenate([np.asarray(header), picture], axis=0)
+
+
+def legend(classes, width: int) -> np.ndarray:
+    """A white strip, ``width`` pixels wide, with a colour swatch and the name of every class, wrapped into lines."""
+    from PIL import Image, ImageDraw
+
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries = []  # (x, line, class id, name)
+    x, line = 4, 0
+    for c, name in enumerate(classes):
+        label = f"{c} {name}"
+        entry = 14 + probe.textbbox((0, 0), label)[2] + 10  # swatch, space, text, space
+        if x + entry > width and x > 4:
+            x, line = 4, line + 1
+        entries.append((x, line, c, label))
+        x += entry
+    strip = Image.new("RGB", (width, (line + 1) * (TEXT_HEIGHT + 4) + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    for x, line, c, label in entries:
+        y = 4 + line * (TEXT_HEIGHT + 4)
+        draw.rectangle([x, y + 1, x + 10, y + 11], fill=tuple(int(v) for v in PALETTE[c]), outline=(128, 128, 128))
+        draw.text((x + 14, y), label, fill="black")
+    return np.asarray(strip)
+
+
+TEXT_HEIGHT = 12  # Pillow's default font: 11-12 pixels from the top of a line to the bottom of its descenders
 
 
 # -------------------------------------------------------------------- line plots
@@ -188,5 +236,7 @@ __all__ = [
     "save_png",
     "grid",
     "prediction_grid",
+    "column_titles",
+    "legend",
     "plot_curves",
 ]

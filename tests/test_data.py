@@ -275,5 +275,25 @@ def test_plot_curves_and_grid(tmp_path):
     assert len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 3  # more than a blank canvas
     plot_curves(tmp_path / "one.png", {"mIoU": [0.5]})  # a single point must not divide by zero
     ds = SyntheticScenes(2, size=8)
-    g = prediction_grid([ds[0][0], ds[1][0]], [ds[0][1], ds[1][1]], [ds[0][1], ds[1][1]], scale=1)
+    g = prediction_grid([ds[0][0], ds[1][0]], [ds[0][1], ds[1][1]], [ds[0][1], ds[1][1]], scale=1, titles=None)
     assert g.shape == (2 * 8 + 2, 3 * 8 + 4, 3)
+
+
+def test_prediction_grid_has_column_titles_and_a_class_legend():
+    ds = SyntheticScenes(2, size=32)
+    images, truths = [ds[i][0] for i in range(2)], [ds[i][1] for i in range(2)]
+    bare = prediction_grid(images, truths, truths, titles=None)
+    titled = prediction_grid(images, truths, truths)
+    annotated = prediction_grid(images, truths, truths, classes=ds.classes)
+    header = titled.shape[0] - bare.shape[0]
+    assert header > 0 and titled.shape[1] == bare.shape[1]
+    np.testing.assert_array_equal(titled[header:], bare)  # the samples sit unchanged below the header
+    head = titled[:header]
+    assert (head < 128).any() and (head == 255).any()  # dark text on white
+    # each title is centred over its column: dark pixels appear in all three column spans
+    col = 32 * 2 + 4
+    assert all((head[:, j * col : j * col + 64] < 128).any() for j in range(3))
+    strip = annotated[titled.shape[0] :]
+    assert strip.shape[0] > 0
+    colours = {tuple(c) for c in strip.reshape(-1, 3).tolist()}
+    assert all(tuple(int(v) for v in PALETTE[c]) in colours for c in range(ds.num_classes))  # one swatch per class
