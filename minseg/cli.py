@@ -37,6 +37,7 @@ import numpy as np
 REAL_DATASETS = ("scratch-assay",)
 SYNTHETIC_TRAIN, SYNTHETIC_VAL = 320, 64
 CHECKPOINT_FORMAT = "minseg-checkpoint-1"
+MODEL_NAMES = ["unet", "fcn", "deeplab"]  # minseg.nn.MODELS, without importing it at start-up
 
 # Defaults of `minseg train`, chosen so that the run finishes within 3 minutes on
 # 2 CPU cores with the cpu backend and reaches validation mIoU >= 0.85 on SyntheticScenes.
@@ -501,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model; writes checkpoints and a report to --out")
     common(t)
-    t.add_argument("--model", choices=["unet", "fcn"], default=None, help="default: unet")
+    t.add_argument("--model", choices=MODEL_NAMES, default=None, help="default: unet")
     t.add_argument("--dataset", default=None, help="'synthetic' (default), a folder with images/ and masks/, or 'scratch-assay'")
     t.add_argument("--epochs", type=int, default=None, help=f"default: {DEFAULTS['epochs']}")
     t.add_argument("--batch-size", type=int, default=None, help=f"default: {DEFAULTS['batch_size']}")
@@ -526,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--dataset", default=None, help="evaluate on another dataset (default: the checkpoint's)")
-    e.add_argument("--model", choices=["unet", "fcn"], default=None, help="expected model (checked against the checkpoint)")
+    e.add_argument("--model", choices=MODEL_NAMES, default=None, help="expected model (checked against the checkpoint)")
     e.add_argument("--num-classes", type=int, default=None, help="expected number of classes (checked)")
     e.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     e.set_defaults(func=cmd_eval)
@@ -538,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--probs", action="store_true", help="also write the per-class probability maps (.npy and one PNG per class)")
     p.add_argument("--boxes", action="store_true", help="draw a box around each connected region on the overlay")
-    p.add_argument("--model", choices=["unet", "fcn"], default=None, help="expected model (checked against the checkpoint)")
+    p.add_argument("--model", choices=MODEL_NAMES, default=None, help="expected model (checked against the checkpoint)")
     p.add_argument("--num-classes", type=int, default=None, help="expected number of classes (checked)")
     p.set_defaults(func=cmd_predict)
 
