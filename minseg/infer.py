@@ -34,6 +34,8 @@ DEFAULT_WINDOW = 256  # for models that do not know their training tile size
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Start offsets of windows of ``window`` pixels ``stride`` apart that cover [0, size); the last ends at ``size``."""
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window={window}] so that the windows leave no gap, got {stride}")
     if size <= window:
         return [0]
     starts = list(range(0, size - window + 1, stride))
