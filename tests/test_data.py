@@ -16,6 +16,7 @@ from minseg.data import (
     random_split,
 )
 from minseg.metrics import ConfusionMatrix
+from minseg.data import median_frequency_weights
 from minseg.viz import PALETTE, mask_image, overlay, plot_curves, prediction_grid, voc_palette
 
 # ------------------------------------------------------------------ synthetic
@@ -297,3 +298,24 @@ def test_prediction_grid_has_column_titles_and_a_class_legend():
     assert strip.shape[0] > 0
     colours = {tuple(c) for c in strip.reshape(-1, 3).tolist()}
     assert all(tuple(int(v) for v in PALETTE[c]) in colours for c in range(ds.num_classes))  # one swatch per class
+
+
+def test_median_frequency_weights_by_hand():
+    class Masks:
+        def __init__(self, masks):
+            self.masks = masks
+
+        def __len__(self):
+            return len(self.masks)
+
+        def __getitem__(self, i):
+            return None, self.masks[i]
+
+    # image A (4 labelled pixels): 3 x class 0, 1 x class 1; image B (4 labelled + 2 ignored): 2 x class 0, 2 x class 2
+    a = np.array([[0, 0], [0, 1]])
+    b = np.array([[0, 0, 255], [2, 2, 255]])
+    w = median_frequency_weights(Masks([a, b]), num_classes=4)
+    # freq_0 = 5/8 (in both images), freq_1 = 1/4 (image A only), freq_2 = 2/4 (image B only); median 1/2
+    np.testing.assert_allclose(w, [0.5 / (5 / 8), 0.5 / (1 / 4), 1.0, 0.0])  # class 3 never appears: weight 0
+    with pytest.raises(ValueError, match="entirely ignored"):
+        median_frequency_weights(Masks([np.full((2, 2), 255)]), num_classes=2)
