@@ -6,7 +6,7 @@
     minseg train --dataset DIR --val-dataset VALDIR   your own split, given as two folders
     minseg train --loss ce+dice --class-weights auto   losses for rare classes, median-frequency weights
     minseg train --dataset scratch-assay   the real microscopy tiles (pip install --no-deps ndev-sampledata)
-    minseg eval --checkpoint runs/minseg/last.npz
+    minseg eval --checkpoint runs/minseg/last.npz   (also writes confusion.png and per_image_iou.csv)
     minseg predict a.png b.jpg --checkpoint runs/minseg/best.npz --out preds --probs --boxes
                                        (sliding windows of the training tile size: any image size)
     minseg info                        versions, backends, GPU or simulator
@@ -362,17 +362,18 @@ def _non_finite_state(model) -> str | None:
     return None
 
 
-def evaluate(model, dataset, num_classes: int, batch_size: int = 16, keep: int = 0, quiet: bool = True, window=None):
+def evaluate(model, dataset, num_classes: int, batch_size: int = 16, keep: int = 0, quiet: bool = True, window=None, per_image=None):
     """(scores, mean loss per pixel, first ``keep`` (image, truth, prediction) triples) on ``dataset``.
 
     With ``window``, images larger than it are segmented by sliding windows
     (:func:`minseg.infer.predict`), so memory stays bounded on large validation images.
+    ``per_image``: a list that receives each image's confusion matrix, in dataset order.
     """
     from . import functional as F
     from .autograd import no_grad
     from .data import DataLoader
     from .infer import predict
-    from .metrics import ConfusionMatrix
+    from .metrics import ConfusionMatrix, confusion_matrix
     from .tensor import tensor
 
     model.eval()
@@ -391,6 +392,8 @@ def evaluate(model, dataset, num_classes: int, batch_size: int = 16, keep: int =
                 pixels += valid
             pred = logits.argmax(1).numpy()
             cm.update(pred, masks)
+            if per_image is not None:
+                per_image.extend(confusion_matrix(p, m, num_classes, ignore_index=255) for p, m in zip(pred, masks))
             for k in range(min(keep - len(samples), len(images))):
                 samples.append((images[k], masks[k], pred[k]))
     return cm.scores(), loss_sum / max(pixels, 1), samples
@@ -536,6 +539,7 @@ def cmd_eval(args) -> int:
     from . import backend
     from .data import DataError
     from .metrics import format_table
+    from .viz import confusion_matrix_image, save_png
 
     if args.backend:
         backend.set_backend(args.backend)
@@ -548,10 +552,48 @@ def cmd_eval(args) -> int:
         _, val_set = build_datasets(config)  # mask values are checked against the model's classes
     except (CLIError, DataError) as e:
         raise CLIError(f"{e} (the checkpoint's model predicts {expected} classes)") from None
-    scores, val_loss, _ = evaluate(model, val_set, expected, quiet=args.quiet, window=config.get("crop"))
+    matrices: list = []
+    scores, val_loss, _ = evaluate(model, val_set, expected, quiet=args.quiet, window=config.get("crop"), per_image=matrices)
+    classes = meta["config"]["classes"]
     print(f"{args.checkpoint} (epoch {meta['epoch']}) on {config['dataset']} validation ({len(val_set)} images), loss {val_loss:.4f}")
-    print(format_table(scores, meta["config"]["classes"], fmt="markdown" if args.markdown else "text"))
+    print(format_table(scores, classes, fmt="markdown" if args.markdown else "text"))
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out.mkdir(parents=True, exist_ok=True)
+    save_png(out / "confusion.png", confusion_matrix_image(sum(matrices), classes))
+    write_per_image_iou(out / "per_image_iou.csv", matrices, [_item_name(val_set, i) for i in range(len(val_set))], classes)
+    print(f"wrote {out / 'confusion.png'} (row-normalised confusion matrix) and {out / 'per_image_iou.csv'} (worst images first)")
     return 0
+
+
+def _item_name(dataset, index: int) -> str:
+    """A file name for a dataset item where there is one (FolderDataset, through Subsets), else '#index'."""
+    while hasattr(dataset, "indices"):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    pairs = getattr(dataset, "pairs", None)
+    return pairs[index][0].name if pairs is not None else f"#{index}"
+
+
+def write_per_image_iou(path: Path, matrices, names, classes) -> None:
+    """One CSV row per image: rank, name, mIoU, IoU per class (empty where a class is in neither
+    truth nor prediction), sorted by mIoU, worst first (images with no labelled pixel last)."""
+    import csv
+
+    from .metrics import scores as scores_of
+
+    rows = []
+    for name, m in zip(names, matrices):
+        s = scores_of(m)
+        rows.append((name, s["mIoU"], s["iou"]))
+    rows.sort(key=lambda r: (np.isnan(r[1]), r[1]))
+
+    def cell(v):
+        return "" if np.isnan(v) else f"{v:.4f}"
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "image", "mIoU", *(f"IoU {c}" for c in classes)])
+        for rank, (name, miou, iou) in enumerate(rows, 1):
+            writer.writerow([rank, name, cell(miou), *(cell(v) for v in iou)])
 
 
 def cmd_predict(args) -> int:
@@ -669,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", choices=MODEL_NAMES, default=None, help="expected model (checked against the checkpoint)")
     e.add_argument("--num-classes", type=int, default=None, help="expected number of classes (checked)")
     e.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    e.add_argument("--out", default=None, help="folder for confusion.png and per_image_iou.csv (default: the checkpoint's folder)")
     e.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="masks, overlays and probabilities for images")

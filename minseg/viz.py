@@ -157,6 +157,45 @@ def legend(classes, width: int) -> np.ndarray:
 TEXT_HEIGHT = 12  # Pillow's default font: 11-12 pixels from the top of a line to the bottom of its descenders
 
 
+def confusion_matrix_image(matrix, classes, cell: int = 56) -> np.ndarray:
+    """A picture of the row-normalised confusion matrix: row = true class, column = predicted class.
+
+    Each cell shows the fraction of the row's pixels (rows sum to 1; a class
+    with no pixels shows '-') and is shaded from white (0) to dark blue (1).
+    """
+    from PIL import Image, ImageDraw
+
+    m = np.asarray(matrix, dtype=np.float64)
+    n = len(m)
+    rows = m.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(rows > 0, m / rows, np.nan)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(probe.textbbox((0, 0), str(c))[2] for c in classes) + 10
+    cell = max(cell, label_w)  # every column name fits over its cell
+    left, top = label_w + 16, TEXT_HEIGHT * 2 + 14
+    im = Image.new("RGB", (left + n * cell + 8, top + n * cell + 8), "white")
+    draw = ImageDraw.Draw(im)
+    draw.text((left, 2), "predicted class", fill="black")
+    for j, name in enumerate(classes):  # column names, centred over the cells
+        w = probe.textbbox((0, 0), str(name))[2]
+        draw.text((left + j * cell + max(0, (cell - w) // 2), TEXT_HEIGHT + 6), str(name), fill="black")
+    for k, ch in enumerate("true"):  # the row axis title, written downwards
+        draw.text((2, top + k * TEXT_HEIGHT), ch, fill="black")
+    for i, name in enumerate(classes):
+        draw.text((14, top + i * cell + (cell - TEXT_HEIGHT) // 2), str(name), fill="black")
+        for j in range(n):
+            v = frac[i, j]
+            shade = (255, 255, 255) if np.isnan(v) else tuple(int(round(255 - v * (255 - c))) for c in (8, 48, 107))
+            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1]
+            draw.rectangle(box, fill=shade, outline=(200, 200, 200))
+            text = "-" if np.isnan(v) else f"{v:.2f}"
+            w = probe.textbbox((0, 0), text)[2]
+            colour = "white" if not np.isnan(v) and v > 0.5 else "black"
+            draw.text((box[0] + (cell - w) // 2, box[1] + (cell - TEXT_HEIGHT) // 2), text, fill=colour)
+    return np.asarray(im)
+
+
 # -------------------------------------------------------------------- line plots
 
 SERIES_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
@@ -238,5 +277,6 @@ __all__ = [
     "prediction_grid",
     "column_titles",
     "legend",
+    "confusion_matrix_image",
     "plot_curves",
 ]

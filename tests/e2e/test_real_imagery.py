@@ -1,9 +1,11 @@
 """`minseg` on imagery as people keep it: train/ and val/ folders, --val-dataset, --crop on
 large images, losses and class weights for rare classes, the DeepLab model, the divergence
 guard, and sliding-window prediction on an image larger than the training tiles."""
+import csv
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from minseg import cli
@@ -42,8 +44,28 @@ def test_large_images_train_with_crop_and_validate_by_windows(tmp_path, capsys):
     assert code == 0 and "3 train / 1 val images" in out
     meta = load_checkpoint(tmp_path / "run" / "last.npz")[0]
     assert meta["config"]["tile"] == 16  # predict's default window
-    code, out, _ = run(capsys, "eval", "--checkpoint", tmp_path / "run" / "last.npz", "--quiet")
+    code, out, _ = run(capsys, "eval", "--checkpoint", tmp_path / "run" / "last.npz", "--quiet", "--out", tmp_path / "eval")
     assert code == 0 and f"mIoU {100 * meta['history'][-1]['val_mIoU']:.2f}" in out
+    assert Image.open(tmp_path / "eval" / "confusion.png").size[0] > 3 * 56
+
+
+def test_eval_writes_a_confusion_matrix_and_per_image_iou_worst_first(tmp_path, capsys):
+    data = split_folder(tmp_path / "data", [(16, 16)] * 4, [(16, 16)] * 3)
+    code, _, _ = run(capsys, "train", "--dataset", data, "--epochs", "1", "--out", tmp_path / "run", *TINY)
+    assert code == 0
+    code, out, _ = run(capsys, "eval", "--checkpoint", tmp_path / "run" / "last.npz", "--quiet")
+    assert code == 0 and "worst images first" in out
+    with open(tmp_path / "run" / "per_image_iou.csv") as f:  # default: next to the checkpoint
+        rows = list(csv.DictReader(f))
+    assert [r["rank"] for r in rows] == ["1", "2", "3"] and sorted(r["image"] for r in rows) == ["0.png", "1.png", "2.png"]
+    mious = [float(r["mIoU"]) for r in rows]
+    assert mious == sorted(mious)
+    assert set(rows[0]) == {"rank", "image", "mIoU", "IoU ground", "IoU road", "IoU roof"}
+    for r in rows:  # each image's mIoU is the mean of its defined class IoUs
+        ious = [float(r[k]) for k in r if k.startswith("IoU ") and r[k]]
+        assert float(r["mIoU"]) == pytest.approx(np.mean(ious), abs=1e-4)
+    picture = np.asarray(Image.open(tmp_path / "run" / "confusion.png"))
+    assert picture.shape[0] > 3 * 56 and (picture < 128).any()
 
 
 def test_class_weights_auto_and_every_loss(tmp_path, capsys):
