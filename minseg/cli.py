@@ -188,7 +188,7 @@ def build_loss(config: dict):
         "dice": lambda logits, masks: F.dice_loss(logits, masks, weight=weight, ignore_index=255),
         "focal": lambda logits, masks: F.focal_loss(logits, masks, alpha=weight, gamma=FOCAL_GAMMA, ignore_index=255),
     }
-    terms = [losses[name] for name in config["loss"].split("+")]
+    terms = [losses[name] for name in config.get("loss", "ce").split("+")]  # checkpoints before --loss trained with ce
     if len(terms) == 1:
         return terms[0]
     return lambda logits, masks: sum((term(logits, masks) for term in terms[1:]), terms[0](logits, masks))
@@ -480,7 +480,7 @@ def cmd_train(args) -> int:
     print(
         f"training {config['model']} ({model.num_parameters():,} parameters) on {config['dataset']}: "
         f"{len(train_set)} train / {len(val_set)} val images, {config['num_classes']} classes, "
-        f"backend {backend.get_backend()}, {config['epochs']} epochs, loss {config['loss']}"
+        f"backend {backend.get_backend()}, {config['epochs']} epochs, loss {config.get('loss', 'ce')}"
     )
     if config.get("split"):
         print(f"split: {config['split']}")
