@@ -13,7 +13,7 @@ from minseg.infer import gaussian_weights, predict, softmax_inplace, window_star
 
 
 @pytest.fixture(autouse=True)
-def cpu_backend():
+def numpy_backend():
     with backend.using("numpy"):
         yield
 
