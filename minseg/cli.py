@@ -322,7 +322,7 @@ def train_epoch(model, loader, optimizer, schedule, desc: str = "", quiet: bool 
     from .tensor import tensor
 
     if loss_fn is None:
-        loss_fn = lambda logits, masks: F.cross_entropy(logits, masks, ignore_index=255)  # noqa: E731
+        loss_fn = lambda logits, masks: F.cross_entropy(logits, masks, ignore_index=255)
     model.train()
     total, count = 0.0, 0
     bar = _progress(loader, desc=desc, disable=quiet or None)

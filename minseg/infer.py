@@ -109,8 +109,8 @@ def predict(model, image, window=None, overlap: float = 0.25, blend: str = "mean
     # an image smaller than the window is padded up to it (reflection; 'symmetric' handles any pad width)
     ph, pw = max(0, wh - h), max(0, ww - w)
     padded = np.pad(image, ((0, 0), (0, ph), (0, pw)), mode="symmetric") if ph or pw else image
-    ys = window_starts(padded.shape[1], wh, max(1, int(math.floor(wh * (1 - overlap)))))
-    xs = window_starts(padded.shape[2], ww, max(1, int(math.floor(ww * (1 - overlap)))))
+    ys = window_starts(padded.shape[1], wh, max(1, math.floor(wh * (1 - overlap))))
+    xs = window_starts(padded.shape[2], ww, max(1, math.floor(ww * (1 - overlap))))
     positions = [(y, x) for y in ys for x in xs]
     kernel = gaussian_weights((wh, ww)) if blend == "gaussian" else np.ones((wh, ww))
 

@@ -151,7 +151,7 @@ def test_dice_loss_gradcheck(case, include_background, smooth):
         assume((target != ignore_index).any())
     if weight is not None and not include_background:
         assume(weight[1:].sum() > 0)
-    fn = lambda z: dice_loss(z, T(target), _t(weight), ignore_index, smooth, include_background)  # noqa: E731
+    fn = lambda z: dice_loss(z, T(target), _t(weight), ignore_index, smooth, include_background)
     assert minseg.gradcheck(fn, [T(x, requires_grad=True)])
 
 
@@ -209,7 +209,7 @@ def test_focal_loss_gradcheck(case, gamma):
     x, target, alpha, ignore_index, reduction = case
     if reduction == "mean":
         assume((target != ignore_index).any())
-    fn = lambda z: focal_loss(z, T(target), _t(alpha), gamma, ignore_index, reduction)  # noqa: E731
+    fn = lambda z: focal_loss(z, T(target), _t(alpha), gamma, ignore_index, reduction)
     assert minseg.gradcheck(fn, [T(x, requires_grad=True)])
 
 

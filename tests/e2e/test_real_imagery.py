@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from minseg import cli
-from minseg.cli import load_checkpoint, main
+from minseg.cli import load_checkpoint
 from minseg.data import FolderDataset, median_frequency_weights
 from tests.e2e.test_cli import TINY, folder, run
 
