@@ -154,3 +154,25 @@ def test_bad_arguments(kwargs, error, message):
     args.update(kwargs)
     with pytest.raises(error, match=message):
         predict(nn.Conv2d(3, 2, 1), progress=False, **args)
+
+
+@pytest.mark.slow
+def test_predict_memory_benchmark_runs(tmp_path):
+    """``python -m benchmarks.predict_memory --quick`` end to end (two ``minseg predict`` processes);
+    the CLI's sliding and one-pass paths are covered fast by tests/e2e/test_real_imagery.py."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.predict_memory", "--quick", "--json", str(tmp_path / "m.json")],
+        cwd=root, env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "m.json").read_text())
+    for run in report["runs"].values():
+        assert run["peak_rss_mib"] > 0 and run["outputs"] == ["big_mask.png", "big_overlay.png"]
+    assert "one pass / sliding" in proc.stdout
