@@ -669,6 +669,255 @@ def dropout(input, p=0.5, training=True) -> Tensor:
     return x * Tensor(backend.to_backend_array(mask.astype(x.dtype)))
 
 
+# ============================================================================
+# Losses beyond cross_entropy: nll_loss, dice_loss, focal_loss
+# (cross_entropy above is log_softmax fused with nll_loss; these three share
+# _class_target_operands for their argument checks.)
+# ============================================================================
+
+
+def _class_target_operands(input, target, weight, weight_name: str, reduction: str | None, ignore_index):
+    """Checked (x, target, weight, target shape) of a loss on (N, C) or (N, C, d1, ...) scores and integer targets.
+
+    ``target`` comes back as an (N, S) int64 array (S = d1*d2*..., 1 for
+    (N, C)) whose values are class ids in [0, C) or ``ignore_index``; the
+    target shape is the shape of a 'none' loss.
+    """
+    x = _float_tensor(input, "input")
+    if x.ndim < 2:
+        raise ValueError(f"input must be (N, C) or (N, C, H, W), got shape {x.shape}")
+    t = _tensor(target, "target")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
+    n, c = x.shape[:2]
+    expected = (n,) + x.shape[2:]
+    if t.shape != expected:
+        raise ValueError(f"target must have shape {expected} for input of shape {x.shape}, got {t.shape}")
+    if reduction is not None and reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if weight is not None:
+        weight = _float_tensor(weight, weight_name)
+        _same_dtype(weight, x, weight_name)
+        if weight.shape != (c,):
+            raise ValueError(f"{weight_name} must have shape ({c},), one per class, got {weight.shape}")
+    t_np = t.numpy()
+    if t_np.size and (t_np.min() < 0 or t_np.max() >= c):  # the masked scan only when needed
+        bad = (t_np != ignore_index) & ((t_np < 0) | (t_np >= c))
+        if bad.any():
+            raise ValueError(
+                f"target value {t_np[bad].reshape(-1)[0]} is out of range: expected class indices in [0, {c - 1}] "
+                f"or ignore_index={ignore_index}"
+            )
+    return x, _contiguous(t.data.reshape(n, -1).astype(np.int64, copy=False)), weight, expected
+
+
+def _pixel_weights(xp, target, weight, ignore_index: int, c: int, dtype):
+    """(safe targets, w_t): targets with ignored pixels set to class 0 (so they index safely),
+    and each pixel's weight w[t_i] (1 without weights), exactly 0 on ignored pixels."""
+    valid = target != ignore_index
+    t = xp.where(valid, target, 0)
+    w_t = (xp.ones(c, dtype) if weight is None else weight)[t]
+    return t, xp.where(valid, w_t, 0).astype(dtype)
+
+
+def _reduce(xp, loss, w_t, reduction: str):
+    """'none': the per-pixel map; 'sum': its sum; 'mean': sum / sum_i w_t[i] (0/0 = NaN when all are ignored, as torch)."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return loss.sum() / w_t.sum()
+
+
+def _pixel_scale(xp, gloss, w_t, reduction: str):
+    """w_t[i] times d(reduced loss)/d(loss_i) times the upstream gradient, per pixel (N, S).
+
+    Exactly 0 on ignored pixels (w_t = 0), even when every pixel is ignored and
+    'mean' divides by 0 (as torch: the loss is NaN, its gradient 0).
+    """
+    if reduction == "none":
+        upstream = gloss
+    elif reduction == "sum":
+        upstream = xp.broadcast_to(gloss, w_t.shape)
+    else:
+        denom = w_t.sum()
+        upstream = xp.broadcast_to(gloss / (denom if denom != 0 else 1), w_t.shape)
+    return upstream * w_t
+
+
+def _one_hot(xp, t, c: int, dtype):
+    """(N, C, S) one-hot of (N, S) class ids."""
+    return (xp.arange(c)[None, :, None] == t[:, None, :]).astype(dtype)
+
+
+class NLLLossFunction(Function):
+    """loss_i = -w[t_i] x[i, t_i] (0 where t_i is ignored), then reduced.
+
+    Backward: dloss_i/dx[i, c] = -w[t_i] [c == t_i]: the gradient is the
+    negated one-hot of the target, weighted, times the upstream gradient of
+    pixel i (gloss_i, gloss, or gloss / sum_i w[t_i] for 'mean').
+    """
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index, reduction):
+        xp = backend.array_module(x)
+        t, w_t = _pixel_weights(xp, target, weight, ignore_index, x.shape[1], x.dtype)
+        ctx.t, ctx.w_t, ctx.reduction, ctx.shape = t, w_t, reduction, x.shape
+        loss = -w_t * xp.take_along_axis(x, t[:, None, :], axis=1)[:, 0, :]
+        return _reduce(xp, loss, w_t, reduction).astype(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gloss):
+        xp = backend.array_module(ctx.w_t)
+        scale = _pixel_scale(xp, gloss, ctx.w_t, ctx.reduction)
+        return -_one_hot(xp, ctx.t, ctx.shape[1], ctx.w_t.dtype) * scale[:, None, :], None, None
+
+
+def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean") -> Tensor:
+    """Negative log-likelihood of log-probabilities (N, C) or (N, C, d1, ...), as ``torch.nn.functional.nll_loss``.
+
+    loss_i = -w[t_i] input[i, t_i], and 0 where t_i == ignore_index.
+    'mean' divides the sum by sum_{i not ignored} w[t_i] (NaN if every pixel is
+    ignored, as torch); 'none' returns the (N, d1, ...) map. With
+    ``input = log_softmax(logits, 1)`` this is ``cross_entropy(logits, target)``.
+    """
+    x, t, weight, expected = _class_target_operands(input, target, weight, "weight", reduction, ignore_index)
+    n, c = x.shape[:2]
+    loss = NLLLossFunction.apply(
+        _contig_tensor(x.reshape(n, c, -1)), Tensor(t), weight, ignore_index=int(ignore_index), reduction=reduction
+    )
+    return loss.reshape(expected) if reduction == "none" else loss
+
+
+def dice_loss(input, target, weight=None, ignore_index=-100, smooth=1.0, include_background=True) -> Tensor:
+    """Soft multi-class Dice loss of logits (N, C, d1, ...) against integer targets.
+
+    With p = softmax(input, 1), y the one-hot target and v_i = [t_i != ignore_index],
+    summed over every pixel i of the batch::
+
+        I_c = sum_i v_i p_ic y_ic          (soft intersection)
+        U_c = sum_i v_i (p_ic + y_ic)      (soft sizes of prediction and truth)
+        dice_c = (2 I_c + s) / (U_c + s),  s = ``smooth``
+        loss = 1 - sum_c w_c dice_c / sum_c w_c
+
+    over the classes c taken into account: all, or all but class 0 (the
+    background) when ``include_background`` is False; ``weight`` gives w_c
+    (all 1 when None). The sums run over the whole batch (one Dice per class,
+    not per image), so a class missing from one image does not score that image
+    0 or 1 outright. A perfect prediction gives I_c = |class c|, U_c = 2 I_c and
+    dice_c = 1 for every class (loss 0 up to the softmax never reaching exactly
+    one-hot); ``smooth`` keeps a class absent from both prediction and truth at
+    dice_c = 1 instead of 0/0, and makes an absent class whose predicted mass is
+    P_c score s / (P_c + s).
+
+    Gradient (autograd composes it from softmax, products and sums; written out
+    for the reader)::
+
+        d dice_c / d p_ic = v_i (2 y_ic (U_c + s) - (2 I_c + s)) / (U_c + s)^2
+        d loss / d p_ic   = -(w_c / sum_k w_k) d dice_c / d p_ic    (0 for excluded c)
+        d loss / d z_ik   = p_ik (g_ik - sum_c g_ic p_ic),   g = d loss / d p  (softmax backward)
+
+    so raising p_ic helps where y_ic = 1 (the numerator grows twice as fast as
+    the denominator) and hurts elsewhere; rare classes weigh as much as common
+    ones because each dice_c is normalised by its own size U_c.
+    """
+    x, t, weight, _ = _class_target_operands(input, target, weight, "weight", None, ignore_index)
+    n, c = x.shape[:2]
+    if c < 2 and not include_background:
+        raise ValueError(f"include_background=False leaves no class to score: input has {c} class(es)")
+    if not (isinstance(smooth, numbers.Real) and smooth >= 0 and math.isfinite(smooth)):
+        raise ValueError(f"smooth must be a finite number >= 0, got {smooth!r}")
+    xp = x.xp
+    valid = (t != ignore_index).astype(x.dtype)[:, None, :]  # (N, 1, S)
+    truth = _one_hot(xp, xp.where(t != ignore_index, t, 0), c, x.dtype) * valid
+    p = softmax(x.reshape(n, c, -1), 1) * Tensor(valid)
+    intersection = (p * Tensor(truth)).sum(dim=(0, 2))
+    union = p.sum(dim=(0, 2)) + Tensor(truth.sum(axis=(0, 2)))
+    dice = (intersection * 2.0 + smooth) / (union + smooth)
+    w = xp.ones(c, x.dtype) if weight is None else weight.data.copy()
+    if not include_background:
+        w[0] = 0
+    if not w.sum() > 0:
+        raise ValueError(f"the class weights of the scored classes sum to {float(w.sum())}; at least one must be > 0")
+    return 1.0 - (dice * Tensor(w / w.sum())).sum()
+
+
+class FocalLossFunction(Function):
+    """Focal loss of logits (N, C, S); forward and backward in one place for numerical care.
+
+    With l = log p_t (the log-softmax at the target class), p = exp(l),
+    q = 1 - p = -expm1(l) (exact for p near 1) and alpha_t = alpha[t]::
+
+        FL = -alpha_t q^gamma l
+
+    Backward: dl/dz_c = delta_ct - p_c and dq/dz_c = -p (delta_ct - p_c), so
+
+        dFL/dz_c = alpha_t (p_c - delta_ct) (q^gamma - gamma p q^(gamma-1) l)
+                 = alpha_t (p_c - delta_ct) q^gamma (1 - gamma p l / q)
+
+    The second form stays finite as p -> 1 (q -> 0): l / q -> -1 there, and it
+    is set to -1 where q == 0 exactly. With gamma = 0 the factor is 1 and this
+    is the cross-entropy gradient alpha_t (p_c - delta_ct).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, alpha, gamma, ignore_index, reduction):
+        kernels = backend.current()
+        xp = backend.array_module(logits)
+        logp = kernels.log_softmax_forward(logits, 1)
+        t, a_t = _pixel_weights(xp, target, alpha, ignore_index, logits.shape[1], logits.dtype)
+        l_t = xp.take_along_axis(logp, t[:, None, :], axis=1)[:, 0, :]
+        q = xp.maximum(-xp.expm1(l_t), 0)  # 1 - p, exact near p = 1; never -0 from rounding
+        modulation = q**gamma
+        ctx.saved = (logp, t, a_t, l_t, q, modulation)
+        ctx.gamma, ctx.reduction = gamma, reduction
+        return _reduce(xp, -a_t * modulation * l_t, a_t, reduction).astype(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, gloss):
+        logp, t, a_t, l_t, q, modulation = ctx.saved
+        xp = backend.array_module(logp)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            l_over_q = xp.where(q > 0, l_t / xp.where(q > 0, q, 1), -1)
+        factor = modulation * (1 - ctx.gamma * xp.exp(l_t) * l_over_q) * _pixel_scale(xp, gloss, a_t, ctx.reduction)
+        g = (xp.exp(logp) - _one_hot(xp, t, logp.shape[1], logp.dtype)) * factor[:, None, :]
+        return g.astype(logp.dtype), None, None
+
+
+def focal_loss(input, target, alpha=None, gamma=2.0, ignore_index=-100, reduction="mean") -> Tensor:
+    """Multi-class focal loss (Lin et al. 2017) of logits (N, C) or (N, C, d1, ...).
+
+    loss_i = -alpha[t_i] (1 - p_i)^gamma log p_i,  p_i = softmax(input)[i, t_i],
+
+    and 0 where t_i == ignore_index. The factor (1 - p_i)^gamma shrinks the loss
+    of pixels that are already right (p_i near 1), so the many easy background
+    pixels stop drowning the few hard ones of a rare class; ``alpha`` (C,)
+    weighs the classes. ``alpha`` plays the part of cross_entropy's ``weight``,
+    'mean' included (the sum over pixels divided by sum_{i not ignored}
+    alpha[t_i]), so gamma = 0 gives exactly ``cross_entropy(input, target,
+    weight=alpha)``. The gradient is derived in :class:`FocalLossFunction`.
+    """
+    x, t, alpha, expected = _class_target_operands(input, target, alpha, "alpha", reduction, ignore_index)
+    if not (isinstance(gamma, numbers.Real) and gamma >= 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    n, c = x.shape[:2]
+    loss = FocalLossFunction.apply(
+        _contig_tensor(x.reshape(n, c, -1)),
+        Tensor(t),
+        alpha,
+        gamma=float(gamma),
+        ignore_index=int(ignore_index),
+        reduction=reduction,
+    )
+    return loss.reshape(expected) if reduction == "none" else loss
+
+
+# ======================================================================= end of losses
+
+
 __all__ = [
     "conv2d",
     "conv_transpose2d",
@@ -680,6 +929,9 @@ __all__ = [
     "softmax",
     "log_softmax",
     "cross_entropy",
+    "nll_loss",
+    "dice_loss",
+    "focal_loss",
     "batch_norm",
     "cat",
     "dropout",

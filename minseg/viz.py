@@ -104,14 +104,101 @@ def grid(rows, scale: int = 2, gap: int = 2) -> np.ndarray:
     return out.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else out
 
 
-def prediction_grid(images, truths, preds, scale: int = 2) -> np.ndarray:
-    """One row per sample: image | ground truth | prediction (ignored truth pixels shown white)."""
+def prediction_grid(images, truths, preds, scale: int = 2, classes=None, titles=("image", "truth", "prediction")) -> np.ndarray:
+    """One row per sample: image | ground truth | prediction (ignored truth pixels shown white).
+
+    Column ``titles`` go above the columns (``None``: no header); with ``classes``
+    (names, in class-id order) a legend of the class colours goes below.
+    """
     rows = []
     for image, truth, pred in zip(images, truths, preds):
         truth_rgb = colorize(truth)
         truth_rgb[np.asarray(truth) == 255] = 255
         rows.append([to_uint8(image), truth_rgb, colorize(pred)])
-    return grid(rows, scale=scale)
+    picture = grid(rows, scale=scale)
+    if titles is not None:
+        picture = column_titles(picture, titles, column_width=rows[0][0].shape[1] * scale, gap=2 * scale)
+    if classes is not None:
+        picture = np.concatenate([picture, legend(classes, width=picture.shape[1])], axis=0)
+    return picture
+
+
+def column_titles(picture, titles, column_width: int, gap: int) -> np.ndarray:
+    """``picture`` with a white header holding one centred title per column."""
+    from PIL import Image, ImageDraw
+
+    header = Image.new("RGB", (picture.shape[1], TEXT_HEIGHT + 6), "white")
+    draw = ImageDraw.Draw(header)
+    for j, title in enumerate(titles):
+        x0, _, x1, _ = draw.textbbox((0, 0), title)
+        left = j * (column_width + gap) + max(0, (column_width - (x1 - x0)) // 2)
+        draw.text((left, 2), title, fill="black")
+    return np.concatenate([np.asarray(header), picture], axis=0)
+
+
+def legend(classes, width: int) -> np.ndarray:
+    """A white strip, ``width`` pixels wide, with a colour swatch and the name of every class, wrapped into lines."""
+    from PIL import Image, ImageDraw
+
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries = []  # (x, line, class id, name)
+    x, line = 4, 0
+    for c, name in enumerate(classes):
+        label = f"{c} {name}"
+        entry = 14 + probe.textbbox((0, 0), label)[2] + 10  # swatch, space, text, space
+        if x + entry > width and x > 4:
+            x, line = 4, line + 1
+        entries.append((x, line, c, label))
+        x += entry
+    strip = Image.new("RGB", (width, (line + 1) * (TEXT_HEIGHT + 4) + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    for x, line, c, label in entries:
+        y = 4 + line * (TEXT_HEIGHT + 4)
+        draw.rectangle([x, y + 1, x + 10, y + 11], fill=tuple(int(v) for v in PALETTE[c]), outline=(128, 128, 128))
+        draw.text((x + 14, y), label, fill="black")
+    return np.asarray(strip)
+
+
+TEXT_HEIGHT = 12  # Pillow's default font: 11-12 pixels from the top of a line to the bottom of its descenders
+
+
+def confusion_matrix_image(matrix, classes, cell: int = 56) -> np.ndarray:
+    """A picture of the row-normalised confusion matrix: row = true class, column = predicted class.
+
+    Each cell shows the fraction of the row's pixels (rows sum to 1; a class
+    with no pixels shows '-') and is shaded from white (0) to dark blue (1).
+    """
+    from PIL import Image, ImageDraw
+
+    m = np.asarray(matrix, dtype=np.float64)
+    n = len(m)
+    rows = m.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(rows > 0, m / rows, np.nan)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(probe.textbbox((0, 0), str(c))[2] for c in classes) + 10
+    cell = max(cell, label_w)  # every column name fits over its cell
+    left, top = label_w + 16, TEXT_HEIGHT * 2 + 14
+    im = Image.new("RGB", (left + n * cell + 8, top + n * cell + 8), "white")
+    draw = ImageDraw.Draw(im)
+    draw.text((left, 2), "predicted class", fill="black")
+    for j, name in enumerate(classes):  # column names, centred over the cells
+        w = probe.textbbox((0, 0), str(name))[2]
+        draw.text((left + j * cell + max(0, (cell - w) // 2), TEXT_HEIGHT + 6), str(name), fill="black")
+    for k, ch in enumerate("true"):  # the row axis title, written downwards
+        draw.text((2, top + k * TEXT_HEIGHT), ch, fill="black")
+    for i, name in enumerate(classes):
+        draw.text((14, top + i * cell + (cell - TEXT_HEIGHT) // 2), str(name), fill="black")
+        for j in range(n):
+            v = frac[i, j]
+            shade = (255, 255, 255) if np.isnan(v) else tuple(int(round(255 - v * (255 - c))) for c in (8, 48, 107))
+            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1]
+            draw.rectangle(box, fill=shade, outline=(200, 200, 200))
+            text = "-" if np.isnan(v) else f"{v:.2f}"
+            w = probe.textbbox((0, 0), text)[2]
+            colour = "white" if not np.isnan(v) and v > 0.5 else "black"
+            draw.text((box[0] + (cell - w) // 2, box[1] + (cell - TEXT_HEIGHT) // 2), text, fill=colour)
+    return np.asarray(im)
 
 
 # -------------------------------------------------------------------- line plots
@@ -286,5 +373,8 @@ __all__ = [
     "save_png",
     "grid",
     "prediction_grid",
+    "column_titles",
+    "legend",
+    "confusion_matrix_image",
     "plot_curves",
 ]

@@ -16,6 +16,7 @@ from minseg.data import (
     random_split,
 )
 from minseg.metrics import ConfusionMatrix
+from minseg.data import median_frequency_weights
 from minseg.viz import PALETTE, mask_image, overlay, plot_curves, prediction_grid, voc_palette
 
 # ------------------------------------------------------------------ synthetic
@@ -275,5 +276,46 @@ def test_plot_curves_and_grid(tmp_path):
     assert len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 3  # more than a blank canvas
     plot_curves(tmp_path / "one.png", {"mIoU": [0.5]})  # a single point must not divide by zero
     ds = SyntheticScenes(2, size=8)
-    g = prediction_grid([ds[0][0], ds[1][0]], [ds[0][1], ds[1][1]], [ds[0][1], ds[1][1]], scale=1)
+    g = prediction_grid([ds[0][0], ds[1][0]], [ds[0][1], ds[1][1]], [ds[0][1], ds[1][1]], scale=1, titles=None)
     assert g.shape == (2 * 8 + 2, 3 * 8 + 4, 3)
+
+
+def test_prediction_grid_has_column_titles_and_a_class_legend():
+    ds = SyntheticScenes(2, size=32)
+    images, truths = [ds[i][0] for i in range(2)], [ds[i][1] for i in range(2)]
+    bare = prediction_grid(images, truths, truths, titles=None)
+    titled = prediction_grid(images, truths, truths)
+    annotated = prediction_grid(images, truths, truths, classes=ds.classes)
+    header = titled.shape[0] - bare.shape[0]
+    assert header > 0 and titled.shape[1] == bare.shape[1]
+    np.testing.assert_array_equal(titled[header:], bare)  # the samples sit unchanged below the header
+    head = titled[:header]
+    assert (head < 128).any() and (head == 255).any()  # dark text on white
+    # each title is centred over its column: dark pixels appear in all three column spans
+    col = 32 * 2 + 4
+    assert all((head[:, j * col : j * col + 64] < 128).any() for j in range(3))
+    strip = annotated[titled.shape[0] :]
+    assert strip.shape[0] > 0
+    colours = {tuple(c) for c in strip.reshape(-1, 3).tolist()}
+    assert all(tuple(int(v) for v in PALETTE[c]) in colours for c in range(ds.num_classes))  # one swatch per class
+
+
+def test_median_frequency_weights_by_hand():
+    class Masks:
+        def __init__(self, masks):
+            self.masks = masks
+
+        def __len__(self):
+            return len(self.masks)
+
+        def __getitem__(self, i):
+            return None, self.masks[i]
+
+    # image A (4 labelled pixels): 3 x class 0, 1 x class 1; image B (4 labelled + 2 ignored): 2 x class 0, 2 x class 2
+    a = np.array([[0, 0], [0, 1]])
+    b = np.array([[0, 0, 255], [2, 2, 255]])
+    w = median_frequency_weights(Masks([a, b]), num_classes=4)
+    # freq_0 = 5/8 (in both images), freq_1 = 1/4 (image A only), freq_2 = 2/4 (image B only); median 1/2
+    np.testing.assert_allclose(w, [0.5 / (5 / 8), 0.5 / (1 / 4), 1.0, 0.0])  # class 3 never appears: weight 0
+    with pytest.raises(ValueError, match="entirely ignored"):
+        median_frequency_weights(Masks([np.full((2, 2), 255)]), num_classes=2)

@@ -3,9 +3,10 @@
 * :class:`SyntheticScenes` — seeded aerial-style scenes (the default; no download).
 * :class:`FolderDataset` — ``images/`` and ``masks/`` from a folder of PNG/JPG files.
 * :class:`ScratchAssay` — a real microscopy time lapse from the ``ndev-sampledata`` package.
-* :class:`DataLoader`, :class:`RandomFlip`, :class:`RandomCrop`, :func:`random_split`.
+* :class:`DataLoader`, :class:`RandomFlip`, :class:`RandomCrop`, :func:`random_split`,
+  :func:`median_frequency_weights`.
 """
-from .dataset import IGNORE_INDEX, DataError, Dataset, Subset, random_split
+from .dataset import IGNORE_INDEX, DataError, Dataset, Subset, median_frequency_weights, random_split
 from .folder import FolderDataset, load_image, load_mask
 from .loader import DataLoader
 from .real import ScratchAssay
@@ -18,6 +19,7 @@ __all__ = [
     "Dataset",
     "Subset",
     "random_split",
+    "median_frequency_weights",
     "FolderDataset",
     "load_image",
     "load_mask",

@@ -55,3 +55,29 @@ def random_split(dataset, val_fraction: float = 0.2, seed: int = 0) -> tuple[Sub
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(max(1, round(val_fraction * n)), n - 1)
     return Subset(dataset, sorted(order[n_val:])), Subset(dataset, sorted(order[:n_val]))
+
+
+def median_frequency_weights(dataset, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Class weights by median-frequency balancing (Eigen & Fergus 2015), float64 (num_classes,).
+
+    freq_c = (pixels of class c) / (pixels of the images where c appears), counting
+    only non-ignored pixels, and w_c = median_c(freq_c) / freq_c: a class as
+    frequent as the median class weighs 1, a class ten times rarer weighs 10.
+    A class that appears in no mask gets weight 0 (there is nothing to weigh).
+    Every mask of ``dataset`` is read once.
+    """
+    pixels = np.zeros(num_classes)
+    image_pixels = np.zeros(num_classes)
+    for i in range(len(dataset)):
+        mask = np.asarray(dataset[i][1])
+        labelled = mask[mask != ignore_index]
+        counts = np.bincount(labelled.reshape(-1), minlength=num_classes)[:num_classes]
+        pixels += counts
+        image_pixels[counts > 0] += labelled.size
+    present = pixels > 0
+    if not present.any():
+        raise DataError("every training mask is entirely ignored: no class frequencies to balance")
+    freq = np.where(present, pixels / np.maximum(image_pixels, 1), 0.0)
+    weights = np.zeros(num_classes)
+    weights[present] = np.median(freq[present]) / freq[present]
+    return weights

@@ -5,7 +5,7 @@ Layout::
     root/images/<stem>.png|.jpg|.jpeg     RGB (grey, palette or RGBA are converted to RGB)
     root/masks/<stem>.png                 8-bit class ids: grayscale or palette ('P') PNG,
                                           the pixel value (palette index) is the class; 255 = ignore
-    root/classes.txt                      optional: one class name per line
+    root/classes.txt                      optional: one class name per line (or give classes_file)
 
 The constructor checks the whole folder once, so that training fails at the
 start with a message naming the file, not halfway through an epoch: every
@@ -56,7 +56,7 @@ def load_mask(path) -> np.ndarray:
 
 
 class FolderDataset(Dataset):
-    def __init__(self, root, num_classes: int | None = None):
+    def __init__(self, root, num_classes: int | None = None, classes_file=None):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"dataset folder {root} does not exist")
@@ -75,7 +75,7 @@ class FolderDataset(Dataset):
             self.pairs.append((img, mask))
         self.root = root
         self.num_classes = self._check(num_classes)
-        names_file = root / "classes.txt"
+        names_file = root / "classes.txt" if classes_file is None else Path(classes_file)
         names = names_file.read_text().split("\n") if names_file.is_file() else []
         names = [n.strip() for n in names if n.strip()]
         self.classes = tuple(names[i] if i < len(names) else f"class{i}" for i in range(self.num_classes))

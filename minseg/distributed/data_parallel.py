@@ -152,29 +152,39 @@ class DistributedOptimizer:
         setattr(self.optimizer, name, value)
 
 
-def count_valid(target, ignore_index: int, comm=None) -> int:
-    """Pixels of ``target`` (this rank's masks) that are not ``ignore_index``, summed over all ranks."""
+def count_valid(target, ignore_index: int, comm=None, weight=None):
+    """Pixels of ``target`` (this rank's masks) that are not ``ignore_index``, summed over all ranks.
+
+    With a class ``weight`` (C,), the sum of ``weight[target]`` over those pixels instead:
+    torch's denominator of a weighted 'mean' cross-entropy.
+    """
     comm = comm or world()
-    local = int((backend.to_numpy(getattr(target, "data", target)) != ignore_index).sum())
-    return comm.allreduce_object(local)
+    t = backend.to_numpy(getattr(target, "data", target))
+    keep = t != ignore_index
+    if weight is None:
+        return comm.allreduce_object(int(keep.sum()))
+    w = backend.to_numpy(getattr(weight, "data", weight)).astype(np.float64)
+    return comm.allreduce_object(float(w[t[keep]].sum()))
 
 
-def cross_entropy(input, target, ignore_index: int = -100, valid: int | None = None, comm=None) -> Tensor:
+def cross_entropy(input, target, ignore_index: int = -100, valid=None, comm=None, weight=None) -> Tensor:
     """This rank's share of the global batch's mean cross-entropy: W / N * (sum of its pixel losses).
 
     N = ``valid`` (from :func:`count_valid`; counted here when None) is the
-    number of non-ignored pixels of all ranks. At world 1 this is
-    ``F.cross_entropy(input, target, ignore_index=ignore_index)``. Averaging the
+    number of non-ignored pixels of all ranks (with ``weight``, the sum of their
+    class weights, as torch's weighted mean divides by). At world 1 this is
+    ``F.cross_entropy(input, target, weight, ignore_index=ignore_index)``. Averaging the
     W ranks' values gives the global mean loss, as averaging their gradients
     gives its gradient.
     """
     comm = comm or world()
     if comm.size == 1:
-        return F.cross_entropy(input, target, ignore_index=ignore_index)
-    valid = count_valid(target, ignore_index, comm) if valid is None else valid
-    if valid < 1:
-        raise ValueError(f"every pixel of the global batch equals ignore_index={ignore_index}: the mean loss is 0/0")
-    return F.cross_entropy(input, target, ignore_index=ignore_index, reduction="sum") * (comm.size / valid)
+        return F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index)
+    valid = count_valid(target, ignore_index, comm, weight) if valid is None else valid
+    if not valid > 0:
+        raise ValueError(f"every pixel of the global batch equals ignore_index={ignore_index} (or has weight 0): "
+                         "the mean loss is 0/0")
+    return F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction="sum") * (comm.size / valid)
 
 
 __all__ = ["BUCKET_BYTES", "broadcast_parameters", "plan_buckets", "GradientReducer", "DistributedOptimizer",

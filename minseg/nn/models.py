@@ -1,4 +1,4 @@
-"""Segmentation models: UNet and a small FCN. Both map (N, C_in, H, W) images to
+"""Segmentation models: UNet, a small FCN and a small DeepLab. Each maps (N, C_in, H, W) images to
 (N, num_classes, H, W) logits, the segmentation map (softmax over dim 1 gives
 per-pixel class probabilities).
 
@@ -122,11 +122,121 @@ class FCN(Module):
         return y if y.shape[2:] == (h, w) else y[:, :, :h, :w]
 
 
-MODELS = {"unet": UNet, "fcn": FCN}
+def conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1) -> Sequential:
+    """conv (no bias, 'same'-size padding for odd kernels) -> BatchNorm -> ReLU."""
+    padding = dilation * (kernel_size - 1) // 2
+    return Sequential(
+        Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False),
+        BatchNorm2d(c_out),
+        ReLU(),
+    )
+
+
+class ResidualBlock(Module):
+    """A ResNet basic block: relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x)).
+
+    The first conv strides by ``stride``; both dilate by ``dilation``. The
+    shortcut is the identity, or a strided 1x1 conv + BatchNorm when the shape changes.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        self.body = Sequential(
+            conv_bn_relu(c_in, c_out, 3, stride=stride, dilation=dilation),
+            Conv2d(c_out, c_out, 3, padding=dilation, dilation=dilation, bias=False),
+            BatchNorm2d(c_out),
+        )
+        self.projects = stride != 1 or c_in != c_out
+        if self.projects:
+            self.shortcut = Sequential(Conv2d(c_in, c_out, 1, stride=stride, bias=False), BatchNorm2d(c_out))
+
+    def forward(self, x):
+        skip = self.shortcut(x) if self.projects else x
+        return F.relu(self.body(x) + skip)
+
+
+class ASPP(Module):
+    """Atrous spatial pyramid pooling (Chen et al. 2017, DeepLabv3).
+
+    Parallel branches see the same features at several context sizes: a 1x1
+    conv, one 3x3 conv per atrous ``rate``, and image-level pooling (the mean
+    over H and W, i.e. ``adaptive_avg_pool2d(x, 1)``, then a 1x1 conv, broadcast
+    back over the map). The branches are concatenated and fused by a 1x1 conv.
+    The pooling branch has a bias and no BatchNorm: its map is 1x1, so a batch
+    of one image would give BatchNorm a single value per channel.
+    """
+
+    def __init__(self, c_in: int, c_out: int, rates=(2, 4, 6)):
+        super().__init__()
+        self.rates = tuple(rates)
+        self.branch0 = conv_bn_relu(c_in, c_out, 1)
+        for i, rate in enumerate(self.rates, 1):
+            setattr(self, f"branch{i}", conv_bn_relu(c_in, c_out, 3, dilation=rate))
+        self.image_pool = Conv2d(c_in, c_out, 1)
+        self.project = conv_bn_relu((len(self.rates) + 2) * c_out, c_out, 1)
+
+    def forward(self, x):
+        branches = [getattr(self, f"branch{i}")(x) for i in range(len(self.rates) + 1)]
+        pooled = F.relu(self.image_pool(x.mean(dim=(2, 3), keepdim=True)))
+        branches.append(F.interpolate(pooled, size=x.shape[2:], mode="nearest"))  # a constant map per channel
+        return self.project(F.cat(branches, dim=1))
+
+
+class DeepLab(Module):
+    """A small DeepLabv3+-style network (Chen et al. 2018): a residual encoder of output
+    stride ``2**depth``, dilated instead of strided after that, an ASPP head, and a
+    decoder that merges the head with stride-4 encoder features before bilinear
+    upsampling to the input size.
+
+    Encoder: a stride-2 stem of width ``base_channels``, then ``depth - 1``
+    stride-2 residual blocks doubling the width (output stride ``2**depth``, 8
+    by default), then two residual blocks that keep the resolution and grow the
+    receptive field with dilation 2 and 4 instead (where a classification
+    ResNet would stride to 16 and 32). ASPP rates default to (2, 4, 6): on the
+    8x8 feature map of a 64x64 tile the 3x3 taps at rate 6 reach across the
+    whole map, while DeepLab's (6, 12, 18) would read mostly padding there.
+    """
+
+    def __init__(self, in_channels=3, num_classes=4, base_channels=16, depth=3, rates=(2, 4, 6)):
+        super().__init__()
+        if depth < 2 or base_channels < 1 or num_classes < 1 or in_channels < 1:
+            raise ValueError(f"DeepLab needs depth >= 2 (output stride 2**depth >= 4) and positive sizes, got depth={depth}")
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, base_channels=base_channels, depth=depth, rates=tuple(rates))
+        self.in_channels, self.num_classes, self.depth = in_channels, num_classes, depth
+        widths = [base_channels * 2**i for i in range(depth)]
+        self.stem = Sequential(conv_bn_relu(in_channels, widths[0], 3, stride=2), conv_bn_relu(widths[0], widths[0], 3))
+        for i in range(1, depth):  # stage i: output stride 2**(i+1)
+            setattr(self, f"stage{i}", ResidualBlock(widths[i - 1], widths[i], stride=2))
+        self.dilated = Sequential(ResidualBlock(widths[-1], widths[-1], dilation=2), ResidualBlock(widths[-1], widths[-1], dilation=4))
+        head = 2 * base_channels
+        self.aspp = ASPP(widths[-1], head, rates)
+        low = widths[1 if depth > 2 else 0]  # the stride-4 features (the stem's stride 2 when depth == 2)
+        self.reduce = conv_bn_relu(low, base_channels, 1)
+        self.decoder = conv_bn_relu(head + base_channels, head, 3)
+        self.classifier = Conv2d(head, num_classes, 1)
+
+    def forward(self, x):
+        _check_input(x, self.in_channels)
+        h, w = x.shape[2:]
+        x = _pad_to_multiple(x, 2**self.depth)
+        y = self.stem(x)
+        low = y
+        for i in range(1, self.depth):
+            y = getattr(self, f"stage{i}")(y)
+            if i == 1 and self.depth > 2:
+                low = y
+        y = self.aspp(self.dilated(y))
+        y = F.interpolate(y, size=low.shape[2:], mode="bilinear", align_corners=False)
+        y = self.classifier(self.decoder(F.cat([y, self.reduce(low)], dim=1)))
+        y = F.interpolate(y, size=x.shape[2:], mode="bilinear", align_corners=False)
+        return y if y.shape[2:] == (h, w) else y[:, :, :h, :w]
+
+
+MODELS = {"unet": UNet, "fcn": FCN, "deeplab": DeepLab}
 
 
 def build_model(name: str, **config) -> Module:
-    """A model by name ('unet' or 'fcn') from its constructor arguments."""
+    """A model by name ('unet', 'fcn' or 'deeplab') from its constructor arguments."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](**config)

@@ -218,12 +218,14 @@ def test_dropout_train_and_eval():
     h=st.integers(1, 13),
     w=st.integers(1, 13),
     depth=st.integers(1, 3),
-    model=st.sampled_from(["unet-bilinear", "unet-transpose", "fcn"]),
+    model=st.sampled_from(["unet-bilinear", "unet-transpose", "fcn", "deeplab"]),
 )
 def test_models_map_any_size_to_logits_of_the_same_size(h, w, depth, model):
     minseg.manual_seed(0)
     if model == "fcn":
         net = nn.FCN(in_channels=2, num_classes=3, base_channels=2, depth=depth)
+    elif model == "deeplab":
+        net = nn.DeepLab(in_channels=2, num_classes=3, base_channels=2, depth=max(depth, 2))
     else:
         net = nn.UNet(in_channels=2, num_classes=3, base_channels=2, depth=depth, upsampling=model.split("-")[1])
     x = rand(2, 2, h, w)
@@ -254,3 +256,22 @@ def test_unet_structure():
     assert {"inc.0.weight", "down3.3.weight", "dec1.0.weight", "head.weight", "head.bias"} <= names
     assert net.dec1[0].in_channels == 16 + 32  # bilinear: upsampled 32 channels + the 16-channel skip
     assert nn.UNet(upsampling="transpose").dec1[0].in_channels == 32  # transposed conv halves 32 -> 16, + 16 skip
+
+
+def test_deeplab_structure_output_stride_and_aspp():
+    minseg.manual_seed(0)
+    net = nn.DeepLab(base_channels=4, depth=3).eval()
+    x = rand(2, 3, 64, 48)
+    stem = net.stem(x)
+    features = net.stage2(net.stage1(stem))
+    assert stem.shape[2:] == (32, 24) and features.shape[2:] == (8, 6)  # output stride 2**depth = 8
+    dilated = net.dilated(features)
+    assert dilated.shape == features.shape  # the dilated blocks keep the resolution
+    assert [b.body[0][0].dilation for b in net.dilated] == [2, 4]
+    assert net.aspp.rates == (2, 4, 6) and [net.aspp.branch1[0].dilation, net.aspp.branch3[0].dilation] == [2, 6]
+    assert net.aspp(dilated).shape == (2, 8, 8, 6)  # head width 2 * base_channels
+    y = net(x)
+    assert y.shape == (2, 4, 64, 48)
+    with pytest.raises(ValueError, match="depth >= 2"):
+        nn.DeepLab(depth=1)
+    assert nn.build_model("deeplab", num_classes=3, base_channels=2, depth=2).config["rates"] == (2, 4, 6)
