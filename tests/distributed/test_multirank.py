@@ -40,7 +40,9 @@ def test_a_rank_that_raises_ends_the_job_within_seconds(runner):
     proc = run_ranks(2, [f"{WORKERS}/fail_on_rank1.py"], timeout=60, mpi4py_runner=runner)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, explain(proc)
-    assert elapsed < 10, f"the job took {elapsed:.1f} s to end after rank 1 raised\n{explain(proc)}"
+    # A hang runs into the 60 s timeout; a working abort ends in ~2 s on a quiet machine (two Python
+    # start-ups and imports), which a loaded CI machine can stretch several times over.
+    assert elapsed < 30, f"the job took {elapsed:.1f} s to end after rank 1 raised\n{explain(proc)}"
     assert "rank 1 fails on purpose" in proc.stderr, explain(proc)
 
 

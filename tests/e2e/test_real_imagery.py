@@ -94,8 +94,8 @@ def test_divergence_stops_with_a_message_and_keeps_finite_checkpoints(tmp_path, 
     real = cli.build_loss
     calls = []
 
-    def nan_at_step_4(config):
-        loss_fn = real(config)
+    def nan_at_step_4(config, world=None):
+        loss_fn = real(config, world)
 
         def wrapped(logits, masks):
             calls.append(1)
