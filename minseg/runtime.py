@@ -94,13 +94,15 @@ def simulate_warp_shuffles() -> bool:
     """Give Numba's CUDA simulator ``cuda.shfl_down_sync(mask, value, delta)``.
 
     On a GPU the 32 lanes of a warp run in lock-step and a shuffle reads another
-    lane's register. The simulator runs each CUDA thread as a Python thread, so
-    the lanes meet at a barrier instead: each lane puts its value in its warp's
-    slot list, waits for the whole warp, reads lane ``lane + delta`` (its own
-    value when that lane is outside the warp, as the hardware does), and waits
-    again so no lane overwrites a slot before every lane has read it. Every lane
-    of the warp must call it (mask 0xffffffff); the lanes are those of the block
-    (a last, partial warp has fewer). Returns True when the simulator has it.
+    lane's register. The simulator runs each CUDA thread as a Python thread, so a
+    shuffle becomes a hand-off: lane ``L`` publishes its value for the ``k``-th
+    shuffle of its warp under the key ``(k, L)`` and wakes whoever waits for it;
+    lane ``L`` then waits for the value of its source lane ``L + delta`` (its own
+    value when that lane is outside the warp, as the hardware does) and takes it.
+    Each lane waits for one other lane only -- no warp-wide barrier, which under
+    the simulator costs several times more. Every lane of the warp must call it
+    (mask 0xffffffff); the lanes are those of the block (a last, partial warp has
+    fewer). Returns True when the simulator has it.
     """
     from numba import config
 
@@ -119,19 +121,25 @@ def simulate_warp_shuffles() -> bool:
         thread = threading.current_thread()
         manager = thread._manager
         warp, lane = divmod(thread.thread_id, 32)
+        delta = int(delta)
         with lock:  # one exchange per (block, warp), created by whichever lane comes first
             exchanges = manager.__dict__.setdefault("_warp_exchanges", {})
             key = (tuple(thread.blockIdx), warp)
             if key not in exchanges:
-                lanes = min(32, int(np.prod(manager._block_dim)) - 32 * warp)
-                exchanges[key] = ([None] * lanes, threading.Barrier(lanes, timeout=120))
-            slots, barrier = exchanges[key]
-        slots[lane] = value
-        barrier.wait()
-        source = lane + int(delta)
-        result = slots[source] if source < len(slots) else value
-        barrier.wait()
-        return result
+                exchanges[key] = (min(32, int(np.prod(manager._block_dim)) - 32 * warp), {}, {})
+            lanes, values, ready = exchanges[key]
+        k = thread.__dict__.get("_shuffles", 0)  # this lane's shuffle count: the k-th call of every lane pairs up
+        thread._shuffles = k + 1
+        if lane - delta >= 0:  # someone reads this lane
+            values[(k, lane)] = value
+            ready.setdefault((k, lane), threading.Event()).set()  # setdefault is atomic under the GIL
+        source = lane + delta
+        if source >= lanes:
+            return value
+        if not ready.setdefault((k, source), threading.Event()).wait(timeout=120):
+            raise RuntimeError(f"shfl_down_sync: lane {source} of warp {warp} never arrived (every lane must call it)")
+        ready.pop((k, source))
+        return values.pop((k, source))
 
     kernelapi.FakeCUDAModule.shfl_down_sync = shfl_down_sync
     return True
