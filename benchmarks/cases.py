@@ -18,7 +18,6 @@ import numpy as np
 
 from .timing import Case, Impl
 
-
 # --------------------------------------------------------------------- libraries
 
 

@@ -155,7 +155,7 @@ def draw(entries, limits, path, title, profile=None):
         else:
             colors.append(impl_colors.setdefault(impl, COLORS[len(impl_colors) % len(COLORS)]))
     previous = None
-    for i, (case, impl, *_) in enumerate(rows):
+    for i, (case, *_) in enumerate(rows):
         y = top + i * ROW
         if case != previous and i:
             d.line([(PAD, y), (width - PAD, y)], fill=GRID)

@@ -10,8 +10,8 @@ backward), ``minseg/autograd.py`` (Function), ``minseg/functional.py`` (the ops)
 from . import functional
 from .autograd import Function, GradcheckError, enable_grad, gradcheck, is_grad_enabled, no_grad
 from .backend import available_backends, get_backend, set_backend
-from .rng import manual_seed
 from .metrics import masks_to_boxes
+from .rng import manual_seed
 from .tensor import Tensor, tensor
 
 __version__ = "0.1.0"

@@ -26,7 +26,6 @@ import numpy as np
 from . import runtime
 
 
-
 def _discover_ops() -> tuple[str, ...]:
     """Every folder of ``kernels/`` that holds a ``reference.py``: adding an op folder registers it."""
     import kernels

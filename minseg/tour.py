@@ -136,9 +136,8 @@ def step_backend(tour: Tour) -> None:
     import kernels.conv2d.cpu
     import kernels.conv2d.reference
 
-    from . import backend
+    from . import backend, tensor
     from . import functional as F
-    from . import tensor
 
     tour.step(3, "The backend dispatch: which kernels a Function calls")
     tour.say(f"op folders found in kernels/ (each with a reference.py): {', '.join(backend.OPS)}")

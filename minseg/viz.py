@@ -251,7 +251,7 @@ def plot_curves(path, series: dict, title: str = "", xlabel: str = "epoch", size
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     draw.text((width // 2 - 3 * len(xlabel), height - 14), xlabel, fill="black")
     draw.text((left, 6), title, fill="black")
-    for k, (name, ys) in enumerate(series.items()):
+    for k, ys in enumerate(series.values()):
         colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
         points = [px(i + 1, y) for i, y in enumerate(ys) if y is not None and math.isfinite(y)]
         if len(points) > 1:

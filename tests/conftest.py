@@ -49,8 +49,12 @@ DEV_EXAMPLES_FACTOR = 10
 
 
 def pytest_collection_modifyitems(config, items):
-    if PROFILE != "dev":
-        return
+    _start_background_jobs(config, items)
+    if PROFILE == "dev":
+        _scale_examples(items)
+
+
+def _scale_examples(items):
     scaled = set()
     for item in items:
         test = getattr(item, "obj", None)
@@ -60,3 +64,20 @@ def pytest_collection_modifyitems(config, items):
             continue
         scaled.add(id(test))  # parametrized items share one function: scale it once
         test._hypothesis_internal_use_settings = settings(own, max_examples=own.max_examples * DEV_EXAMPLES_FACTOR)
+
+
+def _start_background_jobs(config, items):
+    """Start the background jobs (tests/background.py) whose tests are about to run."""
+    from tests import background
+
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: each would start its own copy
+        return
+    wanted = {name for name, job in background.JOBS.items() for item in items if item.nodeid.startswith(job.tests)}
+    for name in sorted(wanted):
+        background.start(name)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import background
+
+    background.stop_all()

@@ -13,10 +13,10 @@ from minseg.data import (
     RandomFlip,
     Subset,
     SyntheticScenes,
+    median_frequency_weights,
     random_split,
 )
 from minseg.metrics import ConfusionMatrix
-from minseg.data import median_frequency_weights
 from minseg.viz import PALETTE, mask_image, overlay, plot_curves, prediction_grid, voc_palette
 
 # ------------------------------------------------------------------ synthetic

@@ -10,13 +10,12 @@ table with every section.
 """
 import json
 import os
-import subprocess
-import sys
 import types
 
 import pytest
 
 from benchmarks import gpu
+from tests import background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The kernels and torch compute the same float32 sums in other orders: ~1e-7 relative.
@@ -24,14 +23,11 @@ REL_ERR = 1e-4
 
 
 @pytest.fixture(scope="module")
-def simulated_run(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("gpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "gpu", "--simulate", "--all", str(outdir)],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300,
-    )
+def simulated_run():
+    run = background.result("gpu-simulate")  # started when the suite was collected (tests/background.py)
+    outdir = run.outdir
     report = json.loads((outdir / "gpu.json").read_text())
-    return proc, report, (outdir / "gpu.md").read_text(), outdir
+    return run, report, (outdir / "gpu.md").read_text(), outdir
 
 
 def test_every_section_runs(simulated_run):

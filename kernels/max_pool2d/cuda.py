@@ -47,7 +47,6 @@ import numpy as np
 from numba import cuda
 
 from kernels import cuda_common as cc
-
 from kernels.shapes import pool_output_size
 
 __all__ = ["max_pool2d_forward", "max_pool2d_backward"]

@@ -8,24 +8,18 @@ assembles it (ptxas or nvJitLink, when one is installed). It runs in a
 subprocess because this process imported numba with the simulator on.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from benchmarks.ptx_report import ROOT, cuda_modules
+from benchmarks.ptx_report import cuda_modules
+from tests import background
 
 CCS = ("80", "90")
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ptx_report", "--json", "--cc", *CCS],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    run = background.result("ptx")  # started when the suite was collected (tests/background.py)
     assert run.stdout, f"ptx_report printed nothing; stderr:\n{run.stderr[-3000:]}"
     result = json.loads(run.stdout)
     assert not result["worker_errors"], "\n".join(result["worker_errors"])

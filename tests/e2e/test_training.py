@@ -18,7 +18,7 @@ def test_tiny_unet_learns_synthetic_scenes():
     opt = optim.Adam(model.parameters(), lr=2e-2)
     schedule = optim.CosineLR(opt, total_steps=epochs * len(loader))
     losses = []
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         for images, masks in loader:
             loss = F.cross_entropy(model(minseg.tensor(images)), minseg.tensor(masks), ignore_index=255)
             opt.zero_grad()

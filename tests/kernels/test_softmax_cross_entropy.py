@@ -6,7 +6,7 @@ draws, so a failing example is reproducible from its printed arguments.
 """
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.helpers import assert_close, kernel_modules, load, reference, tol

@@ -1,0 +1,81 @@
+"""Long subprocesses that some tests check, started as soon as pytest knows they will be needed.
+
+The suite runs serially on one core; a subprocess that only produces a report (the PTX
+compile of every CUDA kernel, the simulated GPU command) can run on the machine's other
+core meanwhile. ``tests/conftest.py`` starts the jobs whose tests were collected (not
+under pytest-xdist, where every worker would start its own copy); the fixture that needs
+a job's output calls :func:`result`, which starts it if nobody did and waits for it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Job:
+    argv: tuple  # after ``python``; "{outdir}" is replaced by a fresh temporary folder
+    env: tuple  # (name, value) pairs added to the environment
+    tests: str  # node-id prefix of the tests that read the result
+    timeout: float
+
+
+JOBS = {
+    "ptx": Job(("-m", "benchmarks.ptx_report", "--json", "--cc", "80", "90"), (("NUMBA_ENABLE_CUDASIM", "0"),),
+               "tests/cuda/test_ptx.py", 900),
+    "gpu-simulate": Job(("-m", "benchmarks", "gpu", "--simulate", "--all", "{outdir}"), (("PYTHONPATH", str(ROOT)),),
+                        "tests/test_gpu_command.py", 900),
+}
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+    outdir: Path
+
+
+_running: dict = {}
+
+
+def start(name: str) -> None:
+    """Start job ``name`` unless it runs already."""
+    if name in _running:
+        return
+    job = JOBS[name]
+    outdir = Path(tempfile.mkdtemp(prefix=f"minseg-{name}-"))
+    out, err = open(outdir / "stdout.txt", "w+"), open(outdir / "stderr.txt", "w+")
+    argv = [sys.executable, *(a.replace("{outdir}", str(outdir)) for a in job.argv)]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, **dict(job.env)), stdout=out, stderr=err, text=True)
+    _running[name] = (proc, out, err, outdir)
+
+
+def result(name: str) -> Finished:
+    """Job ``name``'s exit status, output and folder, once it has ended (started here if needed)."""
+    start(name)
+    proc, out, err, outdir = _running[name]
+    try:
+        proc.wait(timeout=JOBS[name].timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out.seek(0)
+    err.seek(0)
+    return Finished(proc.returncode, out.read(), err.read(), outdir)
+
+
+def stop_all() -> None:
+    """End whatever still runs (a run that stopped early)."""
+    for proc, out, err, _ in _running.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+        err.close()
