@@ -61,15 +61,20 @@ Measured by ``python -m benchmarks ops --only conv2d`` (fwd+bwd = forward +
 grad_input + grad_weight + grad_bias through ``minseg.functional``; % of peak
 against the FP32 peak the benchmark measures on the same machine)::
 
-    case                      version | ms | GFLOP/s | % of FP32 peak | x torch
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v1 | not yet measured
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v2 | not yet measured
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v3 | not yet measured
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v4 | not yet measured
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v1 | not yet measured
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v2 | not yet measured
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v3 | not yet measured
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v4 | not yet measured
+    case (2026-11-27, 2 cores, Xeon AVX-512,     | ms    | GFLOP/s | % of peak | x torch
+    peak 382 GFLOP/s measured, torch 2.13 oneDNN)|       |         |           |
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v1        | 407.9 |   4.4   |   1.2     | 44.9
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v2        |  22.8 |  79.4   |  20.8     |  2.51
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v3        |  12.4 | 146     |  38.2     |  1.37
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v4        |  23.9 |  76     |  19.9     |  2.62
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v1        | 385.9 |   4.7   |   1.2     | 48.5
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v2        |  15.4 | 117     |  30.8     |  1.94
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v3        |  12.0 | 151     |  39.6     |  1.50
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v4        |  24.4 |  74.4   |  19.5     |  3.06
+    (torch: 9.1 and 8.0 ms, 52-60% of the peak; medians of 10; benchmarks/RESULTS.md)
+
+v3 stays the default: the v4 micro-kernel, vectorised with 256-bit registers,
+is about half as fast as v3's BLAS GEMMs on these shapes.
 
 The products of v2 and v3 are GEMMs of two kinds.
 
