@@ -209,7 +209,7 @@ def test_grad_weight_v1_matches_reference(problem, trim):
     _check_grad_weight(x, w, args, _grad_output(x, w, b, args, rng, trim), version=1)
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(
     problem=problems(max_pixels=48, max_og=18, max_cg=3, max_weight_tiles=2),
     trim=st.integers(0, 1),
@@ -224,7 +224,7 @@ def test_grad_weight_v2_matches_reference(problem, trim, splits):
     _check_grad_weight(x, w, args, _grad_output(x, w, b, args, rng, trim), version=2, splits=splits)
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(
     problem=problems(max_pixels=48, max_og=10, max_cg=3),
     trim=st.integers(0, 1),
