@@ -18,6 +18,7 @@ if os.environ["NUMBA_ENABLE_CUDASIM"] == "1":
     # kernels that call syncthreads() ~8x faster.
     sys.setswitchinterval(5e-5)
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from minseg import runtime  # noqa: E402
@@ -75,6 +76,30 @@ def _start_background_jobs(config, items):
     wanted = {name for name, job in background.JOBS.items() for item in items if item.nodeid.startswith(job.tests)}
     for name in sorted(wanted):
         background.start(name)
+
+
+# Under the simulator every CUDA thread is a Python thread: a property test's cuda row costs
+# 10-50x its numpy/cpu rows. tests/cuda/ draws its own problems for every kernel's edges, so the
+# cuda rows of the shared property and oracle tests (tests/kernels, tests/oracle) run a third
+# of the test's draws; explicit @examples always run. On a GPU (NUMBA_ENABLE_CUDASIM=0) they
+# run in full.
+CUDA_SIMULATOR_DRAWS = 1 / 3
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    test = getattr(item, "obj", None)
+    own = getattr(test, "_hypothesis_internal_use_settings", None)
+    callspec = getattr(item, "callspec", None)
+    on_cuda = callspec is not None and "cuda" in callspec.id.split("-")
+    if own is None or not on_cuda or os.environ["NUMBA_ENABLE_CUDASIM"] != "1" or PROFILE == "dev":
+        yield
+        return
+    test._hypothesis_internal_use_settings = settings(own, max_examples=max(1, round(own.max_examples * CUDA_SIMULATOR_DRAWS)))
+    try:
+        yield
+    finally:
+        test._hypothesis_internal_use_settings = own
 
 
 def pytest_sessionfinish(session, exitstatus):
