@@ -179,10 +179,11 @@ def split_threads() -> int:
     return WARP if SIMULATOR else REDUCE_BLOCK
 
 
-def splits(groups: int, length: int, threads: int) -> int:
-    """Splits per group (channel) so the grid has >= TARGET_BLOCKS blocks, each summing >= threads*UNROLL values."""
-    wanted = -(-TARGET_BLOCKS // max(groups, 1))
-    most = max(1, -(-length // (threads * UNROLL)))
+def splits(groups: int, length: int, min_per_split: int, target: int = TARGET_BLOCKS) -> int:
+    """Splits of each group's ``length`` values so the grid has >= ``target`` blocks, each split
+    keeping >= ``min_per_split`` values (a reduction's block: threads * UNROLL)."""
+    wanted = -(-target // max(groups, 1))
+    most = max(1, -(-length // min_per_split))
     return max(1, min(wanted, most))
 
 
@@ -350,7 +351,7 @@ def channel_sums(a, b=None):
     """
     n_img, n_c, n_s = a.shape
     threads = split_threads()
-    n_splits = splits(n_c, n_img * n_s, threads)
+    n_splits = splits(n_c, n_img * n_s, threads * UNROLL)
     partials = empty((2, n_c, n_splits), np.float64)
     channel_sums_kernel[(n_c, n_splits), threads](
         a, a if b is None else b, b is not None, split_range(n_img * n_s, n_splits), partials

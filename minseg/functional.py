@@ -506,6 +506,30 @@ def _raise_bad_target(target, n_classes, ignore_index):
     )
 
 
+def _class_scores(input, target, weight, weight_name: str, reduction, has_reduction: bool = True, scores: str = "scores"):
+    """The checks every classification loss shares: (N, C, ...) float ``scores``, integer targets of shape
+    (N, ...), a ``reduction`` (unchecked when not ``has_reduction``) and an optional per-class weight.
+    Returns (x, t, weight, target shape)."""
+    x = _float_tensor(input, "input")
+    if x.ndim < 2:
+        raise ValueError(f"input must be (N, C) or (N, C, H, W) {scores}, got shape {x.shape}")
+    t = _tensor(target, "target")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype} (probability targets are not supported)")
+    n, c = x.shape[:2]
+    expected = (n,) + x.shape[2:]
+    if t.shape != expected:
+        raise ValueError(f"target must have shape {expected} for input of shape {x.shape}, got {t.shape}")
+    if has_reduction and reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weight is not None:
+        weight = _float_tensor(weight, weight_name)
+        _same_dtype(weight, x, weight_name)
+        if weight.shape != (c,):
+            raise ValueError(f"{weight_name} must have shape ({c},), one per class, got {weight.shape}")
+    return x, t, weight, expected
+
+
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0) -> Tensor:
     """Pixel-wise cross-entropy of logits (N, C) or (N, C, H, W) against integer class targets.
 
@@ -514,25 +538,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     of the non-ignored pixels (NaN if every pixel is ignored); 'none' gives 0 at
     ignored pixels.
     """
-    x = _float_tensor(input, "input")
-    if x.ndim < 2:
-        raise ValueError(f"input must be (N, C) or (N, C, H, W) logits, got shape {x.shape}")
-    t = _tensor(target, "target")
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype} (probability targets are not supported)")
+    x, t, weight, expected = _class_scores(input, target, weight, "weight", reduction, scores="logits")
     n, c = x.shape[:2]
-    expected = (n,) + x.shape[2:]
-    if t.shape != expected:
-        raise ValueError(f"target must have shape {expected} for input of shape {x.shape}, got {t.shape}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not (isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if weight is not None:
-        weight = _float_tensor(weight, "weight")
-        _same_dtype(weight, x, "weight")
-        if weight.shape != (c,):
-            raise ValueError(f"weight must have shape ({c},), one per class, got {weight.shape}")
     # The range of the target values is checked by the kernel (on the device for cuda):
     # CrossEntropyFunction raises if it counted any value outside [0, C) that is not ignore_index.
     s = int(np.prod(x.shape[2:], dtype=np.int64))
@@ -683,25 +692,10 @@ def _class_target_operands(input, target, weight, weight_name: str, reduction: s
     (N, C)) whose values are class ids in [0, C) or ``ignore_index``; the
     target shape is the shape of a 'none' loss.
     """
-    x = _float_tensor(input, "input")
-    if x.ndim < 2:
-        raise ValueError(f"input must be (N, C) or (N, C, H, W), got shape {x.shape}")
-    t = _tensor(target, "target")
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
+    x, t, weight, expected = _class_scores(input, target, weight, weight_name, reduction, has_reduction=reduction is not None)
     n, c = x.shape[:2]
-    expected = (n,) + x.shape[2:]
-    if t.shape != expected:
-        raise ValueError(f"target must have shape {expected} for input of shape {x.shape}, got {t.shape}")
-    if reduction is not None and reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if weight is not None:
-        weight = _float_tensor(weight, weight_name)
-        _same_dtype(weight, x, weight_name)
-        if weight.shape != (c,):
-            raise ValueError(f"{weight_name} must have shape ({c},), one per class, got {weight.shape}")
     t_np = t.numpy()
     if t_np.size and (t_np.min() < 0 or t_np.max() >= c):  # the masked scan only when needed
         bad = (t_np != ignore_index) & ((t_np < 0) | (t_np >= c))

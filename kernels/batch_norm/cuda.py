@@ -112,7 +112,7 @@ def batch_norm_stats(x):
     xs = _ncs(x)
     n, c, s = xs.shape
     threads = cc.split_threads()
-    n_splits = cc.splits(c, n * s, threads)
+    n_splits = cc.splits(c, n * s, threads * cc.UNROLL)
     partials = cc.empty((3, c, n_splits), np.float64)
     _stats_partials_kernel[(c, n_splits), threads](xs, cc.split_range(n * s, n_splits), partials)
     mean = cc.empty((c,), x.dtype)

@@ -675,18 +675,28 @@ def _forward_v2(x, w, b, stride, padding, dilation, groups):
     return _forward_im2col(x, w, b, _out_hw(x, w, stride, padding, dilation), stride, padding, dilation, groups)
 
 
-def _forward_v3(x, w, b, stride, padding, dilation, groups):
-    out_hw = _out_hw(x, w, stride, padding, dilation)
-    if stride != (1, 1):
-        return _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups)
-    return _forward_taps(x, w, b, out_hw, padding, dilation, groups)
+def _stride_one_version(stride_one_forward):
+    """(forward, grad_input) of a version whose own kernel ``stride_one_forward`` serves stride 1.
+
+    Other strides go through im2col / col2im (v2). At stride 1 grad_input is the same forward
+    of gy with the flipped, channel-swapped kernel (``_grad_input_flipped``).
+    """
+
+    def forward(x, w, b, stride, padding, dilation, groups):
+        out_hw = _out_hw(x, w, stride, padding, dilation)
+        if stride != (1, 1):
+            return _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups)
+        return stride_one_forward(x, w, b, out_hw, padding, dilation, groups)
+
+    def grad_input(gy, w, x_shape, stride, padding, dilation, groups):
+        if stride == (1, 1):
+            return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, stride_one_forward)
+        return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
+
+    return forward, grad_input
 
 
-def _grad_input_v3(gy, w, x_shape, stride, padding, dilation, groups):
-    """Stride 1: the forward of gy with the flipped, channel-swapped kernel; else col2im (v2)."""
-    if stride == (1, 1):
-        return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, _forward_taps)
-    return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
+_forward_v3, _grad_input_v3 = _stride_one_version(_forward_taps)
 
 
 def _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, forward):
@@ -855,18 +865,7 @@ def _forward_tiles(x, w, b, out_hw, padding, dilation, groups):
     return y
 
 
-def _forward_v4(x, w, b, stride, padding, dilation, groups):
-    out_hw = _out_hw(x, w, stride, padding, dilation)
-    if stride != (1, 1):
-        return _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups)
-    return _forward_tiles(x, w, b, out_hw, padding, dilation, groups)
-
-
-def _grad_input_v4(gy, w, x_shape, stride, padding, dilation, groups):
-    """Stride 1: the flipped-kernel forward by micro-tiles; else col2im (v2)."""
-    if stride == (1, 1):
-        return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, _forward_tiles)
-    return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
+_forward_v4, _grad_input_v4 = _stride_one_version(_forward_tiles)
 
 
 @njit(cache=True, fastmath={"contract"})

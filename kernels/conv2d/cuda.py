@@ -804,9 +804,7 @@ def _grad_weight_splits(blocks: int, m_total: int, slice_width: int = TILE) -> i
     """
     if cc.SIMULATOR:
         return 1
-    by_occupancy = -(-SPLIT_TARGET_BLOCKS // blocks)
-    by_length = cc.blocks(m_total, slice_width * SPLIT_MIN_TILES)
-    return max(1, min(by_occupancy, by_length))
+    return cc.splits(blocks, m_total, slice_width * SPLIT_MIN_TILES, SPLIT_TARGET_BLOCKS)
 
 
 def _grad_weight_v2(x, gy, w_shape, stride, padding, dilation, groups, splits=None):

@@ -74,7 +74,7 @@ def test_stats_forward_and_backward_match_reference(batch, training):
 
 def test_reduction_splits_each_channel():
     """M = 2 * 150 = 300 values per channel: 3 splits of 128 (the last partial), merged in a fixed order."""
-    assert K.cc.splits(2, 300, K.cc.split_threads()) == 3
+    assert K.cc.splits(2, 300, K.cc.split_threads() * K.cc.UNROLL) == 3
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((2, 2, 15, 10)) * 3 + 7).astype(np.float32)
     for a, b in zip(K.batch_norm_stats(x), R.batch_norm_stats(x)):
@@ -91,7 +91,7 @@ def test_one_channel_many_splits_far_from_zero():
     |mean| = 1e4 std as accurate as the reference's two passes; and every run gives the same bits."""
     rng = np.random.default_rng(6)
     x = (rng.standard_normal((1, 1, 1000)) + 1e4).astype(np.float32)
-    assert K.cc.splits(1, 1000, K.cc.split_threads()) == 8
+    assert K.cc.splits(1, 1000, K.cc.split_threads() * K.cc.UNROLL) == 8
     mean, var = K.batch_norm_stats(x)
     mean_ref, var_ref = R.batch_norm_stats(x)
     assert_close(mean, mean_ref, *tol(np.float32), name="mean")

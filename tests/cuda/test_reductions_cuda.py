@@ -54,7 +54,7 @@ def test_channel_sums_over_splits(shape, n_splits):
     b = rng.standard_normal(shape).astype(np.float32)
     n, c, s = shape
     # a simulated split holds at least 32 threads x 4 loads = 128 values
-    assert cc.splits(c, n * s, cc.split_threads()) == n_splits
+    assert cc.splits(c, n * s, cc.split_threads() * cc.UNROLL) == n_splits
     sums = cc.channel_sums(a, b)
     expected = np.stack([a.sum(axis=(0, 2), dtype=np.float64), (a.astype(np.float64) * b).sum(axis=(0, 2))])
     assert sums.dtype == np.float32
@@ -82,5 +82,5 @@ def test_conv_grad_bias_over_splits():
 def test_issue_shapes_get_two_blocks_per_sm_on_a_gpu(shape):
     """On an H100 (132 SMs) with REDUCE_BLOCK threads per block: channels x splits >= 2 blocks per SM."""
     n, c, h, w = shape
-    blocks = c * cc.splits(c, n * h * w, cc.REDUCE_BLOCK)
+    blocks = c * cc.splits(c, n * h * w, cc.REDUCE_BLOCK * cc.UNROLL)
     assert blocks >= 2 * 132
