@@ -8,6 +8,7 @@ what it wrote: JSON that parses, every section done, every discovered kernel
 version timed and equal to torch, only GPU-only calls skipped, and a Markdown
 table with every section.
 """
+import importlib.util
 import json
 import os
 import types
@@ -20,6 +21,10 @@ from tests import background
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The kernels and torch compute the same float32 sums in other orders: ~1e-7 relative.
 REL_ERR = 1e-4
+# torch is the peer, not a dependency: without it (the README's test command alone) the command
+# still times every kernel version and records the peer as skipped; the comparisons need it.
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+NO_PEER = "torch is not installed"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,9 @@ def test_every_section_runs(simulated_run):
 
 
 def _only_gpu_skips(skipped: dict):
-    return {impl: why for impl, why in skipped.items() if gpu.SKIP_ON_SIMULATOR not in why}
+    """The skips a CPU run must not have: neither GPU-only calls nor, where torch is absent, the peer."""
+    return {impl: why for impl, why in skipped.items()
+            if gpu.SKIP_ON_SIMULATOR not in why and (HAVE_TORCH or NO_PEER not in why)}
 
 
 def test_every_kernel_version_is_timed_and_matches_torch(simulated_run):
@@ -55,10 +62,11 @@ def test_every_kernel_version_is_timed_and_matches_torch(simulated_run):
     assert len(cases) == section["planned"] and section["only"] is None
     for entry in cases + report["sections"]["train"]["cases"]:
         assert not _only_gpu_skips(entry["skipped"]), (entry["case"], entry["skipped"])
-        assert "torch" in entry["results"], entry["case"]
+        assert ("torch" in entry["results"]) == HAVE_TORCH, entry["case"]
         for impl, r in entry["results"].items():
             assert r["median_s"] > 0 and r["repeats"] >= 1, (entry["case"], impl)
-            assert r["rel_err"] <= REL_ERR, (entry["case"], impl, r["rel_err"])
+            if HAVE_TORCH:
+                assert r["rel_err"] <= REL_ERR, (entry["case"], impl, r["rel_err"])
     # versions are discovered: one row per entry of every *_VERSIONS dict
     from kernels.conv2d import cuda as conv
 
@@ -81,8 +89,10 @@ def test_launch_paths_and_markdown(simulated_run):
         assert heading in md
     assert "| conv2d 3x3 forward" in md and "| unet train step" in md
     targets = md[md.index("## Issue 8's targets"):]
-    for line in ("of cuDNN (target >= 50%", "forward+backward", "of the copy bandwidth (target >= 80%)",
-                 "of the copy bandwidth (target >= 60%)", "x torch CUDA (target <= 2x)"):
+    lines = ["of the copy bandwidth (target >= 80%)", "of the copy bandwidth (target >= 60%)"]
+    if HAVE_TORCH:  # the ratios to cuDNN and torch need the peer
+        lines += ["of cuDNN (target >= 50%", "forward+backward", "x torch CUDA (target <= 2x)"]
+    for line in lines:
         assert line in targets, line
 
 
