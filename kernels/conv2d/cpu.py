@@ -162,6 +162,8 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
+from kernels.conv2d.microkernels import lanes as lanes_of
+from kernels.conv2d.microkernels import tile_dots, tile_product
 from kernels.shapes import conv_output_size
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
@@ -992,12 +994,227 @@ def _grad_weight_v4(x, gy, w_shape, stride, padding, dilation, groups):
     return part.sum(axis=0).reshape(w_shape)
 
 
+# ------------------------------------------- v5: explicit 512-bit micro-kernels (microkernels.py)
+
+# v5's blocks: the forward's MR5 channels x NV5 vectors of pixels (8 x 48 float32: 24 zmm
+# accumulators), grad_weight's MW5 channels x KT5 weights (4 x 5: 20 dot products in zmm; with 24, the
+# 4 gy and 6 x vectors of a step no longer fit beside them and LLVM spills).
+MR5, NV5, MW5, KT5 = 8, 3, 4, 5
+
+
+@njit(cache=True, inline="always")
+def _tap_offsets(offs, cg, kh, kw, c_stride, row_step, dw):
+    """offs[(c*kh + p)*kw + q] = c*c_stride + p*row_step + q*dw: where weight (c, p, q)'s row of B starts in the band.
+
+    Entries past Cg*kh*kw (the padding up to a whole block of weights) repeat the last offset.
+    """
+    k = 0
+    for c in range(cg):
+        for p in range(kh):
+            for q in range(kw):
+                offs[k] = c * c_stride + p * row_step + q * dw
+                k += 1
+    for j in range(k, offs.size):
+        offs[j] = offs[k - 1]
+
+
+@njit(cache=True, inline="always")
+def _at(a, index):
+    """The address of the value ``index`` places past the start of array ``a`` (a signed integer)."""
+    return np.intp(a.ctypes.data) + index * a.itemsize
+
+
+@njit(cache=True, inline="always")
+def _vector_positions(xoffs, yoffs, rows, wq, row_len, lanes, wide):
+    """Fill the tables of where each output vector of a band starts; return how many there are.
+
+    ``wide``: the band's wide pixels (rows*Wq, garbage columns included) cut into consecutive
+    vectors, at v*lanes in both the padded band and the wide buffer. Otherwise (Wo a multiple of
+    the lanes) row ii's vectors start at ii*Wq + j0 in the band and at ii*Wo + j0 in y's plane,
+    j0 = 0, lanes, ...: the blocks read and write y (or gy) in place, no garbage columns.
+    """
+    count = 0
+    if wide:
+        for v in range(-(-rows * wq // lanes)):
+            xoffs[v] = yoffs[v] = v * lanes
+            count += 1
+    else:
+        for ii in range(rows):
+            for j0 in range(0, row_len, lanes):
+                xoffs[count], yoffs[count] = ii * wq + j0, ii * row_len + j0
+                count += 1
+    return count
+
+
+@njit(cache=True, inline="always")
+def _product_strip(xb, x_at, xoffs_at, offs, wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, nv):
+    """``tile_product`` of one MR5-channel block over nv (run-time 1..NV5) vectors."""
+    if nv == NV5:
+        tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, MR5, NV5)
+    elif nv == 2:
+        tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, MR5, 2)
+    else:
+        tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, MR5, 1)
+
+
+@njit(parallel=True, cache=True)
+def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, dw, groups, wide):
+    """Stride 1: the taps product of ``_forward_taps_kernel``, MR5 channels x NV5 vectors at a time in registers.
+
+    Per work item (image, band of output rows): pad the band (``_pad_band``), then for each
+    strip of up to NV5 output vectors and each block of MR5 output channels, ``tile_product``
+    sums all K = Cg*kh*kw terms, starting from the bias (bp, zero-padded); wp[g] is (K, Og
+    rounded up to MR5), zero in the padded channels. In place (not ``wide``) the blocks write y
+    directly; a last channel block that would run past Og starts at Og - MR5 instead (its
+    overlap is computed twice, to the same values). ``wide``: the blocks fill a wide buffer yw
+    (Og_pad rows of ``npad`` pixels) copied to y without its garbage columns afterwards.
+    """
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    og, cg = c_out // groups, c_in // groups
+    ogp, kk = wp.shape[2], wp.shape[1]
+    lanes = 64 // x.itemsize
+    wq = wo + (kw - 1) * dw
+    npad_max = -(-step * wq // lanes) * lanes
+    xb_size = c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + lanes
+    bands = (ho + step - 1) // step
+    isz = x.itemsize
+    nt = ws.shape[0]
+    for t in prange(nt):
+        xb, yw = ws[t, :xb_size], ws[t, xb_size : xb_size + ogp * npad_max]
+        offs, xoffs, yoffs = tables[t, 0, :kk], tables[t, 1], tables[t, 2]
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0 = item // bands, item % bands * step
+            rows = min(i0 + step, ho) - i0
+            r_all = rows + (kh - 1) * dh
+            npad = -(-rows * wq // lanes) * lanes
+            _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw + npad - rows * wq], i0 - pt, r_all, pl, wq)
+            _tap_offsets(offs, cg, kh, kw, r_all * wq, dh * wq, dw)
+            count = _vector_positions(xoffs, yoffs, rows, wq, wo, lanes, wide)
+            for g in range(groups):
+                x_at = _at(xb, g * cg * r_all * wq)
+                if wide:
+                    y_at, ldy, o_last = _at(yw, 0), npad, ogp - MR5
+                else:
+                    y_at, ldy, o_last = _at(y, ((i * c_out + g * og) * ho + i0) * wo), ho * wo, og - MR5
+                for s0 in range(0, count, NV5):
+                    nv = min(NV5, count - s0)
+                    for o0 in range(0, o_last + MR5, MR5):
+                        o0 = min(o0, o_last)
+                        _product_strip(xb, x_at, _at(xoffs, s0), offs, _at(wp[g], o0), ogp, kk,
+                                       y_at + o0 * ldy * isz, _at(yoffs, s0), ldy, _at(bp[g], o0), nv)
+                if wide:  # drop the garbage columns
+                    for o in range(og):
+                        for ii in range(rows):
+                            y[i, g * og + o, i0 + ii, :] = yw[o * npad + ii * wq : o * npad + ii * wq + wo]
+
+
+def _forward_vector(x, w, b, out_hw, padding, dilation, groups):
+    """Stride 1: y by explicit-vector micro-tiles over padded bands (``_forward_vector_kernel``)."""
+    x = np.ascontiguousarray(x)
+    y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
+    c_out, cg, kh, kw = w.shape
+    og = c_out // groups
+    ogp = -(-og // MR5) * MR5
+    wp = np.zeros((groups, cg * kh * kw, ogp), x.dtype)  # wp[g, (c, p, q), o]: the packed weight panel
+    wp[:, :, :og] = w.reshape(groups, og, cg * kh * kw).transpose(0, 2, 1)
+    bp = np.zeros((groups, ogp), x.dtype)
+    if b is not None:
+        bp[:, :og] = b.reshape(groups, og)
+    lanes = lanes_of(x.dtype)
+    wide = og < MR5 or out_hw[1] % lanes != 0
+    step, xb_size, wq = _taps_band(x.shape[1], c_out, out_hw, (kh, kw), dilation, x.dtype.itemsize)
+    npad_max = -(-step * wq // lanes) * lanes
+    nt = numba.get_num_threads()
+    ws = _workspace(nt * (xb_size + lanes + ogp * npad_max), x.dtype).reshape(nt, -1)
+    tables = np.empty((nt, 3, max(cg * kh * kw, npad_max // lanes) + NV5), np.int64)
+    _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide)
+    return y
+
+
+_forward_v5, _grad_input_v5 = _stride_one_version(_forward_vector)
+
+
+@njit(parallel=True, cache=True)
+def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, kh, kw, pt, pl, dh, dw, groups, wide):
+    """Stride 1: part[t, g, o, k] = thread t's share of gw[g*Og + o, k] = sum over items of gy_wide[i, g*Og + o] . view_k.
+
+    The operands are ``_grad_weight_taps_kernel``'s, and ``tile_dots`` computes MW5 channels x KT5
+    weights per call, each a dot product over the band's output vectors. In place (not ``wide``:
+    Og a multiple of MW5, Wo of the lanes) it reads gy's rows where they are; ``wide``: gy's band
+    is first copied to ``gyw``, Og_pad rows per group of ``npad`` wide pixels, zero in the garbage
+    columns, past the band's last pixel and in the padded channels, so those add nothing.
+    """
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    og, cg = c_out // groups, c_in // groups
+    ogp, kp = part.shape[2], part.shape[3]
+    lanes = 64 // x.itemsize
+    wq = wo + (kw - 1) * dw
+    npad_max = -(-step * wq // lanes) * lanes
+    xb_size = c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + lanes
+    bands = (ho + step - 1) // step
+    nt = ws.shape[0]
+    for t in prange(nt):
+        xb, gyw = ws[t, :xb_size], ws[t, xb_size : xb_size + groups * ogp * npad_max]
+        offs, xoffs, gyoffs = tables[t, 0, :kp], tables[t, 1], tables[t, 2]
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0 = item // bands, item % bands * step
+            rows = min(i0 + step, ho) - i0
+            r_all = rows + (kh - 1) * dh
+            npad = -(-rows * wq // lanes) * lanes
+            _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw + npad - rows * wq], i0 - pt, r_all, pl, wq)
+            _tap_offsets(offs, cg, kh, kw, r_all * wq, dh * wq, dw)
+            count = _vector_positions(xoffs, gyoffs, rows, wq, wo, lanes, wide)
+            if wide:
+                gyw[: groups * ogp * npad] = 0
+                for g in range(groups):
+                    for o in range(og):
+                        for ii in range(rows):
+                            dst = (g * ogp + o) * npad + ii * wq
+                            gyw[dst : dst + wo] = gy[i, g * og + o, i0 + ii]
+            for g in range(groups):
+                x_at = _at(xb, g * cg * r_all * wq)
+                for o0 in range(0, ogp, MW5):
+                    if wide:
+                        gy_at, ldg = _at(gyw, (g * ogp + o0) * npad), npad
+                    else:
+                        gy_at, ldg = _at(gy, ((i * c_out + g * og + o0) * ho + i0) * wo), ho * wo
+                    for k0 in range(0, kp, KT5):
+                        tile_dots(xb, gy_at, _at(gyoffs, 0), ldg, x_at, _at(xoffs, 0), _at(offs, k0), count, _at(part[t, g, o0], k0), kp, MW5, KT5)
+
+
+def _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups):
+    """Stride 1: gw by explicit-vector dot-product tiles (``_grad_weight_vector_kernel``); else im2col (v2)."""
+    if stride != (1, 1):
+        return _grad_weight_im2col(x, gy, w_shape, stride, padding, dilation, groups)
+    x, gy = np.ascontiguousarray(x), np.ascontiguousarray(gy)
+    c_out, cg, kh, kw = w_shape
+    og = c_out // groups
+    ogp, kp = -(-og // MW5) * MW5, -(-(cg * kh * kw) // KT5) * KT5
+    lanes = lanes_of(x.dtype)
+    wide = og % MW5 != 0 or gy.shape[3] % lanes != 0
+    nt = numba.get_num_threads()
+    part = np.zeros((nt, groups, ogp, kp), x.dtype)
+    step, xb_size, wq = _taps_band(x.shape[1], c_out, gy.shape[2:], (kh, kw), dilation, x.dtype.itemsize)
+    npad_max = -(-step * wq // lanes) * lanes
+    ws = _workspace(nt * (xb_size + lanes + groups * ogp * npad_max), x.dtype).reshape(nt, -1)
+    tables = np.empty((nt, 3, max(kp, npad_max // lanes)), np.int64)
+    _grad_weight_vector_kernel(x, gy, part, ws, tables, step, kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide)
+    gw = part[0].copy()
+    for t in range(1, nt):  # the threads' partial sums in a fixed order: the result does not depend on scheduling
+        gw += part[t]
+    return np.ascontiguousarray(gw[:, :og, : cg * kh * kw]).reshape(w_shape)
+
+
 # ----------------------------------------------------------------------- versions
 
-FORWARD_VERSIONS = {1: _forward_v1, 2: _forward_v2, 3: _forward_v3, 4: _forward_v4}
-GRAD_INPUT_VERSIONS = {1: _grad_input_v1, 2: _grad_input_col2im, 3: _grad_input_v3, 4: _grad_input_v4}
-GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_im2col, 3: _grad_weight_v3, 4: _grad_weight_v4}
-DEFAULT_FORWARD_VERSION = DEFAULT_GRAD_INPUT_VERSION = DEFAULT_GRAD_WEIGHT_VERSION = 3
+FORWARD_VERSIONS = {1: _forward_v1, 2: _forward_v2, 3: _forward_v3, 4: _forward_v4, 5: _forward_v5}
+GRAD_INPUT_VERSIONS = {1: _grad_input_v1, 2: _grad_input_col2im, 3: _grad_input_v3, 4: _grad_input_v4, 5: _grad_input_v5}
+GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_im2col, 3: _grad_weight_v3, 4: _grad_weight_v4, 5: _grad_weight_v5}
+DEFAULT_FORWARD_VERSION = DEFAULT_GRAD_INPUT_VERSION = DEFAULT_GRAD_WEIGHT_VERSION = 5
 
 
 def _pick(versions, version, function):

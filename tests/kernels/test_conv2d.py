@@ -284,20 +284,29 @@ def test_cpu_kernels_agree_across_bands_and_threads(monkeypatch, band_bytes, thr
 # straddle rows, the last strip of a band is partial, and grad_weight's dot products over 15*rows
 # pixels end with a partial vector. A band row takes (10 + 26) * 15 * 8 = 4320 bytes: 600 bytes give
 # bands of 1 row, 17300 bytes bands of 4 rows out of Ho = 9 (4, 4 and a ragged 1).
+# v5's blocks are MR5 = 8 channels x up to NV5 = 3 vectors (8 float64 each), and MW5 = 4 channels x KT5 =
+# 5 weights: Og = 13 leaves partial channel blocks (20 weights are four whole blocks of 5: the property tests
+# above cover partial ones), and a band's
+# 15*rows wide pixels end with a partial vector (padded with zeros) and strips of 1 or 2 vectors.
+# v5 reads and writes y and gy in place when Wo is a multiple of the lanes (8 float64) -- the second
+# width, 16 -- and Og >= MR5; its last channel block then overlaps the one before (Og = 13 or 12);
+# grad_weight reads gy in place only when Og is a multiple of MW5 (12, not 13).
 @pytest.mark.parametrize("band_bytes", [600, 17300])
 @pytest.mark.parametrize("threads", ["all", "one"])
-def test_cpu_v4_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads):
-    """All three v4 functions vs the reference where the micro-tiles' edges matter: partial channel
-    and weight blocks, strips across band rows, ragged bands, two groups, dilation, asymmetric and
-    cropping (grad_input's negative) padding, and a workspace full of NaN."""
+@pytest.mark.parametrize("version, width, c_out", [(4, 13, 26), (5, 13, 26), (5, 16, 26), (5, 16, 24)])
+def test_cpu_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads, version, width, c_out):
+    """All three functions of v4 and v5 vs the reference where the micro-tiles' edges matter: partial
+    channel and weight blocks, strips across band rows, ragged bands, two groups, dilation, asymmetric
+    and cropping (grad_input's negative) padding, a workspace full of NaN, and v5's in-place blocks."""
     import numba
 
     cpu = pytest.importorskip("kernels.conv2d.cpu")
     monkeypatch.setattr(cpu, "_TAPS_BAND_BYTES", band_bytes)
-    case = dict(x_shape=(2, 10, 9, 13), w_shape=(26, 5, 2, 2), args=((1, 1), ((1, 0), (2, 0)), (1, 2), 2))
-    case["y_shape"] = (2, 26, conv_out(9, (1, 0), 1, 2, 1), conv_out(13, (2, 0), 2, 2, 1))
-    assert case["y_shape"][2:] == (9, 13)
-    assert cpu._taps_band(10, 26, (9, 13), (2, 2), (1, 2), 8)[0] == (1 if band_bytes == 600 else 4)
+    case = dict(x_shape=(2, 10, 9, width), w_shape=(c_out, 5, 2, 2), args=((1, 1), ((1, 0), (2, 0)), (1, 2), 2))
+    case["y_shape"] = (2, c_out, conv_out(9, (1, 0), 1, 2, 1), conv_out(width, (2, 0), 2, 2, 1))
+    assert case["y_shape"][2:] == (9, width)
+    if (width, c_out) == (13, 26):
+        assert cpu._taps_band(10, 26, (9, 13), (2, 2), (1, 2), 8)[0] == (1 if band_bytes == 600 else 4)
     x, w, b, gy = arrays(case, np.float64, 1)
     args = case["args"]
     numba_threads = numba.get_num_threads()
@@ -306,10 +315,10 @@ def test_cpu_v4_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads):
             numba.set_num_threads(1)
         for buf in cpu._WORKSPACE.values():
             buf[...] = np.nan
-        assert_close(cpu.conv2d_forward(x, w, b, *args, version=4), ref.conv2d_forward(x, w, b, *args), 1e-10, 1e-12, name="y")
-        assert_close(cpu.conv2d_grad_input(gy, w, x.shape, *args, version=4), ref.conv2d_grad_input(gy, w, x.shape, *args),
+        assert_close(cpu.conv2d_forward(x, w, b, *args, version=version), ref.conv2d_forward(x, w, b, *args), 1e-10, 1e-12, name="y")
+        assert_close(cpu.conv2d_grad_input(gy, w, x.shape, *args, version=version), ref.conv2d_grad_input(gy, w, x.shape, *args),
                      1e-10, 1e-12, name="gx")
-        assert_close(cpu.conv2d_grad_weight(x, gy, w.shape, *args, version=4), ref.conv2d_grad_weight(x, gy, w.shape, *args),
+        assert_close(cpu.conv2d_grad_weight(x, gy, w.shape, *args, version=version), ref.conv2d_grad_weight(x, gy, w.shape, *args),
                      1e-10, 1e-12, name="gw")
     finally:
         numba.set_num_threads(numba_threads)
@@ -331,11 +340,47 @@ def _micro_dots_call(cpu):
     return cpu._micro_dots, args, np.full(tile.shape, 301.0), cpu.MW * cpu.KT * cpu.LANES
 
 
-@pytest.mark.parametrize("call", [_micro_tile_call, _micro_dots_call], ids=["forward", "grad_weight"])
+def _vector_tile_call(cpu):
+    """The same for v5's ``tile_product`` (MR5 channels x NV5 vectors, called with addresses): rows k of
+    B start at 0, 7, 14, ..., the vectors at 0, 40, 80 in B and 0, 16, 32 in y; weights of ones and a
+    bias of ones: 1 + 18 products per element."""
+    from kernels.conv2d.microkernels import tile_product
+
+    mr, nv = cpu.MR5, cpu.NV5  # compile-time constants of the kernel below
+
+    def kernel(x, offs, vectors, w, bias, y):
+        tile_product(x, x.ctypes.data, vectors[0].ctypes.data, offs.ctypes.data, w.ctypes.data, w.shape[1], offs.size,
+                     y.ctypes.data, vectors[1].ctypes.data, y.shape[1], bias.ctypes.data, mr, nv)
+
+    y = np.empty((cpu.MR5, cpu.NV5 * 16), np.float32)
+    vectors = np.stack([np.arange(cpu.NV5) * 40, np.arange(cpu.NV5) * 16])
+    args = (np.ones(4000, np.float32), np.arange(18) * 7, vectors, np.ones((18, cpu.MR5), np.float32),
+            np.ones(cpu.MR5, np.float32), y)
+    return kernel, args, np.full(y.shape, 19.0), cpu.MR5 * cpu.NV5 * 16
+
+
+def _vector_dots_call(cpu):
+    """The same for v5's ``tile_dots``: MW5 x KT5 dot products of 20 vectors of ones, added to ones."""
+    from kernels.conv2d.microkernels import tile_dots
+
+    mw, kt = cpu.MW5, cpu.KT5
+
+    def kernel(gy, x, offs, vectors, out):
+        tile_dots(x, gy.ctypes.data, vectors[0].ctypes.data, gy.shape[1], x.ctypes.data, vectors[1].ctypes.data,
+                  offs.ctypes.data, vectors.shape[1], out.ctypes.data, out.shape[1], mw, kt)
+
+    out = np.ones((cpu.MW5, cpu.KT5), np.float32)
+    vectors = np.stack([np.arange(20) * 16, np.arange(20) * 17])
+    args = (np.ones((cpu.MW5, 400), np.float32), np.ones(4000, np.float32), np.arange(cpu.KT5) * 5, vectors, out)
+    return kernel, args, np.full(out.shape, 321.0), cpu.MW5 * cpu.KT5 * 16
+
+
+@pytest.mark.parametrize("call", [_micro_tile_call, _micro_dots_call, _vector_tile_call, _vector_dots_call],
+                         ids=["v4-forward", "v4-grad_weight", "v5-forward", "v5-grad_weight"])
 def test_cpu_micro_kernels_keep_their_accumulators_in_registers(call):
-    """v4's point: the reduction loop of each micro-kernel does its multiply-adds as vector FMAs on
-    registers -- (multiply-adds per step)/lanes FMA instructions, and no vector register saved to
-    or loaded from the stack in that loop. A change that sends the accumulators to memory (a heap
+    """v4's and v5's point: the reduction loop of each micro-kernel does its multiply-adds as vector FMAs
+    on registers -- (multiply-adds per step)/lanes FMA instructions, and no vector register saved to
+    or loaded from the stack in that loop; v5's are 512-bit (zmm) wherever the CPU has AVX-512. A change that sends the accumulators to memory (a heap
     array, an index LLVM cannot resolve, too many accumulators) fails here even though the results
     stay right. Compiled afresh: cached code cannot be inspected."""
     import re
@@ -346,7 +391,7 @@ def test_cpu_micro_kernels_keep_their_accumulators_in_registers(call):
     if "fma" not in open("/proc/cpuinfo").read():
         pytest.skip("no FMA instructions on this CPU")
     kernel, args, expected, per_step = call(cpu)
-    fresh = numba.njit(fastmath={"contract"})(kernel.py_func)
+    fresh = numba.njit(fastmath={"contract"})(getattr(kernel, "py_func", kernel))
     fresh(*args)
     assert_close(args[-1], expected, 0, 0, name="tile")
     lines = next(iter(fresh.inspect_asm().values())).splitlines()
@@ -359,3 +404,5 @@ def test_cpu_micro_kernels_keep_their_accumulators_in_registers(call):
     assert len(fmas) * lanes == per_step, "\n".join(loop)
     spills = [line for line in loop if "(%rsp)" in line and re.search(r"[xyz]mm", line)]
     assert not spills, "vector registers spill to the stack in the reduction loop:\n" + "\n".join(loop)
+    if call in (_vector_tile_call, _vector_dots_call) and "avx512f" in open("/proc/cpuinfo").read():
+        assert lanes == 16, "v5's micro-kernels must use 512-bit registers on an AVX-512 CPU:\n" + "\n".join(loop)

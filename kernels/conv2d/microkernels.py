@@ -1,0 +1,222 @@
+"""Register-blocked micro-kernels written as explicit 512-bit vector code (LLVM IR from Numba).
+
+Why this file exists. A convolution (as a GEMM) runs near the FMA peak only when
+its innermost loop keeps a block of the output in *registers* for the whole
+reduction and does many fused multiply-adds per value it loads. An AVX-512 core
+has 32 vector registers of 16 floats and can start two 16-wide FMAs per cycle;
+a block of 8 output channels x 48 pixels is 24 registers of accumulators, and
+each step of the reduction then loads 3 vectors of inputs and 8 weights and does
+24 vector FMAs (384 multiply-adds): the multipliers, not the loads, bound it.
+
+Numba has no vector type, and LLVM's auto-vectoriser picks 256-bit registers on
+AVX-512 CPUs (their "prefer-256-bit" tuning), which halves the peak -- conv2d v4
+in ``cpu.py`` is the measured consequence. So the two micro-kernels here are
+Numba *intrinsics*: Python functions that emit the LLVM IR of the loop directly,
+with vectors of 64 bytes (``<16 x float>``, ``<8 x double>``) as values. LLVM
+keeps each accumulator in a register (they are SSA values carried by phi nodes:
+there is no memory to spill them to unless registers run out) and lowers every
+``llvm.fma`` to one ``vfmadd`` on a zmm register. On a CPU without AVX-512 the
+same IR is split into 256- or 128-bit halves: slower, equally correct.
+
+Both read their operands through a table of offsets, ``offs``: row k of the
+(implicit) K x pixels matrix B starts at ``x[offs[k]]``. For a convolution at
+stride 1, row k = (c, p, q) of B is the padded input band shifted to tap (p, q)
+of channel c (see ``cpu.py``, *Taps*), so B is read in place: no im2col copy.
+
+* ``tile_product`` (forward, and grad_input as a forward): the block
+  ``y[a*ldy + m] = sum_k w[k*ldw + a] * x[offs[k] + m]`` for a < MR channels and
+  m < NV*LANES pixels; the weights are a packed panel (K rows of MR or more).
+* ``tile_dots`` (grad_weight): the block ``out[a*ldo + t] += sum_m gy[a*ldg + m]
+  * x[offs[t] + m]`` for a < MW channels and t < KT weights: MW*KT dot products
+  over the pixels, each accumulated in a vector and summed across its lanes at the
+  end (a fixed tree of adds: the result does not depend on anything but the data).
+
+Every call names its block shape (MR, NV or MW, KT) as compile-time constants, so
+the loops over it are unrolled into straight-line code.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
+
+VECTOR_BYTES = 64  # one AVX-512 register
+
+
+def lanes(dtype) -> int:
+    """Values per vector register: 16 float32 or 8 float64."""
+    return VECTOR_BYTES // dtype.itemsize
+
+
+def _literal(value, name):
+    if not isinstance(value, types.IntegerLiteral):
+        raise TypingError(f"{name} must be a compile-time constant (an integer literal)")
+    return value.literal_value
+
+
+def _splat(builder, value, vt):
+    """A vector of vt's width with every lane = value (LLVM folds it into the FMA's broadcast operand)."""
+    one = builder.insert_element(ir.Constant(vt, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), vt.count), None))
+
+
+def _lane_sum(builder, vec):
+    """Sum of a vector's lanes by halving: v[:n/2] + v[n/2:] until one lane is left (a fixed order)."""
+    while vec.type.count > 1:
+        half = vec.type.count // 2
+        lo = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(half))))
+        hi = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(half, 2 * half))))
+        vec = builder.fadd(lo, hi)
+    return builder.extract_element(vec, ir.Constant(ir.IntType(32), 0))
+
+
+def _counted_loop(builder, count, carried, body):
+    """Emit ``for k in range(count): carried = body(k, carried)`` and return the final ``carried``.
+
+    ``carried`` is a list of LLVM values (the accumulators): each becomes a phi node, which
+    is how a value lives in a register across iterations in SSA form.
+    """
+    i64 = ir.IntType(64)
+    entry = builder.basic_block
+    loop = builder.append_basic_block("micro.loop")
+    done = builder.append_basic_block("micro.done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    phis = [builder.phi(v.type) for v in carried]
+    new = body(k, phis)
+    k_next = builder.add(k, ir.Constant(i64, 1))
+    end = builder.basic_block
+    builder.cbranch(builder.icmp_signed("<", k_next, count), loop, done)
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    k.add_incoming(k_next, end)
+    for phi, start, value in zip(phis, carried, new):
+        phi.add_incoming(start, entry)
+        phi.add_incoming(value, end)
+    builder.position_at_end(done)
+    out = []
+    for start, value in zip(carried, new):
+        merged = builder.phi(start.type)
+        merged.add_incoming(start, entry)
+        merged.add_incoming(value, end)
+        out.append(merged)
+    return out
+
+
+def _fma(builder, vt):
+    """The ``llvm.fma`` intrinsic on vectors of type vt: one rounding per multiply-add (a vfmadd instruction)."""
+    name = f"llvm.fma.v{vt.count}f{vt.element.intrinsic_name[1:]}"
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), name)
+
+
+def _pointers(context, builder, dtype, *addresses):
+    ft = context.get_value_type(dtype)
+    return ft, [builder.inttoptr(a, ft.as_pointer()) for a in addresses]
+
+
+def _vector_at(builder, base, index, vt, align):
+    """The vector of vt.count values at base[index] (unaligned load)."""
+    return builder.load(builder.bitcast(builder.gep(base, [index]), vt.as_pointer()), align=align)
+
+
+def _table(builder, address, count):
+    """The first ``count`` (a constant) int64 values at ``address``."""
+    i64 = ir.IntType(64)
+    table = builder.inttoptr(address, i64.as_pointer())
+    return [builder.load(builder.gep(table, [ir.Constant(i64, v)])) for v in range(count)]
+
+
+@intrinsic
+def tile_product(typingctx, like, x, xoffs, offs, w, ldw, k_count, y, yoffs, ldy, bias, mr, nv):
+    """y[a*ldy + yoffs[v] + l] = bias[a] + sum_{k < k_count} w[k*ldw + a] * x[offs[k] + xoffs[v] + l]
+
+    for a < mr channels, v < nv vectors and l < lanes: an mr x nv block of output vectors. The
+    vectors of the block can lie anywhere (``xoffs``, ``yoffs``: where vector v of the block starts
+    in x's rows and in y), so a block can span rows of an image. x, w, y, bias are addresses of
+    ``like``'s dtype, xoffs, offs, yoffs of int64 tables; mr and nv are constants. y is
+    overwritten (k_count = 0 writes the bias).
+    """
+    mr_, nv_ = _literal(mr, "mr"), _literal(nv, "nv")
+    sig = types.none(like, x, xoffs, offs, w, ldw, k_count, y, yoffs, ldy, bias, mr, nv)
+    dtype = like.dtype
+
+    def codegen(context, builder, signature, args):
+        _, x_addr, xoffs_addr, offs_addr, w_addr, ldw_v, kk, y_addr, yoffs_addr, ldy_v, b_addr = args[:11]
+        ft, (xp, wp, yp, bp) = _pointers(context, builder, dtype, x_addr, w_addr, y_addr, b_addr)
+        i64 = ir.IntType(64)
+        offp = builder.inttoptr(offs_addr, i64.as_pointer())
+        vt = ir.VectorType(ft, VECTOR_BYTES * 8 // dtype.bitwidth)
+        fma = _fma(builder, vt)
+        align = dtype.bitwidth // 8
+        xo, yo = _table(builder, xoffs_addr, nv_), _table(builder, yoffs_addr, nv_)
+        start = []
+        for a in range(mr_):
+            b = _splat(builder, builder.load(builder.gep(bp, [ir.Constant(i64, a)])), vt)
+            start.extend([b] * nv_)
+
+        def step(k, acc):
+            row = builder.load(builder.gep(offp, [k]))
+            xs = [_vector_at(builder, xp, builder.add(row, xo[v]), vt, align) for v in range(nv_)]
+            wrow = builder.mul(k, ldw_v)
+            out = []
+            for a in range(mr_):
+                wa = _splat(builder, builder.load(builder.gep(wp, [builder.add(wrow, ir.Constant(i64, a))])), vt)
+                out.extend(builder.call(fma, [wa, xs[v], acc[a * nv_ + v]]) for v in range(nv_))
+            return out
+
+        acc = _counted_loop(builder, kk, start, step)
+        for a in range(mr_):
+            ya = builder.mul(ir.Constant(i64, a), ldy_v)
+            for v in range(nv_):
+                at = builder.gep(yp, [builder.add(ya, yo[v])])
+                builder.store(acc[a * nv_ + v], builder.bitcast(at, vt.as_pointer()), align=align)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile_dots(typingctx, like, gy, gyoffs, ldg, x, xoffs, offs, n_vectors, out, ldo, mw, kt):
+    """out[a*ldo + t] += sum_{v < n_vectors} sum_l gy[a*ldg + gyoffs[v] + l] * x[offs[t] + xoffs[v] + l]
+
+    for a < mw channels and t < kt weights: mw*kt dot products over n_vectors vectors of pixels,
+    which can lie anywhere (vector v at ``gyoffs[v]`` in each gy row, at ``xoffs[v]`` past each x
+    row's start). gy, x, out are addresses of ``like``'s dtype, gyoffs, xoffs, offs of int64
+    tables (offs: kt entries); mw and kt are constants. Each sum runs in its own vector of
+    partial sums, added across lanes by ``_lane_sum`` at the end.
+    """
+    mw_, kt_ = _literal(mw, "mw"), _literal(kt, "kt")
+    sig = types.none(like, gy, gyoffs, ldg, x, xoffs, offs, n_vectors, out, ldo, mw, kt)
+    dtype = like.dtype
+
+    def codegen(context, builder, signature, args):
+        _, gy_addr, gyoffs_addr, ldg_v, x_addr, xoffs_addr, offs_addr, nvec, out_addr, ldo_v = args[:10]
+        ft, (gp, xp, op) = _pointers(context, builder, dtype, gy_addr, x_addr, out_addr)
+        i64 = ir.IntType(64)
+        gyo = builder.inttoptr(gyoffs_addr, i64.as_pointer())
+        xo = builder.inttoptr(xoffs_addr, i64.as_pointer())
+        vt = ir.VectorType(ft, VECTOR_BYTES * 8 // dtype.bitwidth)
+        fma = _fma(builder, vt)
+        align = dtype.bitwidth // 8
+        rows = _table(builder, offs_addr, kt_)
+        gy_rows = [builder.mul(ir.Constant(i64, a), ldg_v) for a in range(mw_)]
+
+        def step(v, acc):
+            m, mg = builder.load(builder.gep(xo, [v])), builder.load(builder.gep(gyo, [v]))
+            xs = [_vector_at(builder, xp, builder.add(rows[t], m), vt, align) for t in range(kt_)]
+            out = []
+            for a in range(mw_):
+                g = _vector_at(builder, gp, builder.add(gy_rows[a], mg), vt, align)
+                out.extend(builder.call(fma, [g, xs[t], acc[a * kt_ + t]]) for t in range(kt_))
+            return out
+
+        acc = _counted_loop(builder, nvec, [ir.Constant(vt, None)] * (mw_ * kt_), step)
+        for a in range(mw_):
+            for t in range(kt_):
+                ptr = builder.gep(op, [builder.add(builder.mul(ir.Constant(i64, a), ldo_v), ir.Constant(i64, t))])
+                builder.store(builder.fadd(builder.load(ptr), _lane_sum(builder, acc[a * kt_ + t])), ptr)
+        return context.get_dummy_value()
+
+    return sig, codegen
