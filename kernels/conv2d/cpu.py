@@ -170,6 +170,7 @@ __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_
 
 _BAND_BYTES = 1 << 20  # one thread's band of im2col columns: half of an (assumed) 2 MB L2, the rest for W and the output
 _TAPS_BAND_BYTES = 192 << 10  # one thread's band of padded input + wide output rows at stride 1 (chosen by trial)
+_DOTS_VECTORS = 64  # v5 grad_weight's dot-product length (vectors) when gy is read in place: 4 gy + 5 x rows of it fill ~36 KB of L1
 _WORKSPACE: dict[str, np.ndarray] = {}
 _N, _T = ord("n"), ord("t")  # BLAS's transpose flags
 
@@ -1025,13 +1026,15 @@ def _at(a, index):
 
 
 @njit(cache=True, inline="always")
-def _vector_positions(xoffs, yoffs, rows, wq, row_len, lanes, wide):
+def _vector_positions(xoffs, yoffs, rows, wq, row_len, lanes, wide, images, x_image, y_image):
     """Fill the tables of where each output vector of a band starts; return how many there are.
 
     ``wide``: the band's wide pixels (rows*Wq, garbage columns included) cut into consecutive
     vectors, at v*lanes in both the padded band and the wide buffer. Otherwise (Wo a multiple of
     the lanes) row ii's vectors start at ii*Wq + j0 in the band and at ii*Wo + j0 in y's plane,
-    j0 = 0, lanes, ...: the blocks read and write y (or gy) in place, no garbage columns.
+    j0 = 0, lanes, ...: the blocks read and write y (or gy) in place, no garbage columns. In place,
+    the same band of ``images`` consecutive images can be listed, image f's vectors shifted by
+    f*x_image in the band buffer and f*y_image in y.
     """
     count = 0
     if wide:
@@ -1039,10 +1042,11 @@ def _vector_positions(xoffs, yoffs, rows, wq, row_len, lanes, wide):
             xoffs[v] = yoffs[v] = v * lanes
             count += 1
     else:
-        for ii in range(rows):
-            for j0 in range(0, row_len, lanes):
-                xoffs[count], yoffs[count] = ii * wq + j0, ii * row_len + j0
-                count += 1
+        for f in range(images):
+            for ii in range(rows):
+                for j0 in range(0, row_len, lanes):
+                    xoffs[count], yoffs[count] = f * x_image + ii * wq + j0, f * y_image + ii * row_len + j0
+                    count += 1
     return count
 
 
@@ -1091,7 +1095,7 @@ def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, d
             npad = -(-rows * wq // lanes) * lanes
             _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw + npad - rows * wq], i0 - pt, r_all, pl, wq)
             _tap_offsets(offs, cg, kh, kw, r_all * wq, dh * wq, dw)
-            count = _vector_positions(xoffs, yoffs, rows, wq, wo, lanes, wide)
+            count = _vector_positions(xoffs, yoffs, rows, wq, wo, lanes, wide, 1, 0, 0)
             for g in range(groups):
                 x_at = _at(xb, g * cg * r_all * wq)
                 if wide:
@@ -1137,14 +1141,16 @@ _forward_v5, _grad_input_v5 = _stride_one_version(_forward_vector)
 
 
 @njit(parallel=True, cache=True)
-def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, kh, kw, pt, pl, dh, dw, groups, wide):
+def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, pl, dh, dw, groups, wide):
     """Stride 1: part[t, g, o, k] = thread t's share of gw[g*Og + o, k] = sum over items of gy_wide[i, g*Og + o] . view_k.
 
     The operands are ``_grad_weight_taps_kernel``'s, and ``tile_dots`` computes MW5 channels x KT5
-    weights per call, each a dot product over the band's output vectors. In place (not ``wide``:
-    Og a multiple of MW5, Wo of the lanes) it reads gy's rows where they are; ``wide``: gy's band
-    is first copied to ``gyw``, Og_pad rows per group of ``npad`` wide pixels, zero in the garbage
-    columns, past the band's last pixel and in the padded channels, so those add nothing.
+    weights per call, each a dot product over the item's output vectors. In place (not ``wide``:
+    Og a multiple of MW5, Wo of the lanes) it reads gy's rows where they are, and an item is a band
+    of ``fold`` consecutive images (whole images, when several fit the band buffer): longer dot
+    products, fewer sums across lanes. ``wide``: an item is one image's band, and gy's band is first
+    copied to ``gyw``, Og_pad rows per group of ``npad`` wide pixels, zero in the garbage columns,
+    past the band's last pixel and in the padded channels, so those add nothing.
     """
     n, c_in = x.shape[0], x.shape[1]
     c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
@@ -1153,21 +1159,25 @@ def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, kh, kw, pt, pl, dh
     lanes = 64 // x.itemsize
     wq = wo + (kw - 1) * dw
     npad_max = -(-step * wq // lanes) * lanes
-    xb_size = c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + lanes
-    bands = (ho + step - 1) // step
+    xb_size = fold * c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + lanes
+    bands, runs = (ho + step - 1) // step, (n + fold - 1) // fold
     nt = ws.shape[0]
     for t in prange(nt):
         xb, gyw = ws[t, :xb_size], ws[t, xb_size : xb_size + groups * ogp * npad_max]
         offs, xoffs, gyoffs = tables[t, 0, :kp], tables[t, 1], tables[t, 2]
-        lo, hi = _share(t, nt, n * bands)
+        lo, hi = _share(t, nt, runs * bands)
         for item in range(lo, hi):
-            i, i0 = item // bands, item % bands * step
+            i, i0 = item // bands * fold, item % bands * step
+            images = min(fold, n - i)
             rows = min(i0 + step, ho) - i0
             r_all = rows + (kh - 1) * dh
             npad = -(-rows * wq // lanes) * lanes
-            _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw + npad - rows * wq], i0 - pt, r_all, pl, wq)
+            image = c_in * r_all * wq  # one image's padded band in xb
+            for f in range(images):
+                end = (f + 1) * image + ((kw - 1) * dw + npad - rows * wq if f == images - 1 else 0)
+                _pad_band(x[i + f], xb[f * image : end], i0 - pt, r_all, pl, wq)
             _tap_offsets(offs, cg, kh, kw, r_all * wq, dh * wq, dw)
-            count = _vector_positions(xoffs, gyoffs, rows, wq, wo, lanes, wide)
+            count = _vector_positions(xoffs, gyoffs, rows, wq, wo, lanes, wide, images, image, c_out * ho * wo)
             if wide:
                 gyw[: groups * ogp * npad] = 0
                 for g in range(groups):
@@ -1186,6 +1196,19 @@ def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, kh, kw, pt, pl, dh
                         tile_dots(xb, gy_at, _at(gyoffs, 0), ldg, x_at, _at(xoffs, 0), _at(offs, k0), count, _at(part[t, g, o0], k0), kp, MW5, KT5)
 
 
+def _dots_band(n, threads, ho, row_vectors):
+    """(rows per band, images per item) of v5 grad_weight in place: dot products of about ``_DOTS_VECTORS``
+    vectors -- long enough that the sums across lanes at the end cost little, short enough that the
+    rows they read stay in L1 -- and, when a band is a whole image, a run of images that divides each
+    thread's share of the N images (so the items split evenly)."""
+    rows = max(1, min(ho, _DOTS_VECTORS // row_vectors))
+    if rows < ho:
+        return rows, 1
+    share = -(-n // threads)
+    most = max(1, _DOTS_VECTORS // (ho * row_vectors))
+    return ho, max(f for f in range(1, share + 1) if share % f == 0 and f <= most)
+
+
 def _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups):
     """Stride 1: gw by explicit-vector dot-product tiles (``_grad_weight_vector_kernel``); else im2col (v2)."""
     if stride != (1, 1):
@@ -1195,14 +1218,19 @@ def _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups):
     og = c_out // groups
     ogp, kp = -(-og // MW5) * MW5, -(-(cg * kh * kw) // KT5) * KT5
     lanes = lanes_of(x.dtype)
-    wide = og % MW5 != 0 or gy.shape[3] % lanes != 0
+    (ho, wo), (dh, dw) = gy.shape[2:], dilation
+    wide = og % MW5 != 0 or wo % lanes != 0
     nt = numba.get_num_threads()
     part = np.zeros((nt, groups, ogp, kp), x.dtype)
-    step, xb_size, wq = _taps_band(x.shape[1], c_out, gy.shape[2:], (kh, kw), dilation, x.dtype.itemsize)
+    step, xb_size, wq = _taps_band(x.shape[1], c_out, (ho, wo), (kh, kw), dilation, x.dtype.itemsize)
+    fold = 1
+    if not wide:  # gy is read in place: the band buffer holds only x
+        step, fold = _dots_band(x.shape[0], nt, ho, wo // lanes)
+        xb_size = fold * x.shape[1] * (step + (kh - 1) * dh) * wq + (kw - 1) * dw
     npad_max = -(-step * wq // lanes) * lanes
     ws = _workspace(nt * (xb_size + lanes + groups * ogp * npad_max), x.dtype).reshape(nt, -1)
-    tables = np.empty((nt, 3, max(kp, npad_max // lanes)), np.int64)
-    _grad_weight_vector_kernel(x, gy, part, ws, tables, step, kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide)
+    tables = np.empty((nt, 3, max(kp, fold * step * -(-wq // lanes) + 1)), np.int64)
+    _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide)
     gw = part[0].copy()
     for t in range(1, nt):  # the threads' partial sums in a fixed order: the result does not depend on scheduling
         gw += part[t]

@@ -290,7 +290,9 @@ def test_cpu_kernels_agree_across_bands_and_threads(monkeypatch, band_bytes, thr
 # 15*rows wide pixels end with a partial vector (padded with zeros) and strips of 1 or 2 vectors.
 # v5 reads and writes y and gy in place when Wo is a multiple of the lanes (8 float64) -- the second
 # width, 16 -- and Og >= MR5; its last channel block then overlaps the one before (Og = 13 or 12);
-# grad_weight reads gy in place only when Og is a multiple of MW5 (12, not 13).
+# grad_weight reads gy in place only when Og is a multiple of MW5 (12, not 13), in bands of
+# _DOTS_VECTORS vectors: 4 gives bands of 2 rows (ragged), 64 whole images in runs of two of the 3
+# images on two threads (a ragged last run of one), all three on one.
 @pytest.mark.parametrize("band_bytes", [600, 17300])
 @pytest.mark.parametrize("threads", ["all", "one"])
 @pytest.mark.parametrize("version, width, c_out", [(4, 13, 26), (5, 13, 26), (5, 16, 26), (5, 16, 24)])
@@ -302,11 +304,15 @@ def test_cpu_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads, ver
 
     cpu = pytest.importorskip("kernels.conv2d.cpu")
     monkeypatch.setattr(cpu, "_TAPS_BAND_BYTES", band_bytes)
-    case = dict(x_shape=(2, 10, 9, width), w_shape=(c_out, 5, 2, 2), args=((1, 1), ((1, 0), (2, 0)), (1, 2), 2))
-    case["y_shape"] = (2, c_out, conv_out(9, (1, 0), 1, 2, 1), conv_out(width, (2, 0), 2, 2, 1))
+    monkeypatch.setattr(cpu, "_DOTS_VECTORS", 4 if band_bytes == 600 else 64)
+    case = dict(x_shape=(3, 10, 9, width), w_shape=(c_out, 5, 2, 2), args=((1, 1), ((1, 0), (2, 0)), (1, 2), 2))
+    case["y_shape"] = (3, c_out, conv_out(9, (1, 0), 1, 2, 1), conv_out(width, (2, 0), 2, 2, 1))
     assert case["y_shape"][2:] == (9, width)
     if (width, c_out) == (13, 26):
         assert cpu._taps_band(10, 26, (9, 13), (2, 2), (1, 2), 8)[0] == (1 if band_bytes == 600 else 4)
+    if (width, c_out) == (16, 24):
+        assert cpu._dots_band(3, 1, 9, 2) == ((2, 1) if band_bytes == 600 else (9, 3))
+        assert cpu._dots_band(3, 2, 9, 2) == ((2, 1) if band_bytes == 600 else (9, 2))
     x, w, b, gy = arrays(case, np.float64, 1)
     args = case["args"]
     numba_threads = numba.get_num_threads()
