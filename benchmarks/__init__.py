@@ -3,6 +3,7 @@
 Run it as ``python -m benchmarks ops|train|gpu|ddp`` (or ``minseg bench ...``)::
 
     python -m benchmarks ops                      # the hot ops, numpy / cpu backends vs torch CPU
+    python -m benchmarks ops --layers --backends cpu   # every conv layer of the benchmark U-Net, % of peak
     python -m benchmarks train                    # one U-Net training step (forward, backward, SGD)
     python -m benchmarks gpu --all OUTDIR         # every GPU check: tests on the card, kernels vs cuDNN, a step
     python -m benchmarks ddp                      # a U-Net step on 1 process vs 2 MPI ranks (ddp.py)
@@ -39,7 +40,8 @@ Limits: before the cases run, the benchmark measures this machine's FP32 peak
 parallel copy); the '% peak' and '% bw' columns put each FLOP-counted or
 byte-counted row against them (``machine.limits``). ``ops --only conv2d`` with
 the cpu backend times every numbered CPU conv version (``cpu vK`` rows,
-``kernels/conv2d/cpu.py``); ``train --conv-versions 4`` adds a step with the
+``kernels/conv2d/cpu.py``); ``ops --layers`` times every conv layer of the
+benchmark U-Net as its training step runs it (forward + the gradients it needs); ``train --conv-versions 4`` adds a step with the
 conv kernels at version 4. ``train`` also reports each side's peak RSS of
 training (in a fresh process each) and minseg's time outside the backend's
 kernels (graph walk, ``Function.apply``, checks, allocation, optimizer).

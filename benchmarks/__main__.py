@@ -56,6 +56,8 @@ def parse_args(argv):
                    "FP32 peak or memory bandwidth per case to FILE.png (Pillow)")
     p.add_argument("--conv-versions", metavar="K,K", help="train: also time the step with the cpu backend's conv2d "
                    "kernels at these numbered versions ('cpu vK' rows; ops times every version in its conv cases)")
+    p.add_argument("--layers", action="store_true", help="ops: time every conv layer of the benchmark U-Net (forward + "
+                   "the gradients a training step needs) instead of the op cases; use --backends cpu")
     p.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)  # the cache check's child
     p.add_argument("--memory-child", metavar="LABEL", help=argparse.SUPPRESS)  # train: one library's step memory
     args = p.parse_args(argv)
@@ -132,7 +134,7 @@ def build_cases(args, libs):
     if args.mode == "ops":
         from .cases import op_cases
 
-        return op_cases(libs, "quick" if args.quick else "full"), {}
+        return op_cases(libs, "quick" if args.quick else "full", args.layers), {}
     from .cases import conv_version_libs
     from .train import train_case
 

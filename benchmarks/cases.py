@@ -174,7 +174,7 @@ def op_impl(spec: OpSpec, lib) -> Impl:
 
 
 def _conv(F, x, w, b):
-    return F.conv2d(x, w, b, padding=1)
+    return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
 
 
 def _bilinear(F, x):
@@ -187,6 +187,25 @@ def _cross_entropy(F, logits, target):
 
 def _max_pool(F, x):
     return F.max_pool2d(x, 2)
+
+
+def unet_conv_layers(size: str = "full") -> list[tuple]:
+    """(N, C_in, H, W, C_out, k) of every convolution of the benchmark U-Net (``benchmarks/train.py``'s
+    TRAIN_SIZES[size], minseg.nn.UNet with bilinear upsampling), in the order of the forward: the
+    double convs of inc and down1..depth at halving sizes, of dec depth..1 on [skip, upsampled]
+    channels, and the 1x1 head. tests/test_benchmarks_smoke.py checks it against the model's weights."""
+    from .train import TRAIN_SIZES
+
+    s = TRAIN_SIZES[size]
+    n, image, widths = s["batch"], s["image"], [s["base_channels"] * 2**i for i in range(s["depth"] + 1)]
+    layers = [(n, s["in_channels"], image, image, widths[0], 3), (n, widths[0], image, image, widths[0], 3)]
+    for i in range(1, s["depth"] + 1):
+        size_i = image // 2**i
+        layers += [(n, widths[i - 1], size_i, size_i, widths[i], 3), (n, widths[i], size_i, size_i, widths[i], 3)]
+    for i in range(s["depth"], 0, -1):
+        size_i = image // 2 ** (i - 1)
+        layers += [(n, widths[i] + widths[i - 1], size_i, size_i, widths[i - 1], 3), (n, widths[i - 1], size_i, size_i, widths[i - 1], 3)]
+    return layers + [(n, widths[0], image, image, s["num_classes"], 1)]
 
 
 def conv_flops(n, c_in, h, w, c_out, k=3) -> float:
@@ -284,6 +303,24 @@ def op_specs(size: str = "full", seed: int = 0) -> list[OpSpec]:
     return specs
 
 
+def layer_specs(size: str = "full", seed: int = 0) -> list[OpSpec]:
+    """Every conv layer of the benchmark U-Net as the training step runs it: forward + the gradients
+    it needs (the first layer's input is the image: no grad_input). ``ops --layers``."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    specs = []
+    for layer, (n, c, h, w, co, k) in enumerate(unet_conv_layers(size), 1):
+        inputs = dict(x=normal(n, c, h, w), w=normal(co, c, k, k, scale=(c * k * k) ** -0.5), b=normal(co))
+        grads = ("w", "b") if layer == 1 else ("x", "w", "b")
+        flops = conv_flops(n, c, h, w, co, k) * (3 if "x" in grads else 2)  # forward, grad_weight, grad_input if asked
+        specs.append(OpSpec(f"conv2d unet L{layer} {k}x{k} fwd+bwd {_name((n, c, h, w))}->{co}", inputs, _conv, True, grads,
+                            normal(n, co, h, w), flops=flops))
+    return specs
+
+
 def build_case(name: str, libs: list, make_impl: Callable, flops=None, nbytes=None) -> Case:
     """A Case whose implementations are ``make_impl(lib)`` for each library (one that raises is skipped)."""
     impls, skipped = [], {}
@@ -295,8 +332,11 @@ def build_case(name: str, libs: list, make_impl: Callable, flops=None, nbytes=No
     return Case(name, impls, flops, nbytes, skipped)
 
 
-def op_cases(libs: list, size: str = "full") -> list[Case]:
-    """Every op case for every library; the conv cases also for every numbered CPU conv version."""
+def op_cases(libs: list, size: str = "full", layers: bool = False) -> list[Case]:
+    """Every op case for every library; the conv cases also for every numbered CPU conv version.
+    ``layers``: instead, every conv layer of the benchmark U-Net (``layer_specs``), default kernels."""
+    if layers:
+        return [build_case(s.name, libs, lambda lib, s=s: op_impl(s, lib), s.flops) for s in layer_specs(size)]
     conv_libs = conv_version_libs(libs)
     return [build_case(s.name, conv_libs if s.name.startswith("conv2d") else libs, lambda lib, s=s: op_impl(s, lib),
                        s.flops, s.nbytes) for s in op_specs(size)]

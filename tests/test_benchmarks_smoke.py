@@ -11,9 +11,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from benchmarks.cases import op_specs
+from benchmarks.cases import layer_specs, op_specs, unet_conv_layers
 from benchmarks.train import TRAIN_SIZES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,6 +105,49 @@ def test_ops_quick_times_every_cpu_conv_version(tmp_path):
     impls = ["cpu", *extra] + (["torch"] if HAS_TORCH else [])
     check_report(report, stdout, [s.name for s in op_specs("quick") if s.name.startswith("conv2d")], impls)
     assert "conv2d 'cpu' = defaults forward v" in stdout
+
+
+@pytest.mark.parametrize("size", ["quick", "full"])
+def test_unet_conv_layers_are_the_models(size):
+    """The layer list that ``ops --layers`` times is the benchmark U-Net's: the same conv weights, in
+    the same order, and the input sizes its forward gives them (recorded through F.conv2d)."""
+    import minseg
+    from minseg.nn import UNet
+
+    s = TRAIN_SIZES[size]
+    config = {k: s[k] for k in ("in_channels", "num_classes", "base_channels", "depth")}
+    with minseg.backend.using("numpy"):
+        model = UNet(**config)
+    seen = []
+    conv2d = minseg.functional.conv2d
+
+    def recording(x, w, *args, **kwargs):
+        seen.append((*x.shape, w.shape[0], w.shape[-1]))
+        return conv2d(x, w, *args, **kwargs)
+
+    x = minseg.Tensor(np.zeros((s["batch"], s["in_channels"], 8, 8), np.float32))  # small images: only the channels
+    mp = pytest.MonkeyPatch()
+    mp.setattr(minseg.functional, "conv2d", recording)
+    try:
+        with minseg.backend.using("numpy"), minseg.no_grad():
+            model(x)
+    finally:
+        mp.undo()
+    layers = unet_conv_layers(size)
+    assert [(n, c, co, k) for n, c, _, _, co, k in layers] == [(n, c, co, k) for n, c, _, _, co, k in seen]
+    weights = [v.shape for v in model.state_dict().values() if len(v.shape) == 4]
+    assert [(co, c, k, k) for _, c, _, _, co, k in layers] == weights
+    assert [h for _, _, h, _, _, _ in layers] == [s["image"] * h // 8 for _, _, h, _, _, _ in seen]
+
+
+def test_ops_layers_quick(tmp_path):
+    """``ops --layers``: every U-Net conv layer timed with the cpu backend (and torch), with its FLOPs."""
+    path = tmp_path / "layers.json"
+    stdout = run_bench("ops", "--quick", "--layers", "--repeat", str(REPEAT), "--threads", "1", "--backends", "cpu",
+                       "--no-cache-check", "--json", str(path))
+    report = json.loads(path.read_text())
+    check_report(report, stdout, [s.name for s in layer_specs("quick")], ["cpu"] + (["torch"] if HAS_TORCH else []))
+    assert all(entry["flops"] for entry in report["cases"])
 
 
 def test_train_quick(tmp_path):

@@ -13,7 +13,7 @@ Versions (llm.c dev/cuda style, as ``cuda.py``): each function takes
 ``version=k``; ``FORWARD_VERSIONS``, ``GRAD_INPUT_VERSIONS`` and
 ``GRAD_WEIGHT_VERSIONS`` list them, tests/kernels/test_conv2d.py checks every
 one against the reference, and ``python -m benchmarks ops --only conv2d``
-times every one against torch. The defaults are the fastest measured so far (v3; v4 is not yet timed).
+times every one against torch. The defaults are the fastest measured so far (v5).
 
 * **v1 direct** -- the reference's sums as plain loops: one output plane
   (image, channel) per ``prange`` iteration, and for each output pixel the
@@ -54,8 +54,22 @@ times every one against torch. The defaults are the fastest measured so far (v3;
   (12 ymm accumulators), as it prefers on AVX-512 CPUs, so they can use at
   most half of the 512-bit FMA width; with ``NUMBA_CPU_FEATURES`` = the
   host's features plus ``,-prefer-256-bit`` they use 512-bit registers and
-  NR = 32 (see ``NR``). Whether v4 beats v3 is for the benchmark to say, so
-  v3 stays the default until then.
+  NR = 32 (see ``NR``). The benchmark below shows v4 at about half of v3.
+* **v5 explicit 512-bit micro-kernels** (default) -- v4's plan with the
+  micro-kernels written as vector code (``microkernels.py``: Numba intrinsics
+  that emit LLVM IR with 16-float vectors, so the register width is ours to
+  choose, not the auto-vectoriser's). The forward block is MR5 = 8 output
+  channels x NV5 = 3 vectors (48 float32 pixels): 24 zmm accumulators, which
+  start from the bias; per term 3 vector loads, 8 broadcast weights, 24 FMAs.
+  The vectors of a block are listed in small offset tables, so when Wo is a
+  whole number of vectors the blocks read the band row by row and write y in
+  place -- no wide buffer, no garbage columns, no copy pass -- and a last
+  channel block that would run past Og starts at Og - MR5 (the overlap is
+  computed twice, to the same values). grad_weight's block is MW5 = 4
+  channels x KT5 = 5 weights, dot products over ~``_DOTS_VECTORS`` vectors
+  of gy read in place (bands of rows, or runs of whole small images). Other
+  widths take the wide layout with zero padding (as v4). The tests check in
+  the machine code that every FMA is a zmm one and nothing spills.
 
 Measured by ``python -m benchmarks ops --only conv2d`` (fwd+bwd = forward +
 grad_input + grad_weight + grad_bias through ``minseg.functional``; % of peak
