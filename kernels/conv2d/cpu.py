@@ -1065,27 +1065,40 @@ def _vector_positions(xoffs, yoffs, rows, wq, row_len, lanes, wide, images, x_im
 
 
 @njit(cache=True, inline="always")
-def _product_strip(xb, x_at, xoffs_at, offs, wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, nv):
-    """``tile_product`` of one MR5-channel block over nv (run-time 1..NV5) vectors."""
-    if nv == NV5:
-        tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, MR5, NV5)
+def _product_strip(xb, x_at, xoffs_at, offs, wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, nv, mr):
+    """``tile_product`` of one block of mr (MR5, or 4 for narrow outputs) channels over nv (1..NV5) vectors."""
+    if mr == MR5:
+        if nv == NV5:
+            tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, MR5, NV5)
+        elif nv == 2:
+            tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, MR5, 2)
+        else:
+            tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, MR5, 1)
+    elif nv == NV5:
+        tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, 4, NV5)
     elif nv == 2:
-        tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, MR5, 2)
+        tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, 4, 2)
     else:
-        tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, MR5, 1)
+        tile_product(xb, x_at, xoffs_at, _at(offs, 0), wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, 4, 1)
+
+
+def _direct_band(x, kernel_hw, out_hw, padding):
+    """A 1x1 kernel with no padding reads x itself as its band: nothing to pad or copy."""
+    return tuple(kernel_hw) == (1, 1) and padding[0][0] == padding[1][0] == 0 and tuple(x.shape[2:]) == tuple(out_hw)
 
 
 @njit(parallel=True, cache=True)
-def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, dw, groups, wide):
+def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, dw, groups, wide, mr, direct):
     """Stride 1: the taps product of ``_forward_taps_kernel``, MR5 channels x NV5 vectors at a time in registers.
 
     Per work item (image, band of output rows): pad the band (``_pad_band``), then for each
-    strip of up to NV5 output vectors and each block of MR5 output channels, ``tile_product``
-    sums all K = Cg*kh*kw terms, starting from the bias (bp, zero-padded); wp[g] is (K, Og
-    rounded up to MR5), zero in the padded channels. In place (not ``wide``) the blocks write y
-    directly; a last channel block that would run past Og starts at Og - MR5 instead (its
-    overlap is computed twice, to the same values). ``wide``: the blocks fill a wide buffer yw
-    (Og_pad rows of ``npad`` pixels) copied to y without its garbage columns afterwards.
+    strip of up to NV5 output vectors and each block of ``mr`` output channels (MR5; 4 when Og <
+    MR5), ``tile_product`` sums all K = Cg*kh*kw terms, starting from the bias (bp, zero-padded);
+    wp[g] is (K, Og rounded up to MR5), zero in the padded channels. In place (not ``wide``) the
+    blocks write y directly; a last channel block that would run past Og starts at Og - mr instead
+    (its overlap is computed twice, to the same values). ``wide``: the blocks fill a wide buffer
+    yw (Og_pad rows of ``npad`` pixels) copied to y without its garbage columns afterwards.
+    ``direct`` (a 1x1 kernel, no padding): the band is x's own rows, nothing is copied.
     """
     n, c_in = x.shape[0], x.shape[1]
     c_out, ho, wo = y.shape[1], y.shape[2], y.shape[3]
@@ -1107,21 +1120,24 @@ def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, d
             rows = min(i0 + step, ho) - i0
             r_all = rows + (kh - 1) * dh
             npad = -(-rows * wq // lanes) * lanes
-            _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw + npad - rows * wq], i0 - pt, r_all, pl, wq)
-            _tap_offsets(offs, cg, kh, kw, r_all * wq, dh * wq, dw)
+            if direct:
+                _tap_offsets(offs, cg, 1, 1, ho * wo, 0, 0)
+            else:
+                _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw + npad - rows * wq], i0 - pt, r_all, pl, wq)
+                _tap_offsets(offs, cg, kh, kw, r_all * wq, dh * wq, dw)
             count = _vector_positions(xoffs, yoffs, rows, wq, wo, lanes, wide, 1, 0, 0)
             for g in range(groups):
-                x_at = _at(xb, g * cg * r_all * wq)
+                x_at = _at(x, ((i * c_in + g * cg) * ho + i0) * wo) if direct else _at(xb, g * cg * r_all * wq)
                 if wide:
-                    y_at, ldy, o_last = _at(yw, 0), npad, ogp - MR5
+                    y_at, ldy, o_last = _at(yw, 0), npad, ogp - mr
                 else:
-                    y_at, ldy, o_last = _at(y, ((i * c_out + g * og) * ho + i0) * wo), ho * wo, og - MR5
+                    y_at, ldy, o_last = _at(y, ((i * c_out + g * og) * ho + i0) * wo), ho * wo, og - mr
                 for s0 in range(0, count, NV5):
                     nv = min(NV5, count - s0)
-                    for o0 in range(0, o_last + MR5, MR5):
+                    for o0 in range(0, o_last + mr, mr):
                         o0 = min(o0, o_last)
                         _product_strip(xb, x_at, _at(xoffs, s0), offs, _at(wp[g], o0), ogp, kk,
-                                       y_at + o0 * ldy * isz, _at(yoffs, s0), ldy, _at(bp[g], o0), nv)
+                                       y_at + o0 * ldy * isz, _at(yoffs, s0), ldy, _at(bp[g], o0), nv, mr)
                 if wide:  # drop the garbage columns
                     for o in range(og):
                         for ii in range(rows):
@@ -1141,13 +1157,16 @@ def _forward_vector(x, w, b, out_hw, padding, dilation, groups):
     if b is not None:
         bp[:, :og] = b.reshape(groups, og)
     lanes = lanes_of(x.dtype)
-    wide = og < MR5 or out_hw[1] % lanes != 0
+    mr = MR5 if og >= MR5 else 4
+    wide = og < mr or out_hw[1] % lanes != 0
+    direct = _direct_band(x, (kh, kw), out_hw, padding) and not wide
     step, xb_size, wq = _taps_band(x.shape[1], c_out, out_hw, (kh, kw), dilation, x.dtype.itemsize)
     npad_max = -(-step * wq // lanes) * lanes
     nt = numba.get_num_threads()
-    ws = _workspace(nt * (xb_size + lanes + ogp * npad_max), x.dtype).reshape(nt, -1)
+    ws = _workspace(nt * (0 if direct else xb_size + lanes) + nt * (ogp * npad_max if wide else 0), x.dtype)
     tables = np.empty((nt, 3, max(cg * kh * kw, npad_max // lanes) + NV5), np.int64)
-    _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide)
+    _forward_vector_kernel(x, wp, bp, y, ws.reshape(nt, -1), tables, step, kh, kw, padding[0][0], padding[1][0], *dilation,
+                           groups, wide, mr, direct)
     return y
 
 
@@ -1155,7 +1174,7 @@ _forward_v5, _grad_input_v5 = _stride_one_version(_forward_vector)
 
 
 @njit(parallel=True, cache=True)
-def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, pl, dh, dw, groups, wide):
+def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, pl, dh, dw, groups, wide, direct):
     """Stride 1: part[t, g, o, k] = thread t's share of gw[g*Og + o, k] = sum over items of gy_wide[i, g*Og + o] . view_k.
 
     The operands are ``_grad_weight_taps_kernel``'s, and ``tile_dots`` computes MW5 channels x KT5
@@ -1164,7 +1183,8 @@ def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, 
     of ``fold`` consecutive images (whole images, when several fit the band buffer): longer dot
     products, fewer sums across lanes. ``wide``: an item is one image's band, and gy's band is first
     copied to ``gyw``, Og_pad rows per group of ``npad`` wide pixels, zero in the garbage columns,
-    past the band's last pixel and in the padded channels, so those add nothing.
+    past the band's last pixel and in the padded channels, so those add nothing. ``direct`` (a 1x1
+    kernel, no padding, in place): x's own rows are the band.
     """
     n, c_in = x.shape[0], x.shape[1]
     c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
@@ -1186,11 +1206,15 @@ def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, 
             rows = min(i0 + step, ho) - i0
             r_all = rows + (kh - 1) * dh
             npad = -(-rows * wq // lanes) * lanes
-            image = c_in * r_all * wq  # one image's padded band in xb
-            for f in range(images):
-                end = (f + 1) * image + ((kw - 1) * dw + npad - rows * wq if f == images - 1 else 0)
-                _pad_band(x[i + f], xb[f * image : end], i0 - pt, r_all, pl, wq)
-            _tap_offsets(offs, cg, kh, kw, r_all * wq, dh * wq, dw)
+            if direct:
+                image = c_in * ho * wo  # from one image's rows to the next one's, in x
+                _tap_offsets(offs, cg, 1, 1, ho * wo, 0, 0)
+            else:
+                image = c_in * r_all * wq  # one image's padded band in xb
+                for f in range(images):
+                    end = (f + 1) * image + ((kw - 1) * dw + npad - rows * wq if f == images - 1 else 0)
+                    _pad_band(x[i + f], xb[f * image : end], i0 - pt, r_all, pl, wq)
+                _tap_offsets(offs, cg, kh, kw, r_all * wq, dh * wq, dw)
             count = _vector_positions(xoffs, gyoffs, rows, wq, wo, lanes, wide, images, image, c_out * ho * wo)
             if wide:
                 gyw[: groups * ogp * npad] = 0
@@ -1200,7 +1224,7 @@ def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, 
                             dst = (g * ogp + o) * npad + ii * wq
                             gyw[dst : dst + wo] = gy[i, g * og + o, i0 + ii]
             for g in range(groups):
-                x_at = _at(xb, g * cg * r_all * wq)
+                x_at = _at(x, ((i * c_in + g * cg) * ho + i0) * wo) if direct else _at(xb, g * cg * r_all * wq)
                 for o0 in range(0, ogp, MW5):
                     if wide:
                         gy_at, ldg = _at(gyw, (g * ogp + o0) * npad), npad
@@ -1244,7 +1268,9 @@ def _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups):
     npad_max = -(-step * wq // lanes) * lanes
     ws = _workspace(nt * (xb_size + lanes + groups * ogp * npad_max), x.dtype).reshape(nt, -1)
     tables = np.empty((nt, 3, max(kp, fold * step * -(-wq // lanes) + 1)), np.int64)
-    _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide)
+    direct = _direct_band(x, (kh, kw), (ho, wo), padding) and not wide
+    _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, padding[0][0], padding[1][0], *dilation, groups,
+                               wide, direct)
     gw = part[0].copy()
     for t in range(1, nt):  # the threads' partial sums in a fixed order: the result does not depend on scheduling
         gw += part[t]

@@ -330,6 +330,29 @@ def test_cpu_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads, ver
         numba.set_num_threads(numba_threads)
 
 
+# v5's narrow and 1x1 paths: Og < MR5 writes y in place with blocks of 4 channels (Og = 5: two
+# overlapping blocks; Og = 4: one), Og < 4 takes the wide layout; a 1x1 kernel without padding reads x
+# itself as its band (``direct``, forward and grad_weight), with padding it pads as any other kernel.
+@pytest.mark.parametrize("c_out, groups, kernel, pad", [(4, 1, 1, 0), (10, 2, 1, 0), (8, 1, 1, 0), (6, 2, 1, 0), (5, 1, 1, 1),
+                                                        (5, 1, 3, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_v5_narrow_outputs_and_one_by_one(c_out, groups, kernel, pad, dtype):
+    cpu = pytest.importorskip("kernels.conv2d.cpu")
+    width = 16 - 2 * pad + kernel - 1  # Wo = 16: whole vectors of either dtype
+    case = dict(x_shape=(3, 6, 5, width), w_shape=(c_out, 6 // groups, kernel, kernel), args=((1, 1), ((pad, pad), (pad, pad)), (1, 1), groups))
+    case["y_shape"] = (3, c_out, 5 - kernel + 1 + 2 * pad, 16)
+    x, w, b, gy = arrays(case, dtype, 2)
+    args = case["args"]
+    for buf in cpu._WORKSPACE.values():
+        buf[...] = np.nan
+    rtol, atol = conv_tol(dtype, case)
+    assert_close(cpu.conv2d_forward(x, w, b, *args, version=5), ref.conv2d_forward(x, w, b, *args), rtol, atol, name="y")
+    assert_close(cpu.conv2d_grad_input(gy, w, x.shape, *args, version=5), ref.conv2d_grad_input(gy, w, x.shape, *args),
+                 rtol, atol, name="gx")
+    assert_close(cpu.conv2d_grad_weight(x, gy, w.shape, *args, version=5), ref.conv2d_grad_weight(x, gy, w.shape, *args),
+                 rtol, atol, name="gw")
+
+
 def _micro_tile_call(cpu):
     """(kernel, args, expected tile, multiply-adds per reduction step) for ``_micro_tile`` on ones:
     2*3*3 products per element."""
