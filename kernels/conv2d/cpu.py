@@ -68,7 +68,9 @@ times every one against torch. The defaults are the fastest measured so far (v5)
   computed twice, to the same values). grad_weight's block is MW5 = 4
   channels x KT5 = 5 weights, dot products over ~``_DOTS_VECTORS`` vectors
   of gy read in place (bands of rows, or runs of whole small images). Other
-  widths take the wide layout with zero padding (as v4). The tests check in
+  widths take the wide layout with zero padding (as v4). Narrow outputs
+  (Og < 8, e.g. the 1x1 head) use blocks of 4 channels, and a 1x1 kernel
+  without padding reads x itself as its band (no copy). The tests check in
   the machine code that every FMA is a zmm one and nothing spills.
 
 Measured by ``python -m benchmarks ops --only conv2d`` (fwd+bwd = forward +
