@@ -4,6 +4,8 @@ The math is in ``reference.py``: ``y = A_h x A_w^T`` and ``gx = A_h^T gy A_w``, 
 the nonzeros of each axis matrix given by ``reference.axis_taps`` (the same
 torch-exact coordinate arithmetic, computed once per shape and cached).
 
+The general path (any sizes, every mode)
+----------------------------------------
 Forward, per (n, c) plane:
 
 1. horizontal: ``t[r, :] = sum_k w_w[:, k] * x[r, idx_w[:, k]]`` for each input row r
@@ -21,9 +23,35 @@ the taps in CSR form (``_adjoint_lists``). Then
    (contiguous rows again);
 2. horizontal: ``gx[r, q] = sum_{(j, w) in list_w(q)} w * s[j]``.
 
-Inputs that no output reads have empty lists and get 0. Parallelism: planes are
-split into chunks (a few per thread for balance), each with its own small scratch
-buffer allocated once per chunk; every output is fresh.
+Inputs that no output reads have empty lists and get 0.
+
+The x2 fast path (bilinear, align_corners=False, both axes doubled)
+-------------------------------------------------------------------
+The U-Net decoder upsamples by exactly 2, and there the taps are one pattern
+(``s = 1/2``, so ``src = d/2 - 1/4``): away from the borders
+
+    output 2m   = 1/4 * in[m-1] + 3/4 * in[m]        output 2m+1 = 3/4 * in[m] + 1/4 * in[m+1]
+    input  p    <- outputs 2p-1, 2p, 2p+1, 2p+2 with weights 1/4, 3/4, 3/4, 1/4 (the adjoint).
+
+The general horizontal steps above read ``x[r, idx_w[j, k]]`` / ``s[out_w[e]]``
+through index tables: a gather per element, which LLVM leaves scalar, so they
+run several times slower than memory can deliver. With the pattern known,
+the indices are affine in the loop counter (``2k+2``, ``k``, ``k+1``, ...):
+LLVM vectorises them with contiguous loads plus a permute that interleaves
+(forward) or splits (backward) even and odd columns. The vertical steps become
+one pass per output row (forward) or input row (backward) instead of one per tap.
+
+``_x2_weights`` checks the pattern on the tables themselves (taps and CSR lists,
+once per shape, cached) and otherwise the general path runs -- e.g. for
+``scale_factor=2.04`` (``2n`` outputs but another step), align_corners=True,
+nearest, axes of fewer than 3 pixels, or x2 on one axis only. Border outputs
+(forward: 0, 1, 2n-2, 2n-1) and inputs (backward: 0, 1, n-1) read their taps
+from the tables as the general path does, and every sum runs in the general
+path's order from the same weights, so both paths give identical bits.
+
+Parallelism (both paths): planes are split into chunks (a few per thread for
+balance), each with its own small scratch buffer allocated once per chunk;
+every output is fresh.
 """
 from __future__ import annotations
 
@@ -49,8 +77,66 @@ def _adjoint_lists(n_in, n_out, mode, align_corners, scale, dtype):
     return start, out.astype(np.int64), np.ascontiguousarray(w.ravel()[order])
 
 
+@functools.lru_cache(maxsize=256)
+def _x2_weights(n_in, n_out, mode, align_corners, scale, dtype):
+    """``[[e0, e1], [o0, o1]]`` if this axis is an exact x2 pattern, else None.
+
+    The pattern, checked on the tables the general path uses: for 1 <= m <= n_in-2,
+    output 2m reads (m-1, m) with weights (e0, e1) and output 2m+1 reads (m, m+1)
+    with (o0, o1); for 2 <= p <= n_in-2, input p's CSR list is exactly outputs
+    (2p-1, 2p, 2p+1, 2p+2) with weights (o1, e1, o0, e0). The rest are borders.
+    """
+    if mode != "bilinear" or n_in < 3 or n_out != 2 * n_in:
+        return None
+    idx, w = axis_taps(n_in, n_out, mode, align_corners, scale, dtype)
+    pattern = w[2:4]  # outputs 2 and 3: the even and odd weights of m = 1
+    m = np.arange(1, n_in - 1)[:, None]
+    taps_ok = (
+        (idx[2 * m[:, 0]] == np.hstack([m - 1, m])).all()
+        and (idx[2 * m[:, 0] + 1] == np.hstack([m, m + 1])).all()
+        and (w[2 * m[:, 0]] == pattern[0]).all()
+        and (w[2 * m[:, 0] + 1] == pattern[1]).all()
+    )
+    start, out, wt = _adjoint_lists(n_in, n_out, mode, align_corners, scale, dtype)
+    p = np.arange(2, n_in - 1)[:, None]
+    entries = start[p] + np.arange(4)
+    lists_ok = (
+        (start[p + 1] - start[p] == 4).all()
+        and (out[entries] == 2 * p + np.arange(-1, 3)).all()
+        and (wt[entries] == [pattern[1, 1], pattern[0, 1], pattern[1, 0], pattern[0, 0]]).all()
+    )
+    return pattern if taps_ok and lists_ok else None
+
+
 def _chunks(planes):
     return max(1, min(planes, 4 * get_num_threads()))
+
+
+@njit(cache=True)
+def _mix(out, a, u, b, v):
+    """out[:] = a * u + b * v (two taps of one output, in the general path's order)."""
+    for j in range(out.shape[0]):
+        out[j] = a * u[j] + b * v[j]
+
+
+@njit(cache=True)
+def _gather_rows(g, start, out, wt, r, s):
+    """s[:] = sum over input r's CSR list of weight * g[output, :], from 0, in list order."""
+    s[:] = 0
+    for e in range(start[r], start[r + 1]):
+        a = wt[e]
+        i = out[e]
+        for j in range(s.shape[0]):
+            s[j] += a * g[i, j]
+
+
+@njit(cache=True)
+def _gather(s, start, out, wt, q):
+    """sum over input q's CSR list of weight * s[output], from 0, in list order."""
+    acc = s.dtype.type(0)
+    for e in range(start[q], start[q + 1]):
+        acc += wt[e] * s[out[e]]
+    return acc
 
 
 @njit(parallel=True, cache=True)
@@ -86,36 +172,104 @@ def _forward_kernel(x, idx_h, w_h, idx_w, w_w, y, n_chunks):
 def _backward_kernel(gy, start_h, out_h, wt_h, start_w, out_w, wt_w, gx, n_chunks):
     planes, ho, wo = gy.shape
     h, w = gx.shape[1], gx.shape[2]
-    zero = wt_w[0] * 0  # 0 in the data's dtype
     for c in prange(n_chunks):
         s = np.empty(wo, gy.dtype)  # one input row's share of gy, still at output width
         for p in range(c * planes // n_chunks, (c + 1) * planes // n_chunks):
             for r in range(h):
-                s[:] = 0
-                for e in range(start_h[r], start_h[r + 1]):
-                    a = wt_h[e]
-                    i = out_h[e]
-                    for j in range(wo):
-                        s[j] += a * gy[p, i, j]
+                _gather_rows(gy[p], start_h, out_h, wt_h, r, s)
                 for q in range(w):
-                    acc = zero
-                    for e in range(start_w[q], start_w[q + 1]):
-                        acc += wt_w[e] * s[out_w[e]]
-                    gx[p, r, q] = acc
+                    gx[p, r, q] = _gather(s, start_w, out_w, wt_w, q)
 
 
-def _tables(dtype, in_hw, out_hw, mode, align_corners, scales, adjoint=False):
-    """The per-axis tables of H then W, flattened into one argument list: taps, or their CSR adjoint."""
-    make = _adjoint_lists if adjoint else axis_taps
-    per_axis = (make(in_hw[a], out_hw[a], mode, align_corners, float(scales[a]), np.dtype(dtype)) for a in range(2))
-    return [table for tables in per_axis for table in tables]
+@njit(cache=True)
+def _x2_row(src, idx, wts, pattern, out):
+    """One row upsampled x2: the interior by the pattern (vectorised), the 4 border outputs from the taps."""
+    n = src.shape[0]
+    e0, e1, o0, o1 = pattern[0, 0], pattern[0, 1], pattern[1, 0], pattern[1, 1]
+    for k in range(n - 2):  # m = k + 1; indices written so LLVM sees them >= 0 (no wraparound check)
+        out[2 * k + 2] = e0 * src[k] + e1 * src[k + 1]
+        out[2 * k + 3] = o0 * src[k + 1] + o1 * src[k + 2]
+    for j in (0, 1, 2 * n - 2, 2 * n - 1):
+        out[j] = wts[j, 0] * src[idx[j, 0]] + wts[j, 1] * src[idx[j, 1]]
+
+
+@njit(cache=True)
+def _x2_adjoint_row(s, start, out, wt, pattern, g):
+    """g = s (length 2n) through the adjoint of the x2 pattern: interior by the pattern, borders by CSR."""
+    n = g.shape[0]
+    e0, e1, o0, o1 = pattern[0, 0], pattern[0, 1], pattern[1, 0], pattern[1, 1]
+    zero = s.dtype.type(0)
+    for k in range(n - 3):  # q = k + 2 reads outputs 2q-1 .. 2q+2, summed from 0 in CSR order
+        g[k + 2] = (((zero + o1 * s[2 * k + 3]) + e1 * s[2 * k + 4]) + o0 * s[2 * k + 5]) + e0 * s[2 * k + 6]
+    for q in (0, 1, n - 1):
+        g[q] = _gather(s, start, out, wt, q)
+
+
+@njit(parallel=True, cache=True)
+def _forward_x2_kernel(x, idx_h, w_h, pattern_h, idx_w, w_w, pattern_w, y, n_chunks):
+    planes, h, w = x.shape
+    e0, e1, o0, o1 = pattern_h[0, 0], pattern_h[0, 1], pattern_h[1, 0], pattern_h[1, 1]
+    for c in prange(n_chunks):
+        t = np.empty((h, 2 * w), x.dtype)  # every input row, upsampled horizontally
+        for p in range(c * planes // n_chunks, (c + 1) * planes // n_chunks):
+            for r in range(h):
+                _x2_row(x[p, r], idx_w, w_w, pattern_w, t[r])
+            for k in range(h - 2):  # output rows 2m, 2m+1 for m = k + 1
+                _mix(y[p, 2 * k + 2], e0, t[k], e1, t[k + 1])
+                _mix(y[p, 2 * k + 3], o0, t[k + 1], o1, t[k + 2])
+            for i in (0, 1, 2 * h - 2, 2 * h - 1):
+                _mix(y[p, i], w_h[i, 0], t[idx_h[i, 0]], w_h[i, 1], t[idx_h[i, 1]])
+
+
+@njit(parallel=True, cache=True)
+def _backward_x2_kernel(gy, start_h, out_h, wt_h, pattern_h, start_w, out_w, wt_w, pattern_w, gx, n_chunks):
+    planes, ho, wo = gy.shape
+    h = gx.shape[1]
+    e0, e1, o0, o1 = pattern_h[0, 0], pattern_h[0, 1], pattern_h[1, 0], pattern_h[1, 1]
+    zero = gy.dtype.type(0)
+    for c in prange(n_chunks):
+        # every input row's share of gy, still at output width. A whole plane of it, because
+        # LLVM vectorises _x2_adjoint_row's strided reads only in a loop of its own.
+        s = np.empty((h, wo), gy.dtype)
+        for p in range(c * planes // n_chunks, (c + 1) * planes // n_chunks):
+            for r in range(h):
+                if 2 <= r < h - 1:  # rows 2r-1 .. 2r+2 of gy, summed from 0 in CSR order
+                    g0, g1, g2, g3 = gy[p, 2 * r - 1], gy[p, 2 * r], gy[p, 2 * r + 1], gy[p, 2 * r + 2]
+                    for j in range(wo):
+                        s[r, j] = (((zero + o1 * g0[j]) + e1 * g1[j]) + o0 * g2[j]) + e0 * g3[j]
+                else:
+                    _gather_rows(gy[p], start_h, out_h, wt_h, r, s[r])
+            for r in range(h):
+                _x2_adjoint_row(s[r], start_w, out_w, wt_w, pattern_w, gx[p, r])
+
+
+def _tables(dtype, in_hw, out_hw, mode, align_corners, scales, make):
+    """make(...) for the H then the W axis: its taps, CSR adjoint lists or x2 weights."""
+    return [make(in_hw[a], out_hw[a], mode, align_corners, float(scales[a]), np.dtype(dtype)) for a in range(2)]
+
+
+def _x2_patterns(dtype, in_hw, out_hw, mode, align_corners, scales):
+    """The x2 weights of both axes, or None when either axis is not an exact x2 pattern."""
+    patterns = _tables(dtype, in_hw, out_hw, mode, align_corners, scales, _x2_weights)
+    return None if any(p is None for p in patterns) else patterns
+
+
+def interpolate_path(dtype, in_hw, out_hw, mode, align_corners, scales):
+    """Which kernels a resize runs on: 'x2' (the fast path) or 'general'."""
+    return "general" if _x2_patterns(dtype, in_hw, out_hw, mode, align_corners, scales) is None else "x2"
 
 
 def interpolate_forward(x, out_size, mode, align_corners, scales):
     n, c, h, w = x.shape
     y = np.empty((n, c, *out_size), x.dtype)
-    taps = _tables(x.dtype, (h, w), out_size, mode, align_corners, scales)
-    _forward_kernel(x.reshape(n * c, h, w), *taps, y.reshape(n * c, *out_size), _chunks(n * c))
+    args = (x.dtype, (h, w), out_size, mode, align_corners, scales)
+    (idx_h, w_h), (idx_w, w_w) = _tables(*args, axis_taps)
+    planes = (x.reshape(n * c, h, w), y.reshape(n * c, *out_size))
+    patterns = _x2_patterns(*args)
+    if patterns is None:
+        _forward_kernel(planes[0], idx_h, w_h, idx_w, w_w, planes[1], _chunks(n * c))
+    else:
+        _forward_x2_kernel(planes[0], idx_h, w_h, patterns[0], idx_w, w_w, patterns[1], planes[1], _chunks(n * c))
     return y
 
 
@@ -123,6 +277,12 @@ def interpolate_backward(gy, in_shape, mode, align_corners, scales):
     n, c, h, w = in_shape
     ho, wo = gy.shape[2:]
     gx = np.empty(in_shape, gy.dtype)
-    lists = _tables(gy.dtype, (h, w), (ho, wo), mode, align_corners, scales, adjoint=True)
-    _backward_kernel(gy.reshape(n * c, ho, wo), *lists, gx.reshape(n * c, h, w), _chunks(n * c))
+    args = (gy.dtype, (h, w), (ho, wo), mode, align_corners, scales)
+    lists_h, lists_w = _tables(*args, _adjoint_lists)
+    planes = (gy.reshape(n * c, ho, wo), gx.reshape(n * c, h, w))
+    patterns = _x2_patterns(*args)
+    if patterns is None:
+        _backward_kernel(planes[0], *lists_h, *lists_w, planes[1], _chunks(n * c))
+    else:
+        _backward_x2_kernel(planes[0], *lists_h, patterns[0], *lists_w, patterns[1], planes[1], _chunks(n * c))
     return gx
