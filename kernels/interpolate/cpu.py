@@ -35,11 +35,20 @@ The U-Net decoder upsamples by exactly 2, and there the taps are one pattern
 
 The general horizontal steps above read ``x[r, idx_w[j, k]]`` / ``s[out_w[e]]``
 through index tables: a gather per element, which LLVM leaves scalar, so they
-run several times slower than memory can deliver. With the pattern known,
-the indices are affine in the loop counter (``2k+2``, ``k``, ``k+1``, ...):
-LLVM vectorises them with contiguous loads plus a permute that interleaves
-(forward) or splits (backward) even and odd columns. The vertical steps become
-one pass per output row (forward) or input row (backward) instead of one per tap.
+run several times slower than memory can deliver. With the pattern known, the
+indices are affine in the loop counter (``2k+2``, ``k``, ``k+1``, ...): LLVM
+vectorises the loop with contiguous loads plus a permute that interleaves
+(forward) or splits (backward) the even and odd columns. Three more things keep
+the vector units busy:
+
+* the horizontal step runs over a whole plane as one flat row (a 16-pixel row
+  alone is too short for the vector loop, which would leave most of it to the
+  scalar remainder); at each row's ends this mixes in the neighbouring row,
+  and those border columns are then overwritten from the tables;
+* the border columns go column by column (their taps are the same for every
+  row), not pixel by pixel through the tables' loops;
+* the vertical step writes each output row once (forward) or each input row's
+  ``s`` once (backward), instead of once per tap.
 
 ``_x2_weights`` checks the pattern on the tables themselves (taps and CSR lists,
 once per shape, cached) and otherwise the general path runs -- e.g. for
@@ -47,7 +56,8 @@ once per shape, cached) and otherwise the general path runs -- e.g. for
 nearest, axes of fewer than 3 pixels, or x2 on one axis only. Border outputs
 (forward: 0, 1, 2n-2, 2n-1) and inputs (backward: 0, 1, n-1) read their taps
 from the tables as the general path does, and every sum runs in the general
-path's order from the same weights, so both paths give identical bits.
+path's order from the same weights (both in the data's dtype), so both paths
+give identical bits. ``interpolate_path`` says which path a resize takes.
 
 Parallelism (both paths): planes are split into chunks (a few per thread for
 balance), each with its own small scratch buffer allocated once per chunk;
@@ -182,27 +192,45 @@ def _backward_kernel(gy, start_h, out_h, wt_h, start_w, out_w, wt_w, gx, n_chunk
 
 
 @njit(cache=True)
-def _x2_row(src, idx, wts, pattern, out):
-    """One row upsampled x2: the interior by the pattern (vectorised), the 4 border outputs from the taps."""
-    n = src.shape[0]
+def _x2_rows(src, idx, wts, pattern, out):
+    """Every row of src (rows, n) upsampled x2 into out (rows, 2n).
+
+    The pattern runs over the plane as one flat row, so the vector loop is long even
+    for narrow rows; at each row's ends it mixes in the neighbouring row, and those
+    4 border outputs per row are then overwritten from the taps.
+    """
+    rows, n = src.shape
+    flat_src, flat_out = src.reshape(rows * n), out.reshape(rows * 2 * n)
     e0, e1, o0, o1 = pattern[0, 0], pattern[0, 1], pattern[1, 0], pattern[1, 1]
-    for k in range(n - 2):  # m = k + 1; indices written so LLVM sees them >= 0 (no wraparound check)
-        out[2 * k + 2] = e0 * src[k] + e1 * src[k + 1]
-        out[2 * k + 3] = o0 * src[k + 1] + o1 * src[k + 2]
-    for j in (0, 1, 2 * n - 2, 2 * n - 1):
-        out[j] = wts[j, 0] * src[idx[j, 0]] + wts[j, 1] * src[idx[j, 1]]
+    for k in range(rows * n - 2):  # m = k + 1; indices written so LLVM sees them >= 0 (no wraparound check)
+        flat_out[2 * k + 2] = e0 * flat_src[k] + e1 * flat_src[k + 1]
+        flat_out[2 * k + 3] = o0 * flat_src[k + 1] + o1 * flat_src[k + 2]
+    for j in (0, 1, 2 * n - 2, 2 * n - 1):  # column by column: its taps are the same for every row
+        a, i0, b, i1 = wts[j, 0], idx[j, 0], wts[j, 1], idx[j, 1]
+        for r in range(rows):
+            out[r, j] = a * src[r, i0] + b * src[r, i1]
 
 
 @njit(cache=True)
-def _x2_adjoint_row(s, start, out, wt, pattern, g):
-    """g = s (length 2n) through the adjoint of the x2 pattern: interior by the pattern, borders by CSR."""
-    n = g.shape[0]
+def _x2_adjoint_rows(s, start, out, wt, pattern, g):
+    """Every row of s (rows, 2n) through the adjoint of the x2 pattern into g (rows, n).
+
+    As in _x2_rows, one flat loop over the plane, then the border inputs of each row
+    (0, 1, n-1) overwritten from their CSR lists.
+    """
+    rows, n = g.shape
+    flat_s, flat_g = s.reshape(rows * 2 * n), g.reshape(rows * n)
     e0, e1, o0, o1 = pattern[0, 0], pattern[0, 1], pattern[1, 0], pattern[1, 1]
     zero = s.dtype.type(0)
-    for k in range(n - 3):  # q = k + 2 reads outputs 2q-1 .. 2q+2, summed from 0 in CSR order
-        g[k + 2] = (((zero + o1 * s[2 * k + 3]) + e1 * s[2 * k + 4]) + o0 * s[2 * k + 5]) + e0 * s[2 * k + 6]
-    for q in (0, 1, n - 1):
-        g[q] = _gather(s, start, out, wt, q)
+    for k in range(rows * n - 3):  # q = k + 2 reads outputs 2q-1 .. 2q+2, summed from 0 in CSR order
+        acc = ((zero + o1 * flat_s[2 * k + 3]) + e1 * flat_s[2 * k + 4]) + o0 * flat_s[2 * k + 5]
+        flat_g[k + 2] = acc + e0 * flat_s[2 * k + 6]
+    for q in (0, 1, n - 1):  # column by column: its CSR list is the same for every row
+        g[:, q] = 0
+        for e in range(start[q], start[q + 1]):
+            a, j = wt[e], out[e]
+            for r in range(rows):
+                g[r, q] += a * s[r, j]
 
 
 @njit(parallel=True, cache=True)
@@ -212,8 +240,7 @@ def _forward_x2_kernel(x, idx_h, w_h, pattern_h, idx_w, w_w, pattern_w, y, n_chu
     for c in prange(n_chunks):
         t = np.empty((h, 2 * w), x.dtype)  # every input row, upsampled horizontally
         for p in range(c * planes // n_chunks, (c + 1) * planes // n_chunks):
-            for r in range(h):
-                _x2_row(x[p, r], idx_w, w_w, pattern_w, t[r])
+            _x2_rows(x[p], idx_w, w_w, pattern_w, t)
             for k in range(h - 2):  # output rows 2m, 2m+1 for m = k + 1
                 _mix(y[p, 2 * k + 2], e0, t[k], e1, t[k + 1])
                 _mix(y[p, 2 * k + 3], o0, t[k + 1], o1, t[k + 2])
@@ -228,9 +255,7 @@ def _backward_x2_kernel(gy, start_h, out_h, wt_h, pattern_h, start_w, out_w, wt_
     e0, e1, o0, o1 = pattern_h[0, 0], pattern_h[0, 1], pattern_h[1, 0], pattern_h[1, 1]
     zero = gy.dtype.type(0)
     for c in prange(n_chunks):
-        # every input row's share of gy, still at output width. A whole plane of it, because
-        # LLVM vectorises _x2_adjoint_row's strided reads only in a loop of its own.
-        s = np.empty((h, wo), gy.dtype)
+        s = np.empty((h, wo), gy.dtype)  # every input row's share of gy, still at output width
         for p in range(c * planes // n_chunks, (c + 1) * planes // n_chunks):
             for r in range(h):
                 if 2 <= r < h - 1:  # rows 2r-1 .. 2r+2 of gy, summed from 0 in CSR order
@@ -239,8 +264,7 @@ def _backward_x2_kernel(gy, start_h, out_h, wt_h, pattern_h, start_w, out_w, wt_
                         s[r, j] = (((zero + o1 * g0[j]) + e1 * g1[j]) + o0 * g2[j]) + e0 * g3[j]
                 else:
                     _gather_rows(gy[p], start_h, out_h, wt_h, r, s[r])
-            for r in range(h):
-                _x2_adjoint_row(s[r], start_w, out_w, wt_w, pattern_w, gx[p, r])
+            _x2_adjoint_rows(s, start_w, out_w, wt_w, pattern_w, gx[p])
 
 
 def _tables(dtype, in_hw, out_hw, mode, align_corners, scales, make):
@@ -264,12 +288,12 @@ def interpolate_forward(x, out_size, mode, align_corners, scales):
     y = np.empty((n, c, *out_size), x.dtype)
     args = (x.dtype, (h, w), out_size, mode, align_corners, scales)
     (idx_h, w_h), (idx_w, w_w) = _tables(*args, axis_taps)
-    planes = (x.reshape(n * c, h, w), y.reshape(n * c, *out_size))
+    x_planes, y_planes = x.reshape(n * c, h, w), y.reshape(n * c, *out_size)
     patterns = _x2_patterns(*args)
     if patterns is None:
-        _forward_kernel(planes[0], idx_h, w_h, idx_w, w_w, planes[1], _chunks(n * c))
+        _forward_kernel(x_planes, idx_h, w_h, idx_w, w_w, y_planes, _chunks(n * c))
     else:
-        _forward_x2_kernel(planes[0], idx_h, w_h, patterns[0], idx_w, w_w, patterns[1], planes[1], _chunks(n * c))
+        _forward_x2_kernel(x_planes, idx_h, w_h, patterns[0], idx_w, w_w, patterns[1], y_planes, _chunks(n * c))
     return y
 
 
@@ -279,10 +303,10 @@ def interpolate_backward(gy, in_shape, mode, align_corners, scales):
     gx = np.empty(in_shape, gy.dtype)
     args = (gy.dtype, (h, w), (ho, wo), mode, align_corners, scales)
     lists_h, lists_w = _tables(*args, _adjoint_lists)
-    planes = (gy.reshape(n * c, ho, wo), gx.reshape(n * c, h, w))
+    gy_planes, gx_planes = gy.reshape(n * c, ho, wo), gx.reshape(n * c, h, w)
     patterns = _x2_patterns(*args)
     if patterns is None:
-        _backward_kernel(planes[0], *lists_h, *lists_w, planes[1], _chunks(n * c))
+        _backward_kernel(gy_planes, *lists_h, *lists_w, gx_planes, _chunks(n * c))
     else:
-        _backward_x2_kernel(planes[0], *lists_h, patterns[0], *lists_w, patterns[1], planes[1], _chunks(n * c))
+        _backward_x2_kernel(gy_planes, *lists_h, patterns[0], *lists_w, patterns[1], gx_planes, _chunks(n * c))
     return gx
