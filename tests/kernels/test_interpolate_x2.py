@@ -10,7 +10,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import minseg
 from kernels.interpolate import cpu
+from minseg import backend
+from minseg.functional import interpolate
 from tests.helpers import assert_close, reference, tol
 from tests.kernels.test_interpolate import resize_args
 
@@ -40,6 +43,18 @@ def test_x2_path_is_taken_for_exact_x2_bilinear(in_hw, dtype):
     for out_hw, scales in (resize_args(in_hw, scale_factor=(2.0, 2.0)), resize_args(in_hw, size=(2 * in_hw[0], 2 * in_hw[1]))):
         assert scales == (0.5, 0.5)
         assert cpu.interpolate_path(dtype, in_hw, out_hw, "bilinear", False, scales) == "x2"
+
+
+@pytest.mark.parametrize("how", [dict(scale_factor=2), dict(size=(32, 32))])
+def test_functional_interpolate_takes_the_x2_path(how):
+    """The U-Net's Upsample(scale_factor=2) and resizes to a skip's size reach the kernels as x2."""
+    x = minseg.Tensor(np.ones((8, 64, 16, 16), np.float32), requires_grad=True)
+    with mock.patch.object(cpu, "_x2_patterns", side_effect=cpu._x2_patterns) as spy, backend.using("cpu"):
+        y = interpolate(x, mode="bilinear", align_corners=False, **how)
+        y.backward(minseg.Tensor(np.ones(y.shape, np.float32)))
+    assert spy.call_count == 2  # the forward's and the backward's choice of kernels
+    for args, _ in spy.call_args_list:
+        assert cpu.interpolate_path(*args) == "x2", args
 
 
 @pytest.mark.parametrize(
