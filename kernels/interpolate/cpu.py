@@ -34,8 +34,9 @@ The U-Net decoder upsamples by exactly 2, and there the taps are one pattern
     input  p    <- outputs 2p-1, 2p, 2p+1, 2p+2 with weights 1/4, 3/4, 3/4, 1/4 (the adjoint).
 
 The general horizontal steps above read ``x[r, idx_w[j, k]]`` / ``s[out_w[e]]``
-through index tables: a gather per element, which LLVM leaves scalar, so they
-run several times slower than memory can deliver. With the pattern known, the
+through index tables: an index load, then a load from that index, per element,
+which LLVM cannot turn into contiguous vector loads, so they run several times
+slower than memory can deliver. With the pattern known, the
 indices are affine in the loop counter (``2k+2``, ``k``, ``k+1``, ...): LLVM
 vectorises the loop with contiguous loads plus a permute that interleaves
 (forward) or splits (backward) the even and odd columns. Three more things keep
