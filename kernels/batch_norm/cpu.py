@@ -45,30 +45,29 @@ from numba import njit, prange
 
 __all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_backward"]
 
-CHUNK = 2048  # values per statistics chunk: 8 KiB of float32, read twice from L1
+CHUNK = 1024  # values per statistics chunk (4 KiB of float32): partial sums in the input's dtype
+SAMPLE = 16  # the first values of a plane, whose mean centres its first chunk
 
 
 def _planes(a):
     return a.reshape(a.shape[0], a.shape[1], -1)
 
 
-@njit(fastmath={"reassoc"}, cache=True)
-def _sum(a, start, stop):
-    """sum a[start:stop] in float64 (vectorised: reassoc lets LLVM keep several partial sums)."""
-    acc = 0.0
-    for k in range(start, stop):
-        acc += np.float64(a[k])
-    return acc
+@njit(cache=True)
+def _difference(a, k, centre):
+    """a[k] - centre, outside the ``reassoc`` helpers: no compiler may fold the shift into the sums."""
+    return a[k] - centre
 
 
 @njit(fastmath={"reassoc"}, cache=True)
-def _squared_deviations(a, start, stop, centre):
-    """sum (a[start:stop] - centre)^2 in float64 (vectorised like ``_sum``)."""
-    acc = 0.0
+def _shifted_sums(a, start, stop, centre):
+    """(sum d, sum d^2) as float64, d = a[start:stop] - centre, accumulated in a's dtype (vectorised)."""
+    acc, acc_sq = a.dtype.type(0), a.dtype.type(0)
     for k in range(start, stop):
-        d = np.float64(a[k]) - centre
-        acc += d * d
-    return acc
+        d = _difference(a, k, centre)
+        acc += d
+        acc_sq += d * d
+    return np.float64(acc), np.float64(acc_sq)
 
 
 @njit(cache=True)
@@ -83,35 +82,70 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return mean_a + d * (n_b / n), m2_a + m2_b + d * d * (n_a * (n_b / n))
 
 
-@njit(parallel=True, cache=True)
-def _plane_stats(x, chunk):
-    """out[n, c] = (mean, M2) of each plane of x (N, C, L), one read of x: chunks merged with Chan's formula."""
-    n, c, length = x.shape
-    out = np.empty((n, c, 2))
-    for p in prange(n * c):
-        i, ch = p // c, p % c
-        plane = x[i, ch]
-        count, mean, m2 = 0, 0.0, 0.0
-        for start in range(0, length, chunk):
-            stop = min(start + chunk, length)
-            size = stop - start
-            chunk_mean = _sum(plane, start, stop) / size
-            chunk_m2 = _squared_deviations(plane, start, stop, chunk_mean)
-            mean, m2 = _chan_merge(count, mean, m2, size, chunk_mean, chunk_m2)
-            count += size
-        out[i, ch, 0] = mean
-        out[i, ch, 1] = m2
-    return out
+@njit(cache=True)
+def _plane_mean_m2(plane, chunk):
+    """(mean, M2) of one plane in float64, one read: per chunk shifted sums, chunks Chan-merged."""
+    length = plane.shape[0]
+    centre = np.float64(0)
+    for k in range(min(SAMPLE, length)):
+        centre += plane[k]
+    centre /= min(SAMPLE, length)
+    count, mean, m2 = 0, 0.0, 0.0
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        size = stop - start
+        # d = x - c for a centre c near the mean (the plane's first values, then the mean so far):
+        # M2 = sum d^2 - (sum d)^2 / size holds for any c, and the correction is small when c is
+        # within a standard deviation of the chunk's mean. Further away, more than half of
+        # sum d^2 would cancel (the |mean| >> std trap): recentre on the chunk's mean, computed
+        # just now, and sum again (the chunk is still in L1).
+        c = plane.dtype.type(centre if count == 0 else mean)
+        shift, square = _shifted_sums(plane, start, stop, c)
+        if shift * shift / size > 0.5 * square:
+            c = plane.dtype.type(c + shift / size)
+            shift, square = _shifted_sums(plane, start, stop, c)
+        mean, m2 = _chan_merge(count, mean, m2, size, c + shift / size, square - shift * shift / size)
+        count += size
+    return mean, m2
 
 
 @njit(parallel=True, cache=True)
-def _forward_kernel(x, mean, invstd, w, b, relu, y, xhat):
-    """xhat = (x - mean) invstd, y = w xhat + b (then max(y, 0) if relu), per plane."""
+def _stats_kernel(x, chunk, mean, var):
+    """mean[c], var[c] (biased) of x (N, C, L): planes in parallel, then each channel's N planes merged."""
     n, c, length = x.shape
-    zero = y.dtype.type(0)
+    planes = np.empty((n, c, 2))
     for p in prange(n * c):
         i, ch = p // c, p % c
-        m, s, wc, bc = mean[ch], invstd[ch], w[ch], b[ch]
+        planes[i, ch, 0], planes[i, ch, 1] = _plane_mean_m2(x[i, ch], chunk)
+    for ch in range(c):
+        # N planes of L values each: mean = the mean of the plane means,
+        # M2 = sum_p M2_p + L sum_p (mean_p - mean)^2 (Chan's merge for equal counts); fixed order
+        m = 0.0
+        for i in range(n):
+            m += planes[i, ch, 0]
+        m /= n
+        m2 = 0.0
+        for i in range(n):
+            d = planes[i, ch, 0] - m
+            m2 += planes[i, ch, 1] + length * d * d
+        mean[ch] = m
+        var[ch] = m2 / (n * length)
+
+
+@njit(parallel=True, cache=True)
+def _forward_kernel(x, mean, var, weight, bias, eps, relu, y, xhat, invstd):
+    """invstd = 1/sqrt(var + eps) (float64, then x's dtype); xhat = (x - mean) invstd,
+    y = w xhat + b (then max(y, 0) if relu), per plane. Numba compiles the None cases of
+    weight and bias without their branch."""
+    n, c, length = x.shape
+    one, zero = x.dtype.type(1), x.dtype.type(0)
+    for ch in range(c):
+        invstd[ch] = 1.0 / np.sqrt(np.float64(var[ch]) + eps)
+    for p in prange(n * c):
+        i, ch = p // c, p % c
+        m, s = mean[ch], invstd[ch]
+        wc = one if weight is None else weight[ch]
+        bc = zero if bias is None else bias[ch]
         for k in range(length):
             v = (x[i, ch, k] - m) * s
             xhat[i, ch, k] = v
@@ -128,54 +162,57 @@ def _gradient(gy, relu_output, i, ch, k):
     return gy[i, ch, k] if relu_output[i, ch, k] > 0 else gy.dtype.type(0)
 
 
-@njit(parallel=True, fastmath={"reassoc"}, cache=True)
-def _backward_sums(gy, xhat, relu_output):
-    """out[n, c] = (sum g, sum g xhat) over each plane in float64, g = gy masked by the fused ReLU."""
-    n, c, length = gy.shape
-    out = np.empty((n, c, 2))
-    for p in prange(n * c):
-        i, ch = p // c, p % c
-        s1 = 0.0
-        s2 = 0.0
-        for k in range(length):
-            g = np.float64(_gradient(gy, relu_output, i, ch, k))
-            s1 += g
-            s2 += g * xhat[i, ch, k]
-        out[i, ch, 0] = s1
-        out[i, ch, 1] = s2
-    return out
+@njit(fastmath={"reassoc"}, cache=True)
+def _plane_gradient_sums(gy, xhat, relu_output, i, ch):
+    """(sum g, sum g xhat) over plane (i, ch) in float64 (vectorised), g = gy masked by the fused ReLU."""
+    total, total_x = 0.0, 0.0
+    for k in range(gy.shape[2]):
+        g = np.float64(_gradient(gy, relu_output, i, ch, k))
+        total += g
+        total_x += g * xhat[i, ch, k]
+    return total, total_x
 
 
 @njit(parallel=True, cache=True)
-def _backward_kernel(gy, xhat, relu_output, scale, mean_gy, mean_gy_xhat, gx):
-    """gx = scale (g - mean_gy - xhat mean_gy_xhat), per plane (the means are 0 in eval mode)."""
+def _backward_kernel(gy, xhat, relu_output, invstd, weight, training, gx, gweight, gbias):
+    """gbias = sum g, gweight = sum g xhat (per plane in parallel, then over N in a fixed order);
+    gx = w invstd (g - gbias/M - xhat gweight/M), the means 0 in eval mode."""
     n, c, length = gy.shape
+    planes = np.empty((n, c, 2))
     for p in prange(n * c):
         i, ch = p // c, p % c
-        s, m1, m2 = scale[ch], mean_gy[ch], mean_gy_xhat[ch]
+        planes[i, ch, 0], planes[i, ch, 1] = _plane_gradient_sums(gy, xhat, relu_output, i, ch)
+    scale = np.empty(c, gy.dtype)
+    mean_g = np.zeros(c, gy.dtype)
+    mean_g_xhat = np.zeros(c, gy.dtype)
+    for ch in range(c):
+        s1, s2 = 0.0, 0.0
+        for i in range(n):
+            s1 += planes[i, ch, 0]
+            s2 += planes[i, ch, 1]
+        gbias[ch], gweight[ch] = s1, s2
+        scale[ch] = np.float64(invstd[ch]) * (1.0 if weight is None else np.float64(weight[ch]))
+        if training:
+            mean_g[ch], mean_g_xhat[ch] = s1 / (n * length), s2 / (n * length)
+    for p in prange(n * c):
+        i, ch = p // c, p % c
+        sc, m1, m2 = scale[ch], mean_g[ch], mean_g_xhat[ch]
         for k in range(length):
-            gx[i, ch, k] = s * (_gradient(gy, relu_output, i, ch, k) - m1 - xhat[i, ch, k] * m2)
+            gx[i, ch, k] = sc * (_gradient(gy, relu_output, i, ch, k) - m1 - xhat[i, ch, k] * m2)
 
 
 def batch_norm_stats(x):
     """(mean, var) per channel, biased var: one read of x, float64 chunk statistics merged exactly."""
-    xp = _planes(x)
-    length = xp.shape[2]
-    plane = _plane_stats(xp, CHUNK)
-    plane_mean, plane_m2 = plane[:, :, 0], plane[:, :, 1]
-    mean = plane_mean.mean(axis=0)
-    m2 = plane_m2.sum(axis=0) + length * ((plane_mean - mean) ** 2).sum(axis=0)
-    return mean.astype(x.dtype), (m2 / (xp.shape[0] * length)).astype(x.dtype)
+    c = x.shape[1]
+    mean, var = np.empty(c, x.dtype), np.empty(c, x.dtype)
+    _stats_kernel(_planes(x), CHUNK, mean, var)
+    return mean, var
 
 
 def batch_norm_forward(x, mean, var, weight, bias, eps, relu=False):
     """(y, xhat, invstd) with invstd = 1/sqrt(var + eps); relu=True fuses y = max(y, 0)."""
-    c = x.shape[1]
-    invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)
-    w = np.ones(c, x.dtype) if weight is None else weight
-    b = np.zeros(c, x.dtype) if bias is None else bias
-    y, xhat = np.empty_like(x), np.empty_like(x)
-    _forward_kernel(_planes(x), mean, invstd, w, b, bool(relu), _planes(y), _planes(xhat))
+    y, xhat, invstd = np.empty_like(x), np.empty_like(x), np.empty(x.shape[1], x.dtype)
+    _forward_kernel(_planes(x), mean, var, weight, bias, float(eps), bool(relu), _planes(y), _planes(xhat), invstd)
     return y, xhat, invstd
 
 
@@ -184,12 +221,8 @@ def batch_norm_backward(gy, xhat, invstd, weight, training, relu_output=None):
 
     relu_output: the fused forward's y; the gradient then flows only where y > 0.
     """
-    gyp, xp = _planes(gy), _planes(xhat)
+    c = gy.shape[1]
+    gx, gweight, gbias = np.empty_like(gy), np.empty(c, gy.dtype), np.empty(c, gy.dtype)
     mask = None if relu_output is None else _planes(relu_output)
-    gbias, gweight = _backward_sums(gyp, xp, mask).sum(axis=0).T
-    scale = invstd.astype(np.float64) if weight is None else invstd * weight.astype(np.float64)
-    count = gyp.shape[0] * gyp.shape[2]
-    means = (gbias / count, gweight / count) if training else (np.zeros_like(gbias),) * 2
-    gx = np.empty_like(gy)
-    _backward_kernel(gyp, xp, mask, scale.astype(gy.dtype), *(m.astype(gy.dtype) for m in means), _planes(gx))
-    return gx, gweight.astype(gy.dtype), gbias.astype(gy.dtype)
+    _backward_kernel(_planes(gy), _planes(xhat), mask, invstd, weight, bool(training), _planes(gx), gweight, gbias)
+    return gx, gweight, gbias
