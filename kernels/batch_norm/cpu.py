@@ -40,6 +40,7 @@ the one pass this design leaves on the table.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -173,32 +174,62 @@ def _plane_gradient_sums(gy, xhat, relu_output, i, ch):
     return total, total_x
 
 
+@njit(cache=True)
+def _coefficients(sum_g, sum_g_xhat, count, invstd, weight, ch, training, dtype):
+    """(w invstd, mean g, mean g xhat) of channel ch in ``dtype`` (the means are 0 in eval mode)."""
+    scale = np.float64(invstd[ch]) * (1.0 if weight is None else np.float64(weight[ch]))
+    if not training:
+        return dtype(scale), dtype(0), dtype(0)
+    return dtype(scale), dtype(sum_g / count), dtype(sum_g_xhat / count)
+
+
+@njit(cache=True)
+def _plane_grad_input(gy, xhat, relu_output, i, ch, scale, mean_g, mean_g_xhat, gx):
+    """gx = scale (g - mean_g - xhat mean_g_xhat) over plane (i, ch)."""
+    for k in range(gy.shape[2]):
+        gx[i, ch, k] = scale * (_gradient(gy, relu_output, i, ch, k) - mean_g - xhat[i, ch, k] * mean_g_xhat)
+
+
 @njit(parallel=True, cache=True)
-def _backward_kernel(gy, xhat, relu_output, invstd, weight, training, gx, gweight, gbias):
-    """gbias = sum g, gweight = sum g xhat (per plane in parallel, then over N in a fixed order);
-    gx = w invstd (g - gbias/M - xhat gweight/M), the means 0 in eval mode."""
+def _backward_by_channel(gy, xhat, relu_output, invstd, weight, training, gx, gweight, gbias):
+    """One channel per task: its sums, then its gx, while its planes are still in the core's L2."""
     n, c, length = gy.shape
+    dtype = gy.dtype.type
+    for ch in prange(c):
+        s1, s2 = 0.0, 0.0
+        for i in range(n):
+            plane_g, plane_g_xhat = _plane_gradient_sums(gy, xhat, relu_output, i, ch)
+            s1 += plane_g
+            s2 += plane_g_xhat
+        gbias[ch], gweight[ch] = s1, s2
+        scale, mean_g, mean_g_xhat = _coefficients(s1, s2, n * length, invstd, weight, ch, training, dtype)
+        for i in range(n):
+            _plane_grad_input(gy, xhat, relu_output, i, ch, scale, mean_g, mean_g_xhat, gx)
+
+
+@njit(parallel=True, cache=True)
+def _backward_by_plane(gy, xhat, relu_output, invstd, weight, training, gx, gweight, gbias):
+    """One plane per task (for fewer channels than threads): all sums, each channel's totals, then gx.
+    The sums are added in the same order as ``_backward_by_channel``: the same bits."""
+    n, c, length = gy.shape
+    dtype = gy.dtype.type
     planes = np.empty((n, c, 2))
     for p in prange(n * c):
         i, ch = p // c, p % c
         planes[i, ch, 0], planes[i, ch, 1] = _plane_gradient_sums(gy, xhat, relu_output, i, ch)
-    scale = np.empty(c, gy.dtype)
-    mean_g = np.zeros(c, gy.dtype)
-    mean_g_xhat = np.zeros(c, gy.dtype)
+    coefficients = np.empty((c, 3), gy.dtype)
     for ch in range(c):
         s1, s2 = 0.0, 0.0
         for i in range(n):
             s1 += planes[i, ch, 0]
             s2 += planes[i, ch, 1]
         gbias[ch], gweight[ch] = s1, s2
-        scale[ch] = np.float64(invstd[ch]) * (1.0 if weight is None else np.float64(weight[ch]))
-        if training:
-            mean_g[ch], mean_g_xhat[ch] = s1 / (n * length), s2 / (n * length)
+        coefficients[ch, 0], coefficients[ch, 1], coefficients[ch, 2] = _coefficients(
+            s1, s2, n * length, invstd, weight, ch, training, dtype
+        )
     for p in prange(n * c):
         i, ch = p // c, p % c
-        sc, m1, m2 = scale[ch], mean_g[ch], mean_g_xhat[ch]
-        for k in range(length):
-            gx[i, ch, k] = sc * (_gradient(gy, relu_output, i, ch, k) - m1 - xhat[i, ch, k] * m2)
+        _plane_grad_input(gy, xhat, relu_output, i, ch, coefficients[ch, 0], coefficients[ch, 1], coefficients[ch, 2], gx)
 
 
 def batch_norm_stats(x):
@@ -224,5 +255,6 @@ def batch_norm_backward(gy, xhat, invstd, weight, training, relu_output=None):
     c = gy.shape[1]
     gx, gweight, gbias = np.empty_like(gy), np.empty(c, gy.dtype), np.empty(c, gy.dtype)
     mask = None if relu_output is None else _planes(relu_output)
-    _backward_kernel(_planes(gy), _planes(xhat), mask, invstd, weight, bool(training), _planes(gx), gweight, gbias)
+    kernel = _backward_by_channel if c >= numba.get_num_threads() else _backward_by_plane
+    kernel(_planes(gy), _planes(xhat), mask, invstd, weight, bool(training), _planes(gx), gweight, gbias)
     return gx, gweight, gbias

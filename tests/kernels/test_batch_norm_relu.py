@@ -95,3 +95,23 @@ def test_cpu_stats_over_several_chunks_are_accurate(dtype, rtol):
     mean64 = x64.mean(axis=(0, 2))
     assert_close(mean, mean64, rtol, 0, name="mean")
     assert_close(var, ((x64 - mean64[:, None]) ** 2).mean(axis=(0, 2)), rtol, 0, name="var")
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_cpu_backward_by_channel_and_by_plane_agree_to_the_bit(relu, training):
+    """The cpu backward runs one channel per task (C >= threads) or one plane per task (fewer
+    channels): both add the same sums in the same order, so they agree exactly, and with the reference."""
+    x, weight, _, gy = _data((3, 2, 5, 7), 11, np.float32, affine=True)
+    y, xhat, invstd = REF.batch_norm_forward(x, *REF.batch_norm_stats(x), weight, None, 1e-5, relu=relu)
+    mask = CPU._planes(y) if relu else None
+    results = []
+    for kernel in (CPU._backward_by_channel, CPU._backward_by_plane):
+        gx, gweight, gbias = np.full_like(gy, np.nan), np.full(2, np.nan, np.float32), np.full(2, np.nan, np.float32)
+        kernel(CPU._planes(gy), CPU._planes(xhat), mask, invstd, weight, training, CPU._planes(gx), gweight, gbias)
+        results.append((gx, gweight, gbias))
+    expected = REF.batch_norm_backward(gy, xhat, invstd, weight, training, relu_output=y if relu else None)
+    rtol, atol = tol(np.float32)
+    for name, a, b, e in zip(("gx", "gweight", "gbias"), *results, expected):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        assert_close(a, e, rtol, atol, name=name)
