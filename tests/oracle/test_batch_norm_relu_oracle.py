@@ -28,19 +28,19 @@ FWD, GRAD = dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-4, atol=1e-4)
     exact_zeros=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-@example(shape=(2, 1, 7, 5), dtype=np.float32, training=True, affine=False, exact_zeros=True, seed=0)
+@example(shape=(2, 1, 7, 5), dtype=np.float32, training=False, affine=True, exact_zeros=True, seed=0)
 def test_batch_norm_relu_matches_torch(backend_name, shape, dtype, training, affine, exact_zeros, seed):
     rng = np.random.default_rng(seed)
     c = shape[1]
     if exact_zeros:
-        # small integers v and -v per channel, plus zeros: the batch mean is exactly 0, so the
-        # zeros of x normalise to exactly 0 (in eval the running mean is 0 too); no bias
-        m = int(np.prod(shape)) // c
-        half = rng.integers(-2, 3, m // 2)
-        half[0] = 0
-        values = np.concatenate([half, -half, np.zeros(m - 2 * (m // 2))])
-        per_channel = np.stack([rng.permutation(values) for _ in range(c)])  # (C, N * spatial)
-        x_np = per_channel.reshape((c, shape[0]) + shape[2:]).swapaxes(0, 1).astype(dtype).copy()
+        # eval mode with running mean 0 and no bias: the zeros of x normalise to exactly 0 on every
+        # backend. (In training the batch mean of such data is exact only up to each backend's
+        # summation order -- a float64 merge of chunk means can leave 1e-17 for 0 -- so a zero of
+        # x may normalise to +-1e-17 instead; tests/kernels/test_batch_norm_relu.py covers exact
+        # zeros in training with the reference's statistics.)
+        training = False
+        x_np = rng.integers(-2, 3, shape).astype(dtype)
+        x_np.flat[0] = 0
     else:
         x_np = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
     gy = rng.standard_normal(shape).astype(dtype)
