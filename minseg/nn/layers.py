@@ -166,9 +166,10 @@ class Sequential(Module):
     """Modules applied in order; children are named '0', '1', ...
 
     A BatchNorm2d directly followed by a ReLU runs as one fused call,
-    ``BatchNorm2d.forward_relu`` (``F.batch_norm_relu``): the same outputs,
-    gradients and running statistics as the two modules one after the other, with
-    one pass over the activations fewer each way. Only these exact classes fuse (a
+    ``BatchNorm2d.forward_relu`` (``F.batch_norm_relu``): the same outputs and
+    running statistics as the two modules one after the other, and the same
+    gradients up to the order of float additions, with one pass over the
+    activations fewer each way. Only these exact classes fuse (a
     subclass such as SyncBatchNorm2d may compute something else), and the modules
     and their state_dict names stay as they are. ``fuse = False`` (the constructor
     argument or the attribute) runs every module on its own.
