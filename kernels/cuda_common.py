@@ -285,8 +285,11 @@ def block_chan_merge(n, mean, m2, warp_slots):
 
 
 @cuda.jit
-def channel_sums_kernel(a, b, has_b, split_len, partials):
+def channel_sums_kernel(a, b, has_b, mask, has_mask, split_len, partials):
     """Block (c, j) sums split j of channel c of the (N, C, S) arrays ``a`` (and ``a * b`` if ``has_b``).
+
+    With ``has_mask``, a value of ``a`` counts only where ``mask`` > 0 (batch norm fused with
+    ReLU: the gradient flows only where the ReLU's output is positive).
 
     The channel's M = N*S values are numbered m = n*S + s; split j covers
     m in [j*split_len, (j+1)*split_len). Thread t loads UNROLL values
@@ -311,7 +314,8 @@ def channel_sums_kernel(a, b, has_b, split_len, partials):
             va[u] = 0
             vb[u] = 0
             if m < stop:
-                va[u] = a[m // n_s, c, m % n_s]
+                if not has_mask or mask[m // n_s, c, m % n_s] > 0:
+                    va[u] = a[m // n_s, c, m % n_s]
                 if has_b:
                     vb[u] = b[m // n_s, c, m % n_s]
         for u in range(UNROLL):
@@ -342,19 +346,20 @@ def sum_splits_kernel(partials, out):
         out[q, c] = total
 
 
-def channel_sums(a, b=None):
+def channel_sums(a, b=None, mask=None):
     """(sum a, sum a*b) per channel of (N, C, S) arrays, as a (2, C) array of a's dtype (float64 sums).
 
     Split blocks, then the fixed-order pass over the splits.
 
-    Row 1 is all zeros when ``b`` is None.
+    Row 1 is all zeros when ``b`` is None; with ``mask`` (N, C, S), a's values count only where mask > 0.
     """
     n_img, n_c, n_s = a.shape
     threads = split_threads()
     n_splits = splits(n_c, n_img * n_s, threads * UNROLL)
     partials = empty((2, n_c, n_splits), np.float64)
     channel_sums_kernel[(n_c, n_splits), threads](
-        a, a if b is None else b, b is not None, split_range(n_img * n_s, n_splits), partials
+        a, a if b is None else b, b is not None, a if mask is None else mask, mask is not None,
+        split_range(n_img * n_s, n_splits), partials
     )
     return sum_partials(partials, a.dtype)
 
@@ -369,5 +374,7 @@ def sum_partials(partials, dtype):
 
 # The split-reduction kernels are shared; each module that launches them lists them
 # in its own PTX_SIGNATURES with these signatures.
-CHANNEL_SUMS_SIGNATURES = float_signatures("void({t}[:, :, ::1], {t}[:, :, ::1], boolean, int64, float64[:, :, ::1])")
+CHANNEL_SUMS_SIGNATURES = float_signatures(
+    "void({t}[:, :, ::1], {t}[:, :, ::1], boolean, {t}[:, :, ::1], boolean, int64, float64[:, :, ::1])"
+)
 SUM_SPLITS_SIGNATURES = float_signatures("void(float64[:, :, ::1], {t}[:, ::1])")

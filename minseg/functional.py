@@ -562,17 +562,23 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
 
 class BatchNormFunction(Function):
+    """y = w (x - mean) invstd + b, and with ``relu`` max(that, 0) in the same pass (batch_norm_relu).
+
+    The fused backward masks the gradient with the output it saved (y > 0), which the
+    next layer keeps alive anyway: the same memory as a separate ReLU node, one pass less.
+    """
+
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, training):
+    def forward(ctx, x, weight, bias, mean, var, eps, training, relu=False):
         ctx.kernels, ctx.training = backend.current(), training
-        y, xhat, invstd = ctx.kernels.batch_norm_forward(x, mean, var, weight, bias, eps)
-        ctx.save_for_backward(xhat, invstd, weight)
+        y, xhat, invstd = ctx.kernels.batch_norm_forward(x, mean, var, weight, bias, eps, relu)
+        ctx.save_for_backward(xhat, invstd, weight, y if relu else None)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xhat, invstd, weight = ctx.saved_tensors
-        gx, gw, gb = ctx.kernels.batch_norm_backward(_contiguous(gy), xhat, invstd, weight, ctx.training)
+        xhat, invstd, weight, relu_output = ctx.saved_tensors
+        gx, gw, gb = ctx.kernels.batch_norm_backward(_contiguous(gy), xhat, invstd, weight, ctx.training, relu_output)
         need = ctx.needs_input_grad
         return gx, gw if need[1] else None, gb if need[2] else None
 
@@ -585,6 +591,21 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     the *unbiased* variance n/(n-1) var for ``running_var`` (as torch).
     eval: normalise with the running statistics.
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu=False)
+
+
+def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5) -> Tensor:
+    """``relu(batch_norm(...))`` in one pass each way: the same arguments, outputs, gradients and
+    running-statistic updates as the two calls (torch has no functional twin; its fused
+    module is ``torch.ao.nn.intrinsic.BNReLU2d``). The ReLU's gradient is 0 where the
+    batch norm's output is <= 0, as torch's relu (0 at exactly 0).
+    """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu=True)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu) -> Tensor:
+    """batch_norm's checks and running-statistic updates; ``relu`` fuses the ReLU after it."""
+    op = "batch_norm_relu" if relu else "batch_norm"
     x = _float_tensor(input, "input")
     if x.ndim < 2:
         raise ValueError(f"input must be (N, C, ...) with at least 2 dims, got shape {x.shape}")
@@ -596,7 +617,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             if t.shape != (c,):
                 raise ValueError(f"{name} must have shape ({c},) for input with {c} channels, got {t.shape}")
     if not training and (running_mean is None or running_var is None):
-        raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+        raise ValueError(f"{op} in eval mode (training=False) needs running_mean and running_var")
     if not (isinstance(eps, numbers.Real) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
@@ -606,7 +627,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if training:
         count = x.numel() // c
         if count <= 1:
-            raise ValueError(f"batch_norm in training mode needs more than 1 value per channel, got input shape {x.shape}")
+            raise ValueError(f"{op} in training mode needs more than 1 value per channel, got input shape {x.shape}")
         mean, var = kernels.batch_norm_stats(xa)
         if running_mean is not None:
             m = float(momentum)
@@ -626,6 +647,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         var=var,
         eps=float(eps),
         training=bool(training),
+        relu=relu,
     )
 
 
@@ -927,6 +949,7 @@ __all__ = [
     "dice_loss",
     "focal_loss",
     "batch_norm",
+    "batch_norm_relu",
     "cat",
     "dropout",
 ]

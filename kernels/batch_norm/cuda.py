@@ -18,12 +18,15 @@ consecutive addresses.
   reference's two passes when |mean| >> std, with half the reads.
 * **batch_norm_forward** -- a tiny kernel computes invstd = 1/sqrt(var + eps)
   per channel (C threads, float64 like the reference), then one thread per
-  element writes xhat and y: one read of x, two coalesced writes.
+  element writes xhat and y: one read of x, two coalesced writes. With the
+  fused ReLU (``relu=True``) the thread writes max(y, 0) instead of y.
 * **batch_norm_backward** -- gbias = sum gy and gweight = sum gy*xhat come from
   ``cuda_common.channel_sums`` (the same channels x splits grid, one read of gy
   and xhat, float64 sums, a fixed-order pass over the splits), then one thread
   per element applies ``gx = w invstd (gy - gbias/M - xhat gweight/M)``
-  (training) or ``gx = w invstd gy`` (evaluation).
+  (training) or ``gx = w invstd gy`` (evaluation). With the fused ReLU
+  (``relu_output``, the forward's y) both kernels read gy as 0 where y <= 0:
+  the masked gradient is never written.
 
 Both reductions are deterministic (no atomics: the splits are added in a fixed
 order). They replace v1, one block of <= 128 threads per channel with a
@@ -130,8 +133,8 @@ def _invstd_kernel(var, eps, invstd):
 
 
 @cuda.jit
-def _forward_kernel(x, mean, invstd, weight, has_weight, bias, has_bias, y, xhat):
-    """Thread e: xhat = (x - mean[c]) invstd[c], y = xhat w[c] + b[c] for element e of (N, C, S)."""
+def _forward_kernel(x, mean, invstd, weight, has_weight, bias, has_bias, relu, y, xhat):
+    """Thread e: xhat = (x - mean[c]) invstd[c], y = xhat w[c] + b[c] (max(., 0) if relu) for element e of (N, C, S)."""
     e = cuda.grid(1)
     n_img, n_c, n_s = x.shape
     if e >= n_img * n_c * n_s:
@@ -140,7 +143,10 @@ def _forward_kernel(x, mean, invstd, weight, has_weight, bias, has_bias, y, xhat
     xh = (x[n, c, s] - mean[c]) * invstd[c]
     xhat[n, c, s] = xh
     v = xh * weight[c] if has_weight else xh
-    y[n, c, s] = v + bias[c] if has_bias else v
+    if has_bias:
+        v += bias[c]
+    # ``not v <= 0`` keeps a NaN, as torch's relu
+    y[n, c, s] = v if not (relu and v <= 0) else y.dtype.type(0)
 
 
 def _optional(a, like):
@@ -150,8 +156,8 @@ def _optional(a, like):
     return cc.as_input(a, like.dtype), True
 
 
-def batch_norm_forward(x, mean, var, weight, bias, eps):
-    """(y, xhat, invstd) with invstd = 1/sqrt(var + eps) and y = xhat * weight + bias."""
+def batch_norm_forward(x, mean, var, weight, bias, eps, relu=False):
+    """(y, xhat, invstd) with invstd = 1/sqrt(var + eps) and y = xhat * weight + bias (max(y, 0) if relu)."""
     x = cc.as_input(x)
     mean, var = cc.as_input(mean, x.dtype), cc.as_input(var, x.dtype)
     c = x.shape[1]
@@ -160,14 +166,15 @@ def batch_norm_forward(x, mean, var, weight, bias, eps):
     y = cc.empty(x.shape, x.dtype)
     xhat = cc.empty(x.shape, x.dtype)
     _forward_kernel[cc.blocks(x.size, THREADS), THREADS](
-        _ncs(x), mean, invstd, *_optional(weight, x), *_optional(bias, x), _ncs(y), _ncs(xhat)
+        _ncs(x), mean, invstd, *_optional(weight, x), *_optional(bias, x), bool(relu), _ncs(y), _ncs(xhat)
     )
     return y, xhat, invstd
 
 
 @cuda.jit
-def _grad_input_kernel(gy, xhat, invstd, weight, has_weight, gweight, gbias, training, gx):
-    """Thread e: gx = w invstd (gy - gbias/M - xhat gweight/M) if training, else w invstd gy."""
+def _grad_input_kernel(gy, xhat, relu_output, has_relu, invstd, weight, has_weight, gweight, gbias, training, gx):
+    """Thread e: gx = w invstd (g - gbias/M - xhat gweight/M) if training, else w invstd g;
+    g = gy, or 0 where the fused ReLU's output relu_output <= 0 (if has_relu)."""
     e = cuda.grid(1)
     n_img, n_c, n_s = gy.shape
     if e >= n_img * n_c * n_s:
@@ -175,21 +182,28 @@ def _grad_input_kernel(gy, xhat, invstd, weight, has_weight, gweight, gbias, tra
     n, c, s = cc.unravel3(e, n_c, n_s)
     scale = invstd[c] * weight[c] if has_weight else invstd[c]
     g = gy[n, c, s]
+    if has_relu and not relu_output[n, c, s] > 0:
+        g = gy.dtype.type(0)
     if training:
         m_total = gy.dtype.type(n_img * n_s)
         g = g - gbias[c] / m_total - xhat[n, c, s] * (gweight[c] / m_total)
     gx[n, c, s] = scale * g
 
 
-def batch_norm_backward(gy, xhat, invstd, weight, training):
-    """(gx, gweight, gbias): the split channel sums, then one thread per element."""
+def batch_norm_backward(gy, xhat, invstd, weight, training, relu_output=None):
+    """(gx, gweight, gbias): the split channel sums, then one thread per element.
+
+    relu_output: the fused forward's y; the gradient then flows only where y > 0.
+    """
     gy = cc.as_input(gy)
     xhat, invstd = cc.as_input(xhat, gy.dtype), cc.as_input(invstd, gy.dtype)
-    sums = cc.channel_sums(_ncs(gy), _ncs(xhat))
+    mask = None if relu_output is None else _ncs(cc.as_input(relu_output, gy.dtype))
+    sums = cc.channel_sums(_ncs(gy), _ncs(xhat), mask)
     gbias, gweight = sums[0], sums[1]
     gx = cc.empty(gy.shape, gy.dtype)
     _grad_input_kernel[cc.blocks(gy.size, THREADS), THREADS](
-        _ncs(gy), _ncs(xhat), invstd, *_optional(weight, gy), gweight, gbias, bool(training), _ncs(gx)
+        _ncs(gy), _ncs(xhat), _ncs(gy) if mask is None else mask, mask is not None,
+        invstd, *_optional(weight, gy), gweight, gbias, bool(training), _ncs(gx)
     )
     return gx, gweight, gbias
 
@@ -203,11 +217,14 @@ PTX_SIGNATURES = [
     (_stats_partials_kernel, _signatures("void({A}, int64, float64[:, :, ::1])")),
     (_stats_merge_kernel, _signatures("void(float64[:, :, ::1], {t}[::1], {t}[::1])")),
     (_invstd_kernel, _signatures("void({t}[::1], float64, {t}[::1])")),
-    (_forward_kernel, _signatures("void({A}, {t}[::1], {t}[::1], {t}[::1], boolean, {t}[::1], boolean, {A}, {A})")),
+    (
+        _forward_kernel,
+        _signatures("void({A}, {t}[::1], {t}[::1], {t}[::1], boolean, {t}[::1], boolean, boolean, {A}, {A})"),
+    ),
     (cc.channel_sums_kernel, cc.CHANNEL_SUMS_SIGNATURES),
     (cc.sum_splits_kernel, cc.SUM_SPLITS_SIGNATURES),
     (
         _grad_input_kernel,
-        _signatures("void({A}, {A}, {t}[::1], {t}[::1], boolean, {t}[::1], {t}[::1], boolean, {A})"),
+        _signatures("void({A}, {A}, {A}, boolean, {t}[::1], {t}[::1], boolean, {t}[::1], {t}[::1], boolean, {A})"),
     ),
 ]

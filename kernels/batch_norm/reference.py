@@ -31,10 +31,27 @@ d invstd/dx_i = -invstd^3 (x_i - mean)/M = -invstd^2 xhat_i / M::
 
 The two means are gbias/M and gweight/M, so the backward needs just one
 reduction pass and one elementwise pass.
+
+Fused ReLU (``relu=True``): the forward returns y = max(w xhat + b, 0) (NaN
+stays NaN, as torch's relu), so batch norm followed by ReLU is one pass over
+memory instead of two. Backward: by the chain rule the ReLU multiplies the
+upstream gradient by relu'(v) = 1 where v = w xhat + b > 0, else 0 (0 at
+v == 0 exactly, as torch). v > 0 exactly where the fused output y > 0, so the
+backward takes the output (``relu_output``) and runs the batch-norm backward
+above on the masked gradient::
+
+    gy_eff_i = gy_i * (y_i > 0)
+    gbias = sum_i gy_eff_i,   gweight = sum_i gy_eff_i xhat_i,
+    dL/dx_i = invstd w (gy_eff_i - gbias/M - xhat_i gweight/M)    (training)
+
+The output is kept alive anyway (it is the next layer's input), so the mask
+costs no extra memory.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from kernels.relu.reference import relu_backward, relu_forward
 
 __all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_backward"]
 
@@ -57,22 +74,29 @@ def batch_norm_stats(x):
     return mean.astype(x.dtype), var.astype(x.dtype)
 
 
-def batch_norm_forward(x, mean, var, weight, bias, eps):
-    """(y, xhat, invstd): invstd = 1/sqrt(var + eps), xhat = (x - mean) invstd, y = w xhat + b."""
+def batch_norm_forward(x, mean, var, weight, bias, eps, relu=False):
+    """(y, xhat, invstd): invstd = 1/sqrt(var + eps), xhat = (x - mean) invstd, y = w xhat + b.
+
+    relu=True: y = max(w xhat + b, 0), batch norm fused with the ReLU after it.
+    """
     invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)
     xhat = (x - _per_channel(mean, x.ndim)) * _per_channel(invstd, x.ndim)
     y = xhat.copy() if weight is None else xhat * _per_channel(weight, x.ndim)
     if bias is not None:
         y += _per_channel(bias, x.ndim)
-    return y, xhat, invstd
+    return (relu_forward(y) if relu else y), xhat, invstd
 
 
-def batch_norm_backward(gy, xhat, invstd, weight, training):
+def batch_norm_backward(gy, xhat, invstd, weight, training, relu_output=None):
     """(gx, gweight, gbias), derived in the module docstring.
 
     gweight and gbias are always returned (the kernel cannot know whether a bias
     exists); the caller keeps the ones it needs. ``weight`` None means w = 1.
+    ``relu_output``: the output y of the fused forward (``relu=True``); given, the
+    gradient flows only where y > 0 (gy_eff = gy * (y > 0)), else it is None.
     """
+    if relu_output is not None:
+        gy = relu_backward(relu_output, gy)
     axes, nd = _axes(gy), gy.ndim
     gbias = gy.sum(axis=axes, dtype=np.float64)
     gweight = (gy * xhat).sum(axis=axes, dtype=np.float64)

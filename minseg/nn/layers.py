@@ -71,11 +71,18 @@ class BatchNorm2d(Module):
             self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
 
     def forward(self, x):
+        return self._normalise(x, F.batch_norm)
+
+    def forward_relu(self, x):
+        """relu(self(x)) in one pass (``F.batch_norm_relu``): what Sequential runs for BatchNorm2d, ReLU."""
+        return self._normalise(x, F.batch_norm_relu)
+
+    def _normalise(self, x, function):
         use_batch = self.training or not self.track_running_stats
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         if self.training and self.track_running_stats:
             self.num_batches_tracked.data += 1
-        return F.batch_norm(x, *running, self.weight, self.bias, training=use_batch, momentum=self.momentum, eps=self.eps)
+        return function(x, *running, self.weight, self.bias, training=use_batch, momentum=self.momentum, eps=self.eps)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -156,12 +163,23 @@ class Dropout(Module):
 
 
 class Sequential(Module):
-    """Modules applied in order; children are named '0', '1', ..."""
+    """Modules applied in order; children are named '0', '1', ...
 
-    def __init__(self, *modules):
+    A BatchNorm2d directly followed by a ReLU runs as one fused call,
+    ``BatchNorm2d.forward_relu`` (``F.batch_norm_relu``): the same outputs and
+    running statistics as the two modules one after the other, and the same
+    gradients up to the order of float additions, with one pass over the
+    activations fewer each way. Only these exact classes fuse (a
+    subclass such as SyncBatchNorm2d may compute something else), and the modules
+    and their state_dict names stay as they are. ``fuse = False`` (the constructor
+    argument or the attribute) runs every module on its own.
+    """
+
+    def __init__(self, *modules, fuse=True):
         super().__init__()
         for i, m in enumerate(modules):
             setattr(self, str(i), m)
+        self.fuse = fuse
 
     def __getitem__(self, i):
         return list(self._modules.values())[i]
@@ -173,6 +191,14 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
-        for m in self._modules.values():
-            x = m(x)
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            m = modules[i]
+            if self.fuse and type(m) is BatchNorm2d and i + 1 < len(modules) and type(modules[i + 1]) is ReLU:
+                x = m.forward_relu(x)
+                i += 2
+            else:
+                x = m(x)
+                i += 1
         return x

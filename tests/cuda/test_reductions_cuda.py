@@ -62,6 +62,12 @@ def test_channel_sums_over_splits(shape, n_splits):
     assert_close(sums, expected, 1e-6, 1e-6, name="channel sums")
     np.testing.assert_array_equal(cc.channel_sums(a, b), sums)  # fixed order: the same bits every run
     assert (cc.channel_sums(a)[1] == 0).all()
+    # with a mask (batch norm + ReLU's backward): a counts only where mask > 0; exact zeros are masked
+    mask = rng.standard_normal(shape).astype(np.float32)
+    mask.flat[::5] = 0
+    kept = np.where(mask > 0, a, 0).astype(np.float64)
+    expected = np.stack([kept.sum(axis=(0, 2)), (kept * b).sum(axis=(0, 2))])
+    assert_close(cc.channel_sums(a, b, mask), expected, 1e-6, 1e-6, name="masked channel sums")
 
 
 def test_sum_partials_over_more_splits_than_threads():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import minseg
-from minseg.functional import batch_norm, cross_entropy, log_softmax, softmax
+from minseg.functional import batch_norm, batch_norm_relu, cross_entropy, log_softmax, softmax
 
 LOGITS = minseg.Tensor(np.zeros((2, 3, 4, 5), np.float32))
 TARGET = minseg.Tensor(np.zeros((2, 4, 5), np.int64))
@@ -87,10 +87,11 @@ C4 = minseg.Tensor(np.ones(4, np.float32))
         ((minseg.Tensor(np.zeros(3, np.float32)), C3, C3), {}, ValueError, r"input must be \(N, C, ...\)"),
     ],
 )
-def test_batch_norm_rejects(args, kwargs, error, match):
+@pytest.mark.parametrize("function", [batch_norm, batch_norm_relu])
+def test_batch_norm_rejects(function, args, kwargs, error, match):
     running = [None if a is None else minseg.Tensor(a.numpy().copy()) for a in args[1:]]
     with pytest.raises(error, match=match):
-        batch_norm(args[0], *running, **kwargs)
+        function(args[0], *running, **kwargs)
     for before, after in zip(args[1:], running):  # a rejected call must not touch the running statistics
         if before is not None:
             np.testing.assert_array_equal(after.numpy(), before.numpy())

@@ -1,0 +1,110 @@
+"""Sequential runs BatchNorm2d directly followed by ReLU as one fused call (F.batch_norm_relu):
+fused and unfused models give the same outputs, gradients and running statistics on every backend.
+
+Forward outputs and running statistics are compared bit for bit: the fused kernel evaluates the
+same float expression as the batch norm, then applies the same comparison as the relu. Gradients
+within tests.helpers.tol: the fused backward adds the masked gradient inside its reduction loop,
+which a compiler may vectorise in another order than the unfused one."""
+import numpy as np
+import pytest
+
+import minseg
+from minseg import backend, nn
+from minseg import functional as F
+from tests.helpers import assert_close, oracle_backends, tol
+
+
+def _counting(monkeypatch):
+    """Count the calls of F.batch_norm_relu (the layers call it through the module attribute)."""
+    calls = []
+    fused = F.batch_norm_relu
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(F, "batch_norm_relu", counted)
+    return calls
+
+
+def _run(model, x, gy, steps):
+    """``steps`` training steps (forward, backward), then an eval forward: everything to compare."""
+    out = []
+    model.train()
+    for _ in range(steps):
+        xt = minseg.Tensor(x, requires_grad=True)
+        y = model(xt)
+        y.backward(minseg.Tensor(gy))
+        out += [("y", y.numpy()), ("gx", xt.grad.numpy())]
+        out += [(f"grad {n}", p.grad.numpy()) for n, p in model.named_parameters()]
+        model.zero_grad()
+    out += [(n, b.numpy()) for n, b in model.named_buffers()]
+    model.eval()
+    out.append(("eval y", model(minseg.Tensor(x)).numpy()))
+    return out
+
+
+@pytest.mark.parametrize("backend_name", oracle_backends())
+def test_fused_sequential_matches_unfused(backend_name, monkeypatch):
+    calls = _counting(monkeypatch)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 3, 4, 4)) * 2 + 1).astype(np.float32)
+    gy = rng.standard_normal((2, 3, 2, 2)).astype(np.float32)
+    results = []
+    for fuse in (True, False):
+        # fused pairs: (0, 1) and (3, 4); 5 is a BatchNorm2d with no ReLU after it
+        model = nn.Sequential(
+            nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.BatchNorm2d(3),
+            fuse=fuse,
+        )
+        params = np.random.default_rng(5)  # the same for both models; not the initial ones and zeros
+        for p in model.parameters():
+            p.data[...] = params.standard_normal(p.shape).astype(np.float32)
+        with backend.using(backend_name):
+            results.append(_run(model, x, gy, steps=2))
+        assert len(calls) == (2 * 2 + 2 if fuse else 0)  # two pairs in each of 2 training + 1 eval forward
+        calls.clear()
+    rtol, atol = tol(np.float32)
+    for (name, a), (name_b, b) in zip(*results):
+        assert name == name_b
+        if name.startswith("grad") or name == "gx":
+            assert_close(a, b, rtol, atol, name=name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_only_exact_batch_norm_and_relu_classes_fuse(monkeypatch):
+    """A subclass may compute something else (SyncBatchNorm2d sums over ranks): it runs on its own."""
+    calls = _counting(monkeypatch)
+
+    class Doubled(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    x = minseg.Tensor(np.random.default_rng(1).standard_normal((2, 2, 3, 3)).astype(np.float32))
+    with backend.using("numpy"):
+        y = nn.Sequential(Doubled(2), nn.ReLU())(x)
+        expected = F.relu(F.batch_norm(x, None, None, training=True) * 2)
+    assert not calls
+    np.testing.assert_array_equal(y.numpy(), expected.numpy())
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "cpu"])
+def test_unet_fused_and_unfused_train_alike(backend_name):
+    """The U-Net's double convs fuse by default; switching every Sequential to fuse=False changes nothing."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    results = []
+    for fuse in (True, False):
+        minseg.manual_seed(0)
+        model = nn.UNet(base_channels=4, depth=2)
+        for m in model.modules():
+            if isinstance(m, nn.Sequential):
+                m.fuse = fuse
+        gy = np.random.default_rng(3).standard_normal((2, model(minseg.Tensor(x)).shape[1], 8, 8)).astype(np.float32)
+        with backend.using(backend_name):
+            results.append(_run(model, x, gy, steps=1))
+    assert [n for n, _ in results[0]] == [n for n, _ in results[1]]
+    # conv outputs feed the batch norms: the gradients' float32 drift grows through the layers
+    for (name, a), (_, b) in zip(*results):
+        assert_close(a, b, 1e-4, 1e-4, name=name)
