@@ -637,17 +637,17 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 class CatFunction(Function):
-    """y = [x_1, x_2, ...] joined along ``dim``; the gradient is split back into the pieces."""
+    """y = [x_1, x_2, ...] joined along ``dim``; the gradient is split back into the pieces (kernels/cat/)."""
 
     @staticmethod
     def forward(ctx, *arrays, dim):
-        ctx.dim = dim
-        ctx.bounds = np.cumsum([a.shape[dim] for a in arrays])[:-1]
-        return backend.array_module(arrays[0]).concatenate(arrays, axis=dim)
+        ctx.kernels, ctx.dim = backend.current(), dim
+        ctx.sizes = tuple(a.shape[dim] for a in arrays)
+        return ctx.kernels.cat_forward(arrays, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return tuple(backend.array_module(g).split(g, ctx.bounds, axis=ctx.dim))
+        return ctx.kernels.cat_backward(_contiguous(g), ctx.sizes, ctx.dim, ctx.needs_input_grad)
 
 
 def cat(tensors, dim=0) -> Tensor:
@@ -664,7 +664,7 @@ def cat(tensors, dim=0) -> Tensor:
             raise ValueError(f"cat: tensors[{i}] has shape {t.shape}, expected {first.shape} except along dim {dim}")
         if t.dtype != first.dtype:
             raise TypeError(f"cat: tensors[{i}] has dtype {t.dtype}, expected {first.dtype}")
-    return CatFunction.apply(*tensors, dim=dim)
+    return CatFunction.apply(*(_contig_tensor(t) for t in tensors), dim=dim)
 
 
 def dropout(input, p=0.5, training=True) -> Tensor:
