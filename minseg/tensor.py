@@ -334,6 +334,7 @@ class GradBuffers:
     """
 
     def __init__(self, caller_grad):
+        self.caller_grad = caller_grad  # held: once freed, its id could name a new array, copied for nothing
         self.handed = {id(caller_grad)}
 
     def accumulate(self, current, g, dtype):

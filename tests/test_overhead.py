@@ -155,3 +155,31 @@ def test_sgd_in_place_update_matches_the_formula_and_leaves_grad_alone(options, 
         # float32: a few roundings of O(1) values per step, 5 steps: well under 1e-5 relative
         rtol, atol = (1e-5, 1e-6) if dtype == np.float32 else (1e-12, 1e-14)
         assert_close(p.data, want[step], rtol=rtol, atol=atol, name=f"p after step {step + 1}")
+
+
+def test_a_unet_step_copies_no_parameter_gradient(monkeypatch):
+    """No two parameters of a U-Net share a gradient array, so backward stores every one without a copy
+    (GradBuffers copies only arrays handed out twice; the caller's seed is held so that its id, once
+    freed, cannot make a new gradient look handed out)."""
+    import importlib
+
+    tensor_module = importlib.import_module("minseg.tensor")
+    accumulate, copied = tensor_module.GradBuffers.accumulate, []
+
+    def spy(self, current, g, dtype):
+        out = accumulate(self, current, g, dtype)
+        if current is None and out.data is not g:
+            copied.append(g.shape)
+        return out
+
+    monkeypatch.setattr(tensor_module.GradBuffers, "accumulate", spy)
+    minseg.manual_seed(0)
+    with minseg.backend.using("numpy"):
+        model = UNet(in_channels=3, num_classes=4, base_channels=4, depth=2)
+        x = tensor(np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32))
+        t = tensor(np.random.default_rng(1).integers(0, 4, (2, 16, 16)))
+        for _ in range(2):
+            model.zero_grad()
+            F.cross_entropy(model(x), t).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert copied == []
