@@ -73,7 +73,8 @@ class Context:
     """What a Function's forward leaves for its backward; also the graph node.
 
     ``inputs`` are the Tensor arguments in order (None for non-Tensor ones),
-    ``needs_input_grad[i]`` says whether input ``i`` wants a gradient.
+    ``needs_input_grad[i]`` says whether input ``i`` wants a gradient (read from
+    the inputs unless the caller, ``Function.apply``, already knows it).
     """
 
     def __init__(self, function, inputs, needs_input_grad=None):
