@@ -130,15 +130,17 @@ class Function:
     @classmethod
     def apply(cls, *args, **kwargs):
         """Run ``forward`` on the arrays of the arguments; record the node when a gradient is wanted."""
-        # One pass over the arguments (this runs for every op of every step): the
-        # Node inputs, the arrays forward receives, and which inputs want a gradient.
-        inputs, arrays, needs = [], [], []
+        # One pass over the arguments (this runs for every op of every step): the Node
+        # inputs, the arrays forward receives, which inputs want a gradient, and the
+        # class of the output (that of the first Node).
+        inputs, arrays, needs, node_type = [], [], [], None
         for a in args:
             is_node = isinstance(a, Node)
             inputs.append(a if is_node else None)
             arrays.append(a.data if is_node else a)
             needs.append(is_node and a.requires_grad)
-        node_type = next((type(a) for a in inputs if a is not None), None)
+            if is_node and node_type is None:
+                node_type = type(a)
         if node_type is None:
             raise TypeError(f"{cls.__name__}.apply needs at least one Tensor argument")
         ctx = Context(cls, tuple(inputs), tuple(needs))
