@@ -1,10 +1,12 @@
 """cat on the GPU: one Numba CUDA thread per element of a band of columns.
 
 Read ``reference.py`` first for the math and ``columns.py`` for the 2-D view: every
-piece fills one band of columns in every row of the output. Thread e copies element
-(r, c) of the band, ``r = e // width``, ``c = e % width``: consecutive threads touch
-consecutive addresses within a row, so a warp's reads and writes coalesce (a warp
-that straddles two rows makes two transactions instead of one). Pure memory traffic.
+piece fills one band of columns in every row of the output. The launch is 2-D and
+follows the band: blocks of 32 columns x 8 rows, so each warp copies 32 consecutive
+columns of one row (its reads and writes coalesce) and no thread divides to find its
+row (a 64-bit division per element would cost more than the copy). A band narrower
+than 32 columns (thin pieces joined along the last axis) leaves most of each warp idle;
+a U-Net's channel joins are thousands of columns wide. Pure memory traffic.
 """
 from __future__ import annotations
 
@@ -18,23 +20,26 @@ from .columns import as_rows, bands, piece_shape
 
 __all__ = ["cat_forward", "cat_backward"]
 
-THREADS = 256
+TILE = (32, 8)  # threads per block: 32 columns (one warp) x 8 rows
+ROWS_PER_LAUNCH = 65535 * TILE[1]  # CUDA's limit on the grid's second dimension, in rows
 
 
 @cuda.jit
-def _copy_band_kernel(src, src_col, dst, dst_col, width):
-    """dst[r, dst_col + c] = src[r, src_col + c] for the element (r, c) of thread e."""
-    e = cuda.grid(1)
-    if e < src.shape[0] * width:
-        r = e // width
-        c = e - r * width
+def _copy_band_kernel(src, src_col, dst, dst_col, width, row0):
+    """dst[r, dst_col + c] = src[r, src_col + c] for the thread's column c and row r (from row0)."""
+    c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    r = row0 + cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+    if c < width and r < src.shape[0]:
         dst[r, dst_col + c] = src[r, src_col + c]
 
 
 def _copy_band(src, src_col, dst, dst_col, width):
-    n = src.shape[0] * width
-    if n:
-        _copy_band_kernel[cc.blocks(n, THREADS), THREADS](src, src_col, dst, dst_col, width)
+    # One element per thread, no loop: a loop over rows would make LLVM divide to count
+    # its trips, per thread -- per element here. Taller bands take several launches.
+    rows = src.shape[0]
+    for row0 in range(0, rows if width else 0, ROWS_PER_LAUNCH):
+        grid = (cc.blocks(width, TILE[0]), cc.blocks(min(rows - row0, ROWS_PER_LAUNCH), TILE[1]))
+        _copy_band_kernel[grid, TILE](src, src_col, dst, dst_col, width, row0)
 
 
 def cat_forward(arrays, dim):
@@ -62,5 +67,5 @@ def cat_backward(gy, sizes, dim, needs):
 
 
 PTX_SIGNATURES = [
-    (_copy_band_kernel, cc.float_signatures("void({A}, int64, {A}, int64, int64)", A="{t}[:, ::1]")),
+    (_copy_band_kernel, cc.float_signatures("void({A}, int64, {A}, int64, int64, int64)", A="{t}[:, ::1]")),
 ]

@@ -31,7 +31,7 @@ def pieces(base, dim, sizes, dtype, seed):
     dtype=st.sampled_from([np.float32, np.float64]),
     seed=st.integers(0, 2**32 - 1),
 )
-# several CUDA blocks with a partial last one (a band of 2 x 300 = 600 elements, 256 threads a block)
+# several CUDA blocks with a partial last one (a band 300 columns wide: 10 blocks of 32 columns)
 @example(base=(2, 3, 100), dim_seed=1, sizes=[3, 1], needs_seed=3, dtype=np.float32, seed=0)
 # pieces that need no gradient get None, the others their band, whatever the order
 @example(base=(2, 3), dim_seed=0, sizes=[1, 2, 1], needs_seed=5, dtype=np.float64, seed=1)
@@ -64,6 +64,19 @@ def test_cpu_cat_splits_long_rows_into_blocks(modname):
     assert_close(y, REF.cat_forward(xs, 1), 0, 0, name="y")
     gy = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
     for i, (g, w) in enumerate(zip(mod.cat_backward(gy, (3, 2, 4), 1, (True,) * 3), REF.cat_backward(gy, (3, 2, 4), 1, (True,) * 3))):
+        assert_close(g, w, 0, 0, name=f"gradient of piece {i}")
+
+
+@pytest.mark.parametrize("modname", [m for m in MODULES if m.id == "cuda"])
+def test_cuda_cat_takes_tall_bands_in_several_launches(modname, monkeypatch):
+    """Bands taller than one grid (ROWS_PER_LAUNCH rows, half a million on a GPU) run in several launches;
+    lowered to 8 rows here, 20 rows take three, the last partial."""
+    mod = load(modname)
+    monkeypatch.setattr(mod, "ROWS_PER_LAUNCH", 8)
+    xs = pieces((4, 5, 2, 3), 2, [2, 1], np.float32, 4)  # 20 rows of bands 6 and 3 columns wide
+    assert_close(mod.cat_forward(xs, 2), REF.cat_forward(xs, 2), 0, 0, name="y")
+    gy = np.random.default_rng(5).standard_normal((4, 5, 3, 3)).astype(np.float32)
+    for i, (g, w) in enumerate(zip(mod.cat_backward(gy, (2, 1), 2, (True, True)), REF.cat_backward(gy, (2, 1), 2, (True, True)))):
         assert_close(g, w, 0, 0, name=f"gradient of piece {i}")
 
 
