@@ -645,6 +645,13 @@ def _activation_case(kind):
             return (f"adaptive_avg_pool2d 1x1 backward {label}", dict(x=x, gy=_normal(rng, n, c, 1, 1)),
                     lambda fn, d: [fn(d["gy"], d["x"].shape)],
                     lambda peer, d: [peer.torch.ops.aten._adaptive_avg_pool2d_backward(d["gy"], d["x"])], None, size, False)
+        if kind == "cat_forward":  # a U-Net skip join along the channels: read both pieces, write y
+            return (f"cat channels forward {label}", dict(x=x, gy=gy), lambda fn, d: [fn([d["x"], d["gy"]], 1)],
+                    lambda peer, d: [peer.torch.cat([d["x"], d["gy"]], 1)], None, 4 * size, False)
+        if kind == "cat_backward":  # read the joined gradient, write both pieces (torch's are views: copied here)
+            return (f"cat channels backward {label}", dict(g=_normal(rng, n, 2 * c, h, w)),
+                    lambda fn, d: list(fn(d["g"], (c, c), 1, (True, True))),
+                    lambda peer, d: [t.contiguous() for t in peer.torch.split(d["g"], c, 1)], None, 4 * size, False)
         args = ("bilinear", False, (0.5, 0.5))  # scales: input size / output size per axis
         if kind == "interpolate_forward":  # read x, write the 4x larger y
             return (f"bilinear x2 forward {label}", dict(x=x), lambda fn, d: [fn(d["x"], (2 * h, 2 * w), *args)],
@@ -696,6 +703,7 @@ KERNEL_CASES = {
         "conv2d_grad_bias": _conv_case("grad_bias"),
     },
     "kernels.relu.cuda": {k: _activation_case(k) for k in ("relu_forward", "relu_backward")},
+    "kernels.cat.cuda": {k: _activation_case(k) for k in ("cat_forward", "cat_backward")},
     "kernels.batch_norm.cuda": {k: _activation_case(k) for k in ("batch_norm_stats", "batch_norm_forward", "batch_norm_backward")},
     "kernels.max_pool2d.cuda": {k: _activation_case(k) for k in ("max_pool2d_forward", "max_pool2d_backward")},
     "kernels.interpolate.cuda": {k: _activation_case(k) for k in ("interpolate_forward", "interpolate_backward")},

@@ -231,47 +231,53 @@ def step_memory(impl: Impl, steps: int) -> dict:
 
 
 def kernel_time_split(lib: MinsegLib, impl: Impl, steps: int) -> dict:
-    """Time of a step inside the backend's kernel functions vs outside them.
+    """Time of a step inside the backend's kernel functions vs outside them, and per kernel function.
 
     Every function of the backend (``Backend.functions``, what ``ctx.kernels`` calls) is
     wrapped with a clock for ``steps`` steps; the rest of a step -- the graph walk,
     ``Function.apply``, argument checks, allocation, the optimizer's NumPy update -- is
     'outside'. Medians over the steps; the wrappers' own cost (two clock reads per call)
-    lands outside, so 'outside' is an upper bound.
+    lands outside, so 'outside' is an upper bound. 'kernels' gives each function's median
+    time per step and its calls per step, slowest first: where the time inside goes.
     """
     import time
 
     functions = lib.backend.load(lib.name).functions
     saved = dict(functions)
-    spent = [0.0, 0]
+    spent = {name: [0.0, 0] for name in saved}  # this step's [seconds, calls] per kernel function
 
-    def timed(fn):
+    def timed(fn, clock):
         def call(*args, **kwargs):
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - t0
-                spent[1] += 1
+                clock[0] += time.perf_counter() - t0
+                clock[1] += 1
         return call
 
-    totals, inside, calls = [], [], 0
-    functions.update({name: timed(fn) for name, fn in saved.items()})
+    totals, inside, per_kernel, calls = [], [], {name: [] for name in saved}, {}
+    functions.update({name: timed(fn, spent[name]) for name, fn in saved.items()})
     try:
         for _ in range(steps):
             impl.reset()
-            spent[0], spent[1] = 0.0, 0
+            for clock in spent.values():
+                clock[0], clock[1] = 0.0, 0
             t0 = time.perf_counter()
             out = impl.run()
             totals.append(time.perf_counter() - t0)
-            inside.append(spent[0])
-            calls = spent[1]
+            inside.append(sum(seconds for seconds, _ in spent.values()))
+            for name, (seconds, n) in spent.items():
+                per_kernel[name].append(seconds)
+                calls[name] = n
             del out
     finally:
         functions.update(saved)
     step, kernel = float(np.median(totals)), float(np.median(inside))
+    kernels = {name: dict(s=float(np.median(per_kernel[name])), calls=calls[name]) for name in saved if calls[name]}
+    kernels = dict(sorted(kernels.items(), key=lambda item: -item[1]["s"]))
     return dict(step_s=step, kernel_s=kernel, outside_s=step - kernel, outside_pct=100 * (step - kernel) / step,
-                kernel_calls=calls, steps=steps)
+                kernel_calls=sum(calls.values()), steps=steps, kernels=kernels)
 
 
 def step_profile(case, libs: list, steps: int, memory_of) -> dict:
@@ -303,4 +309,19 @@ def profile_lines(profile: dict) -> list[str]:
                      f"{p['kernel_calls']} backend kernel calls and {p['outside_s'] * 1e3:.2f} ms "
                      f"({p['outside_pct']:.1f}%) outside them (graph walk, Function.apply, checks, allocation, optimizer)")
         lines.append(line)
+        if p.get("kernels"):
+            lines.append(f"step profile [{name}] inside kernels, ms per step (median of {p['steps']}): " + kernel_breakdown(p["kernels"]))
     return lines
+
+
+TOP_KERNELS = 6  # kernel functions named in the step profile line; the rest are summed
+
+
+def kernel_breakdown(kernels: dict, top: int = TOP_KERNELS) -> str:
+    """'conv2d_grad_weight 12.69 (11 calls), ..., 9 others 2.10': the slowest ``top`` kernel functions, the rest summed."""
+    items = list(kernels.items())
+    parts = [f"{name} {k['s'] * 1e3:.2f} ({k['calls']} call{'s' if k['calls'] != 1 else ''})" for name, k in items[:top]]
+    rest = items[top:]
+    if rest:
+        parts.append(f"{len(rest)} others {sum(k['s'] for _, k in rest) * 1e3:.2f}")
+    return ", ".join(parts)

@@ -73,13 +73,16 @@ class Context:
     """What a Function's forward leaves for its backward; also the graph node.
 
     ``inputs`` are the Tensor arguments in order (None for non-Tensor ones),
-    ``needs_input_grad[i]`` says whether input ``i`` wants a gradient.
+    ``needs_input_grad[i]`` says whether input ``i`` wants a gradient (read from
+    the inputs unless the caller, ``Function.apply``, already knows it).
     """
 
-    def __init__(self, function, inputs):
+    def __init__(self, function, inputs, needs_input_grad=None):
         self.function = function
         self.inputs = inputs
-        self.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
+        if needs_input_grad is None:
+            needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
+        self.needs_input_grad = needs_input_grad
         self._saved = ()
         self.freed = False
 
@@ -98,12 +101,12 @@ class Context:
 
     def free(self):
         """Drop saved arrays (and any attribute the forward stored) after backward."""
-        keep = {"function", "inputs", "needs_input_grad", "freed"}
-        for name in list(vars(self)):
-            if name not in keep:
-                delattr(self, name)
-        self._saved = ()
-        self.freed = True
+        graph = {name: self.__dict__[name] for name in _GRAPH_FIELDS}
+        self.__dict__.clear()
+        self.__dict__.update(graph, _saved=(), freed=True)
+
+
+_GRAPH_FIELDS = ("function", "inputs", "needs_input_grad")  # what a freed Context keeps: the graph, no arrays
 
 
 class Function:
@@ -127,14 +130,22 @@ class Function:
     @classmethod
     def apply(cls, *args, **kwargs):
         """Run ``forward`` on the arrays of the arguments; record the node when a gradient is wanted."""
-        inputs = tuple(a if isinstance(a, Node) else None for a in args)
-        node_type = next((type(a) for a in inputs if a is not None), None)
+        # One pass over the arguments (this runs for every op of every step): the Node
+        # inputs, the arrays forward receives, which inputs want a gradient, and the
+        # class of the output (that of the first Node).
+        inputs, arrays, needs, node_type = [], [], [], None
+        for a in args:
+            is_node = isinstance(a, Node)
+            inputs.append(a if is_node else None)
+            arrays.append(a.data if is_node else a)
+            needs.append(is_node and a.requires_grad)
+            if is_node and node_type is None:
+                node_type = type(a)
         if node_type is None:
             raise TypeError(f"{cls.__name__}.apply needs at least one Tensor argument")
-        arrays = tuple(a.data if isinstance(a, Node) else a for a in args)
-        ctx = Context(cls, inputs)
+        ctx = Context(cls, tuple(inputs), tuple(needs))
         out = cls.forward(ctx, *arrays, **kwargs)
-        requires_grad = _grad_enabled and any(ctx.needs_input_grad)
+        requires_grad = _grad_enabled and any(needs)
         result = node_type(out, requires_grad=requires_grad)
         if requires_grad:
             result._ctx = ctx

@@ -32,7 +32,7 @@ def _tensor(x, name: str) -> Tensor:
 
 def _float_tensor(x, name: str) -> Tensor:
     x = _tensor(x, name)
-    if x.dtype not in (np.float32, np.float64):
+    if x.data.dtype.char not in "fd":  # float32, float64 (a char test: this runs for every operand of every op)
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
     return x
 
@@ -50,12 +50,14 @@ def _ndim(x: Tensor, ndim: int, name: str, layout: str):
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a 2-tuple."""
     if isinstance(value, numbers.Integral):
-        value = (int(value), int(value))
-    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, numbers.Integral) for v in value)):
+        pair = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, numbers.Integral) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
-    return (int(value[0]), int(value[1]))
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {pair}")
+    return pair
 
 
 def _flag(value, name: str) -> bool:
@@ -309,6 +311,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     if min(out) <= 0:
         raise ValueError(f"max_pool2d output size would be {out} <= 0 for input size {x.shape[2:]}, kernel {k}, dilation {d}")
     for i in range(2):  # a dilation larger than the input can step a window over it entirely
+        if d[i] == 1:  # not without dilation: every window starts before the input's end (pool_output_size)
+            continue  # and ends at or after its first pixel (padding <= kernel_size // 2); tests/test_overhead.py
         taps = np.arange(out[i])[:, None] * s[i] - p[i] + np.arange(k[i]) * d[i]
         if not ((taps >= 0) & (taps < x.shape[2 + i])).any(axis=1).all():
             raise ValueError(
@@ -655,17 +659,17 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 
 
 class CatFunction(Function):
-    """y = [x_1, x_2, ...] joined along ``dim``; the gradient is split back into the pieces."""
+    """y = [x_1, x_2, ...] joined along ``dim``; the gradient is split back into the pieces (kernels/cat/)."""
 
     @staticmethod
     def forward(ctx, *arrays, dim):
-        ctx.dim = dim
-        ctx.bounds = np.cumsum([a.shape[dim] for a in arrays])[:-1]
-        return backend.array_module(arrays[0]).concatenate(arrays, axis=dim)
+        ctx.kernels, ctx.dim = backend.current(), dim
+        ctx.sizes = tuple(a.shape[dim] for a in arrays)
+        return ctx.kernels.cat_forward(arrays, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return tuple(backend.array_module(g).split(g, ctx.bounds, axis=ctx.dim))
+        return ctx.kernels.cat_backward(_contiguous(g), ctx.sizes, ctx.dim, ctx.needs_input_grad)
 
 
 def cat(tensors, dim=0) -> Tensor:
@@ -682,7 +686,7 @@ def cat(tensors, dim=0) -> Tensor:
             raise ValueError(f"cat: tensors[{i}] has shape {t.shape}, expected {first.shape} except along dim {dim}")
         if t.dtype != first.dtype:
             raise TypeError(f"cat: tensors[{i}] has dtype {t.dtype}, expected {first.dtype}")
-    return CatFunction.apply(*tensors, dim=dim)
+    return CatFunction.apply(*(_contig_tensor(t) for t in tensors), dim=dim)
 
 
 def dropout(input, p=0.5, training=True) -> Tensor:

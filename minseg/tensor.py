@@ -27,8 +27,8 @@ class Tensor(Node):
     def __init__(self, data, requires_grad: bool = False):
         if isinstance(data, Tensor):
             data = data.data
-        xp = backend.array_module(data)
-        data = xp.asarray(data)
+        if type(data) is not np.ndarray:  # the common case, a Function's output, needs no conversion
+            data = backend.array_module(data).asarray(data)
         if requires_grad and data.dtype.kind != "f":
             raise TypeError(f"only floating-point tensors can require gradients, got dtype {data.dtype}")
         super().__init__(data, requires_grad)
@@ -300,21 +300,21 @@ def _topological_order(root: Tensor) -> list[Tensor]:
 
 def _call_backward(ctx, g) -> tuple:
     """``ctx.function.backward(ctx, g)``, with clear errors for a freed graph or a wrong answer."""
-    name = ctx.function.__name__
     if ctx.freed:
         raise RuntimeError(
-            f"Trying to backward through {name} a second time: the graph was freed "
+            f"Trying to backward through {ctx.function.__name__} a second time: the graph was freed "
             "by the first backward(). Pass retain_graph=True to the first call to keep it."
         )
     input_grads = ctx.function.backward(ctx, g)
     if not isinstance(input_grads, tuple):
         input_grads = (input_grads,)
     if len(input_grads) != len(ctx.inputs):
-        raise RuntimeError(f"{name}.backward returned {len(input_grads)} gradients for {len(ctx.inputs)} inputs")
-    for inp, ig in zip(ctx.inputs, input_grads):
-        if inp is not None and ig is not None and inp.requires_grad and tuple(ig.shape) != inp.shape:
+        raise RuntimeError(f"{ctx.function.__name__}.backward returned {len(input_grads)} gradients for {len(ctx.inputs)} inputs")
+    for inp, ig, need in zip(ctx.inputs, input_grads, ctx.needs_input_grad):
+        if need and ig is not None and ig.shape != inp.data.shape:  # NumPy and CuPy shapes are tuples
             raise RuntimeError(
-                f"{name}.backward returned a gradient of shape {tuple(ig.shape)} for an input of shape {inp.shape}"
+                f"{ctx.function.__name__}.backward returned a gradient of shape {tuple(ig.shape)} "
+                f"for an input of shape {inp.shape}"
             )
     return input_grads
 
@@ -334,6 +334,7 @@ class GradBuffers:
     """
 
     def __init__(self, caller_grad):
+        self.caller_grad = caller_grad  # held: once freed, its id could name a new array, copied for nothing
         self.handed = {id(caller_grad)}
 
     def accumulate(self, current, g, dtype):

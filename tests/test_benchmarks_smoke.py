@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+import minseg
 from benchmarks.cases import layer_specs, op_specs, unet_conv_layers
 from benchmarks.train import TRAIN_SIZES
 
@@ -111,7 +112,6 @@ def test_ops_quick_times_every_cpu_conv_version(tmp_path):
 def test_unet_conv_layers_are_the_models(size):
     """The layer list that ``ops --layers`` times is the benchmark U-Net's: the same conv weights, in
     the same order, and the input sizes its forward gives them (recorded through F.conv2d)."""
-    import minseg
     from minseg.nn import UNet
 
     s = TRAIN_SIZES[size]
@@ -171,6 +171,13 @@ def test_train_quick(tmp_path):
     assert numpy["kernel_calls"] > 0 and 0 < numpy["kernel_s"] < numpy["step_s"]
     assert numpy["outside_s"] == pytest.approx(numpy["step_s"] - numpy["kernel_s"])
     assert numpy["outside_pct"] == pytest.approx(100 * numpy["outside_s"] / numpy["step_s"])
+    # where the time inside goes: every kernel function the step called, slowest first, calls adding up
+    kernels = numpy["kernels"]
+    assert set(kernels) <= set(minseg.backend.load("numpy").functions) and "conv2d_forward" in kernels
+    assert sum(k["calls"] for k in kernels.values()) == numpy["kernel_calls"]
+    times = [k["s"] for k in kernels.values()]
+    assert times == sorted(times, reverse=True) and 0 < sum(times) < numpy["step_s"]
+    assert f"step profile [numpy] inside kernels, ms per step (median of {REPEAT}): {next(iter(kernels))} " in stdout
     model = report["model"]
     size = TRAIN_SIZES["quick"]
     assert model["channels"] == "-".join(str(size["base_channels"] * 2**i) for i in range(size["depth"] + 1))

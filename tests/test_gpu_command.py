@@ -75,7 +75,8 @@ def test_every_kernel_version_is_timed_and_matches_torch(simulated_run):
         assert {r.split(" (")[0] for r in rows if r.startswith("cuda")} == {f"cuda v{k}" for k in getattr(conv, attr)}
     names = " ".join(e["case"] for e in cases)
     for op in ("relu forward", "relu backward", "batch_norm stats", "batch_norm backward", "max_pool2d 2x2 backward",
-               "bilinear x2 forward", "bilinear x2 backward", "cross_entropy fwd+bwd", "conv2d grad_bias"):
+               "bilinear x2 forward", "bilinear x2 backward", "cross_entropy fwd+bwd", "conv2d grad_bias",
+               "cat channels forward", "cat channels backward"):
         assert op in names
 
 
