@@ -474,26 +474,32 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 class CrossEntropyFunction(Function):
-    """One fused forward pass writes the loss and, when the logits want a gradient,
-    the unscaled gradient A_i (p_i - q_i); the backward only scales it."""
+    """One fused forward pass writes the loss and, when the logits want a gradient, the
+    gradient of the reduced loss (divided by D for 'mean'); the backward scales it by gloss.
+
+    With gloss = 1 (``loss.backward()``) a backend may return that gradient array itself.
+    It is then handed out: the caller may change it in place (``.grad += ...``), so
+    this node lets go of it, and a second backward through a retained graph computes
+    it again instead of reusing it."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing):
         ctx.kernels = backend.current()
         need_grad = is_grad_enabled() and ctx.needs_input_grad[0]  # inference writes no (N, C, S) gradient
-        loss, dlogits, denom, n_invalid = ctx.kernels.cross_entropy_forward(
-            logits, target, weight, ignore_index, reduction, label_smoothing, need_grad
-        )
+        ctx.args = (logits, target, weight, ignore_index, reduction, label_smoothing)
+        loss, ctx.dlogits, _, n_invalid = ctx.kernels.cross_entropy_forward(*ctx.args, need_grad)
         if int(n_invalid):  # one number read back; the targets themselves never leave the device
             _raise_bad_target(target, logits.shape[1], ignore_index)
-        ctx.reduction = reduction
-        ctx.save_for_backward(dlogits, denom)
         return loss
 
     @staticmethod
     def backward(ctx, gloss):
-        dlogits, denom = ctx.saved_tensors
-        return ctx.kernels.cross_entropy_backward(dlogits, _contiguous(gloss), ctx.reduction, denom), None, None
+        dlogits = ctx.dlogits
+        if dlogits is None:  # handed out by an earlier backward of this retained graph
+            dlogits = ctx.kernels.cross_entropy_forward(*ctx.args, True)[1]
+        glogits = ctx.kernels.cross_entropy_backward(dlogits, _contiguous(gloss), ctx.args[4])
+        ctx.dlogits = None if glogits is dlogits else dlogits
+        return glogits, None, None
 
 
 def _raise_bad_target(target, n_classes, ignore_index):
