@@ -288,6 +288,9 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
 
 
 class MaxPool2dFunction(Function):
+    """The forward keeps the number of each window's selected tap (uint8 for windows up to 16x16, see
+    kernels/max_pool2d/taps.py), all the backward needs; torch's flat indices are made only when asked."""
+
     @staticmethod
     def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
         kernels = backend.current()
@@ -316,11 +319,12 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
                 f"for input size {x.shape[2:]} (torch returns an index outside the input there)"
             )
     y = MaxPool2dFunction.apply(_contig_tensor(x), kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode))
-    if return_indices:
-        idx = y._ctx.idx if y._ctx is not None else None
-        if idx is None:  # no graph was recorded: run the kernel for the indices
-            _, idx = backend.current().max_pool2d_forward(_array(x), k, s, p, d, bool(ceil_mode))
-        return y, Tensor(idx)
+    if return_indices:  # torch's flat int64 index into each input plane, made from the taps only here
+        kernels = backend.current()
+        taps = y._ctx.idx if y._ctx is not None else None
+        if taps is None:  # no graph was recorded: run the kernel for the taps
+            _, taps = kernels.max_pool2d_forward(_contiguous(_array(x)), k, s, p, d, bool(ceil_mode))
+        return y, Tensor(kernels.max_pool2d_indices(taps, x.shape, k, s, p, d))
     return y
 
 
