@@ -285,7 +285,7 @@ def _ce_forward_kernel(x, t, w, ignore_index, eps, scale, need_grad, loss, grad,
         i, s0, s1 = _block(job, n_blocks, n_pix)
         size = s1 - s0
         tb = t[i, s0:s1]
-        # one allocation per job for all nine per-pixel buffers: an allocation costs about a pass over a buffer
+        # one allocation per job for all nine per-pixel buffers, not nine (each is a call into the allocator)
         buf = np.empty((9, size), x.dtype)
         m, acc, e, xt, wt, wz, a, b, sc = buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8]
         acc[:] = 0  # sum_c exp(x_c - m), then its log
