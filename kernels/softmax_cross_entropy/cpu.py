@@ -187,20 +187,27 @@ def log_softmax_backward(y, gy, dim):
 
 
 @njit(**_BLOCK_OPTIONS)
-def _pick_target(x, i, s0, tb, ignore_index, w, xt, wt):
-    """xt = x[i, t, s] (the target's logit), wt = w[t], 0 where not kept: a gather per pixel.
+def _kept_targets(tb, ignore_index, n_cls, tk):
+    """tk = the target where the pixel is kept, else -1, as int32.
 
     A pixel is kept when its target is not ignore_index (which may lie inside
-    [0, C)) and lies in [0, C); the others gather class 0, so every read stays in range.
+    [0, C)) and lies in [0, C). The per-class loops then test ``tk == c`` and
+    ``tk >= 0`` on int32, as wide as the float32 lanes they select between.
     """
+    for k in range(tk.size):
+        kept = (tb[k] != ignore_index) & (tb[k] >= 0) & (tb[k] < n_cls)
+        tk[k] = tb[k] if kept else -1
+
+
+@njit(**_BLOCK_OPTIONS)
+def _pick_target(x, i, s0, tk, w, xt, wt):
+    """xt = x[i, t, s] (the target's logit), wt = w[t], 0 where not kept: a gather per pixel
+    (class 0 where not kept, so every read stays in range)."""
     zero = xt.dtype.type(0)
-    n_cls = x.shape[1]
     for k in range(xt.size):
-        tk = tb[k]
-        kept = (tk != ignore_index) & (tk >= 0) & (tk < n_cls)
-        c = tk if kept else 0
+        c = max(tk[k], 0)
         xt[k] = x[i, c, s0 + k]
-        wt[k] = w[c] if kept else zero
+        wt[k] = w[c] if tk[k] >= 0 else zero
 
 
 @njit(**_BLOCK_OPTIONS)
@@ -211,16 +218,15 @@ def _smoothing_term(wc, m, xc, wz):
 
 
 @njit(**_BLOCK_OPTIONS)
-def _pixel_losses(tb, ignore_index, n_cls, eps, smooth, w_sum, m, log_acc, xt, wt, wz, loss):
+def _pixel_losses(tk, eps, smooth, w_sum, m, log_acc, xt, wt, wz, loss):
     """loss = (1-eps) w_t (-log p_t) + (eps/C) sum_c w_c (-log p_c), 0 where not kept; returns their sum (float64).
 
     -log p_c = (m - x_c) + log acc, so sum_c w_c (-log p_c) = W log acc + wz with
-    wz = sum_c w_c (m - x_c). A pixel is kept when its target is not
-    ignore_index and lies in [0, C).
+    wz = sum_c w_c (m - x_c). Kept pixels have tk >= 0 (``_kept_targets``).
     """
     total = 0.0
     for k in range(m.size):
-        kept = (tb[k] != ignore_index) & (tb[k] >= 0) & (tb[k] < n_cls)
+        kept = tk[k] >= 0
         value = (1 - eps) * wt[k] * ((m[k] - xt[k]) + log_acc[k]) + smooth * (w_sum * log_acc[k] + wz[k])
         value = value if kept else 0.0
         loss[k] = value
@@ -229,14 +235,14 @@ def _pixel_losses(tb, ignore_index, n_cls, eps, smooth, w_sum, m, log_acc, xt, w
 
 
 @njit(**_BLOCK_OPTIONS)
-def _gradient_coefficients(tb, ignore_index, n_cls, eps, smooth, w_sum, scale, wt, acc, a, b, sc):
+def _gradient_coefficients(tk, eps, smooth, w_sum, scale, wt, acc, a, b, sc):
     """Per pixel, for g_c = scale (a' e_c - (b' where c == t) - sc' w_c) with e_c = exp(x_c - m):
     a' = A / acc (p_c = e_c / acc), b' = (1-eps) w_t, sc' = eps/C. a, b, sc hold them times
     ``scale``, and 0 where not kept (those pixels get exactly 0, whatever the scale). w_t comes
     from ``wt`` (picked per class by _pick_target): a gather w[t] here would keep the loop scalar."""
     zero = a.dtype.type(0)
     for k in range(a.size):
-        kept = (tb[k] != ignore_index) & (tb[k] >= 0) & (tb[k] < n_cls)
+        kept = tk[k] >= 0
         b_k = (1 - eps) * wt[k]
         a_k = (b_k + smooth * w_sum) / acc[k]
         a[k] = a_k * scale if kept else zero
@@ -245,32 +251,37 @@ def _gradient_coefficients(tb, ignore_index, n_cls, eps, smooth, w_sum, scale, w
 
 
 @njit(**_BLOCK_OPTIONS)
-def _class_gradient(tb, c, wc, a, b, sc, out):
-    """out = a e - (b where tb == c) - sc w_c, with out = e = exp(x_c - m) on entry."""
+def _class_gradient(tk, c, wc, a, b, sc, out):
+    """out = a e - (b where tk == c) - sc w_c, with out = e = exp(x_c - m) on entry."""
     zero = out.dtype.type(0)
     for k in range(out.size):
-        bk = b[k] if tb[k] == c else zero
+        bk = b[k] if tk[k] == c else zero
         out[k] = a[k] * out[k] - bk - sc[k] * wc
+
+
+@njit(**_BLOCK_OPTIONS)
+def _target_sums(tb, w, ignore_index, n_cls):
+    """(sum of w[t] over the kept pixels of the block, number of targets outside [0, C) that are not ignore_index)."""
+    weight_total = 0.0
+    invalid = 0.0
+    for k in range(tb.size):
+        tk = tb[k]
+        in_range = (tk >= 0) & (tk < n_cls)
+        kept = in_range & (tk != ignore_index)
+        w_t = w[tk if kept else 0]  # a load from a valid index, then a select: no branch, so it vectorises
+        weight_total += w_t if kept else 0.0
+        invalid += 0.0 if (in_range | (tk == ignore_index)) else 1.0
+    return weight_total, invalid
 
 
 @njit(**_KERNEL_OPTIONS)
 def _target_kernel(t, w, ignore_index, n_cls, partial):
-    """Per job: (sum of w[t_i] over the kept pixels, number of targets outside [0, C) that
-    are not ignore_index) into ``partial`` -- from the targets alone, before the logits."""
+    """Per job: ``_target_sums`` of its block into ``partial`` -- from the targets alone, before the logits."""
     n, n_pix = t.shape
     n_blocks = (n_pix + BLOCK - 1) // BLOCK
     for job in prange(n * n_blocks):
         i, s0, s1 = _block(job, n_blocks, n_pix)
-        weight_total = 0.0
-        invalid = 0.0
-        for s in range(s0, s1):
-            tk = t[i, s]
-            in_range = (tk >= 0) & (tk < n_cls)
-            kept = in_range & (tk != ignore_index)
-            weight_total += w[tk] if kept else 0.0
-            invalid += 0.0 if (in_range | (tk == ignore_index)) else 1.0
-        partial[job, 0] = weight_total
-        partial[job, 1] = invalid
+        partial[job] = _target_sums(t[i, s0:s1], w, ignore_index, n_cls)
 
 
 @njit(**_KERNEL_OPTIONS)
@@ -284,14 +295,15 @@ def _ce_forward_kernel(x, t, w, ignore_index, eps, scale, need_grad, loss, grad,
     for job in prange(n * n_blocks):
         i, s0, s1 = _block(job, n_blocks, n_pix)
         size = s1 - s0
-        tb = t[i, s0:s1]
+        tk = np.empty(size, np.int32)
+        _kept_targets(t[i, s0:s1], ignore_index, n_cls, tk)
         # one allocation per job for all nine per-pixel buffers, not nine (each is a call into the allocator)
         buf = np.empty((9, size), x.dtype)
         m, acc, e, xt, wt, wz, a, b, sc = buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8]
         acc[:] = 0  # sum_c exp(x_c - m), then its log
         wz[:] = 0  # sum_c w_c (m - x_c), for the smoothing term
         _max_over_classes(x, i, s0, s1, m)
-        _pick_target(x, i, s0, tb, ignore_index, w, xt, wt)
+        _pick_target(x, i, s0, tk, w, xt, wt)
         for c in range(n_cls):
             xc = x[i, c, s0:s1]
             ec = grad[i, c, s0:s1] if need_grad else e  # the gradient's own memory holds e_c until it is written
@@ -300,11 +312,11 @@ def _ce_forward_kernel(x, t, w, ignore_index, eps, scale, need_grad, loss, grad,
             if eps > 0:
                 _smoothing_term(w[c], m, xc, wz)
         if need_grad:  # grad[:, c] = scale (A p_c - ...), from e_c still in L1/L2 (the logits are not read again)
-            _gradient_coefficients(tb, ignore_index, n_cls, eps, smooth, w_sum, scale, wt, acc, a, b, sc)
+            _gradient_coefficients(tk, eps, smooth, w_sum, scale, wt, acc, a, b, sc)
             for c in range(n_cls):
-                _class_gradient(tb, c, w[c], a, b, sc, grad[i, c, s0:s1])
+                _class_gradient(tk, c, w[c], a, b, sc, grad[i, c, s0:s1])
         log_inplace(acc)
-        partial[job] = _pixel_losses(tb, ignore_index, n_cls, eps, smooth, w_sum, m, acc, xt, wt, wz, loss[i, s0:s1])
+        partial[job] = _pixel_losses(tk, eps, smooth, w_sum, m, acc, xt, wt, wz, loss[i, s0:s1])
 
 
 
