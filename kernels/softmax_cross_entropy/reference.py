@@ -140,7 +140,7 @@ def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label
         onehot = np.arange(n_classes)[None, :, None] == t[:, None, :]
         g = a[:, None] * np.exp(logp) - (1 - eps) * w_t[:, None] * onehot - (eps / n_classes) * w[None, :, None]
         if reduction == "mean":
-            with np.errstate(invalid="ignore", divide="ignore"):  # D = 0: no pixel is kept, all stay 0 below
+            with np.errstate(invalid="ignore", divide="ignore"):  # D = 0: inf/NaN at kept pixels (of weight 0), as torch
                 g = g / denom
         dlogits = np.where(valid[:, None, :], g, 0).astype(logits.dtype)
     if reduction != "none":
