@@ -618,17 +618,19 @@ def _activation_case(kind):
                         d["gy"], d["x"], d["weight"], None, None, d["mean"], d["invstd"], True, 1e-5, [True, True, True])),
                     None, 5 * size, False)
         pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
-        if kind == "max_pool2d_forward":  # read x, write y and the int64 indices
+        # minseg stores each window's tap number in uint8 (a quarter of a float), torch the int64 flat index
+        if kind == "max_pool2d_forward":  # read x, write y and the indices; y compared (the indices differ in kind)
             return (f"max_pool2d 2x2 forward {label}", dict(x=x),
-                    lambda fn, d: list(fn(d["x"], (2, 2), (2, 2), (0, 0), (1, 1), False)),
-                    lambda peer, d: list(peer.torch.ops.aten.max_pool2d_with_indices(d["x"], *pool)), None,
-                    size + size // 4 + 2 * (size // 4), False)
+                    lambda fn, d: [fn(d["x"], (2, 2), (2, 2), (0, 0), (1, 1), False)[0]],
+                    lambda peer, d: [peer.torch.ops.aten.max_pool2d_with_indices(d["x"], *pool)[0]], None,
+                    size + size // 4 + size // 16, False)
         if kind == "max_pool2d_backward":  # read gy and indices, write gx
-            idx = _pool_indices(x)
-            return (f"max_pool2d 2x2 backward {label}", dict(x=x, gy=_normal(rng, n, c, h // 2, w // 2), idx=idx),
-                    lambda fn, d: [fn(d["gy"], d["idx"], d["x"].shape, (2, 2), (2, 2), (0, 0), (1, 1))],
+            taps, idx = _pool_indices(x)
+            return (f"max_pool2d 2x2 backward {label}",
+                    dict(x=x, gy=_normal(rng, n, c, h // 2, w // 2), taps=taps, idx=idx),
+                    lambda fn, d: [fn(d["gy"], d["taps"], d["x"].shape, (2, 2), (2, 2), (0, 0), (1, 1))],
                     lambda peer, d: [peer.torch.ops.aten.max_pool2d_with_indices_backward(d["gy"], d["x"], *pool, d["idx"])],
-                    None, size // 4 + 2 * (size // 4) + size, False)
+                    None, size // 4 + size // 16 + size, False)
         if kind == "avg_pool2d_forward":  # read x, write y
             return (f"avg_pool2d 2x2 forward {label}", dict(x=x),
                     lambda fn, d: [fn(d["x"], (2, 2), (2, 2), (0, 0), False, True, None)],
@@ -666,13 +668,14 @@ def _activation_case(kind):
 
 
 def _pool_indices(x):
-    """The flat in-plane index of each 2x2 window's (first) maximum, as torch's max_pool2d returns it."""
+    """(taps, flat) of each 2x2 window's (first) maximum: minseg's uint8 tap number 2p + q, and the flat
+    in-plane index torch's max_pool2d returns."""
     n, c, h, w = x.shape
     win = x[:, :, : h // 2 * 2, : w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5)
     arg = win.reshape(n, c, h // 2, w // 2, 4).argmax(-1)
     rows = np.arange(h // 2)[:, None] * 2 + arg // 2
     cols = np.arange(w // 2)[None, :] * 2 + arg % 2
-    return (rows * w + cols).astype(np.int64)
+    return arg.astype(np.uint8), (rows * w + cols).astype(np.int64)
 
 
 def _cross_entropy_case(shape, rng):
@@ -684,8 +687,8 @@ def _cross_entropy_case(shape, rng):
     K = importlib.import_module("kernels.softmax_cross_entropy.cuda")
 
     def minseg(fn, d):
-        loss, dlogits, denom, _ = fn(d["logits"], d["target"], None, -100, "mean", 0.0, True)
-        return [loss, K.cross_entropy_backward(dlogits, d["gloss"], "mean", denom)]
+        loss, dlogits, _, _ = fn(d["logits"], d["target"], None, -100, "mean", 0.0, True)
+        return [loss, K.cross_entropy_backward(dlogits, d["gloss"], "mean")]
 
     def torch_call(peer, d):
         logits = d["logits"].detach().requires_grad_(True)

@@ -290,6 +290,9 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
 
 
 class MaxPool2dFunction(Function):
+    """The forward keeps the number of each window's selected tap (uint8 for windows up to 16x16, see
+    kernels/max_pool2d/taps.py), all the backward needs; torch's flat indices are made only when asked."""
+
     @staticmethod
     def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
         kernels = backend.current()
@@ -320,11 +323,12 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
                 f"for input size {x.shape[2:]} (torch returns an index outside the input there)"
             )
     y = MaxPool2dFunction.apply(_contig_tensor(x), kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode))
-    if return_indices:
-        idx = y._ctx.idx if y._ctx is not None else None
-        if idx is None:  # no graph was recorded: run the kernel for the indices
-            _, idx = backend.current().max_pool2d_forward(_array(x), k, s, p, d, bool(ceil_mode))
-        return y, Tensor(idx)
+    if return_indices:  # torch's flat int64 index into each input plane, made from the taps only here
+        kernels = backend.current()
+        taps = y._ctx.idx if y._ctx is not None else None
+        if taps is None:  # no graph was recorded: run the kernel for the taps
+            _, taps = kernels.max_pool2d_forward(_contiguous(_array(x)), k, s, p, d, bool(ceil_mode))
+        return y, Tensor(kernels.max_pool2d_indices(taps, x.shape, k, s, p, d))
     return y
 
 
@@ -478,26 +482,32 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 class CrossEntropyFunction(Function):
-    """One fused forward pass writes the loss and, when the logits want a gradient,
-    the unscaled gradient A_i (p_i - q_i); the backward only scales it."""
+    """One fused forward pass writes the loss and, when the logits want a gradient, the
+    gradient of the reduced loss (divided by D for 'mean'); the backward scales it by gloss.
+
+    With gloss = 1 (``loss.backward()``) a backend may return that gradient array itself.
+    It is then handed out: the caller may change it in place (``.grad += ...``), so
+    this node lets go of it, and a second backward through a retained graph computes
+    it again instead of reusing it."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing):
         ctx.kernels = backend.current()
         need_grad = is_grad_enabled() and ctx.needs_input_grad[0]  # inference writes no (N, C, S) gradient
-        loss, dlogits, denom, n_invalid = ctx.kernels.cross_entropy_forward(
-            logits, target, weight, ignore_index, reduction, label_smoothing, need_grad
-        )
+        ctx.args = (logits, target, weight, ignore_index, reduction, label_smoothing)
+        loss, ctx.dlogits, _, n_invalid = ctx.kernels.cross_entropy_forward(*ctx.args, need_grad)
         if int(n_invalid):  # one number read back; the targets themselves never leave the device
             _raise_bad_target(target, logits.shape[1], ignore_index)
-        ctx.reduction = reduction
-        ctx.save_for_backward(dlogits, denom)
         return loss
 
     @staticmethod
     def backward(ctx, gloss):
-        dlogits, denom = ctx.saved_tensors
-        return ctx.kernels.cross_entropy_backward(dlogits, _contiguous(gloss), ctx.reduction, denom), None, None
+        dlogits = ctx.dlogits
+        if dlogits is None:  # handed out by an earlier backward of this retained graph
+            dlogits = ctx.kernels.cross_entropy_forward(*ctx.args, True)[1]
+        glogits = ctx.kernels.cross_entropy_backward(dlogits, _contiguous(gloss), ctx.args[4])
+        ctx.dlogits = None if glogits is dlogits else dlogits
+        return glogits, None, None
 
 
 def _raise_bad_target(target, n_classes, ignore_index):

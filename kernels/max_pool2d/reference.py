@@ -10,7 +10,11 @@ Output pixel (i, j) of every (n, c) plane looks at the window of kernel taps
 Taps outside the input (the padding) hold -inf and are never selected. Then::
 
     y[i, j]       = max over the window of x[r, s]
-    indices[i, j] = r*W + s of the selected tap (flat index into the H*W plane, as torch)
+    indices[i, j] = p*kw + q of the selected tap (its number in the window, ``taps.py``)
+
+The indices are stored in the smallest unsigned type that holds kh*kw - 1
+(uint8 for any window up to 16x16); ``max_pool2d_indices`` turns them into
+torch's flat int64 index r*W + s into the H*W plane, for ``return_indices``.
 
 Which tap is selected follows torch's scan (rows, then columns, keeping a tap
 when ``x > best or isnan(x)``):
@@ -31,7 +35,7 @@ output is a copy of one input, so ``dy[i, j]/dx[r, s] = 1`` for the selected tap
 and 0 for the others. Summing over the outputs (windows overlap when the stride is
 smaller than the kernel, and one input can be the maximum of several)::
 
-    gx[n, c].flat[k] = sum over (i, j) with indices[n, c, i, j] == k of gy[n, c, i, j]
+    gx[n, c].flat[k] = sum over (i, j) whose selected tap lies at k of gy[n, c, i, j]
 
 Inputs that are no window's maximum get 0. At a tie the function is not
 differentiable; the gradient goes to the selected tap, as torch's does.
@@ -40,9 +44,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.max_pool2d.taps import flat_indices, tap_dtype
 from kernels.shapes import pool_output_size
 
-__all__ = ["max_pool2d_forward", "max_pool2d_backward"]
+__all__ = ["max_pool2d_forward", "max_pool2d_backward", "max_pool2d_indices"]
 
 
 def _taps(n_out, stride, pad, dilation, kernel):
@@ -51,7 +56,7 @@ def _taps(n_out, stride, pad, dilation, kernel):
 
 
 def max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
-    """(y, indices): window maxima (N, C, Ho, Wo) and their flat int64 positions in the H*W plane."""
+    """(y, indices): window maxima (N, C, Ho, Wo) and the number p*kw + q of each one's tap (``tap_dtype``)."""
     (kh, kw), (h, w) = kernel_size, x.shape[2:]
     ho, wo = (pool_output_size((h, w)[a], kernel_size[a], stride[a], padding[a], dilation[a], ceil_mode) for a in range(2))
     rows = _taps(ho, stride[0], padding[0], dilation[0], kh)[:, None, :, None]  # (Ho, 1, kh, 1)
@@ -68,20 +73,23 @@ def max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
     tap = np.where(np.isnan(best[..., 0]), last_nan, first_max)
 
     y = np.take_along_axis(win, tap[..., None], axis=-1)[..., 0]
-    flat = np.broadcast_to(rows * w + cols, (ho, wo, kh, kw)).reshape(ho, wo, kh * kw)
-    indices = np.take_along_axis(np.broadcast_to(flat, tap.shape + (kh * kw,)), tap[..., None], axis=-1)[..., 0]
-    return y, indices.astype(np.int64)
+    return y, tap.astype(tap_dtype(kernel_size))
 
 
 def max_pool2d_backward(gy, indices, x_shape, kernel_size, stride, padding, dilation):
-    """gx[n, c].flat[indices[n, c, i, j]] += gy[n, c, i, j].
+    """gx[n, c].flat[k] += gy[n, c, i, j], k the flat input position of window (i, j)'s selected tap.
 
-    The window's geometry (pairs, as in the forward) is not needed here: the
-    indices say where each gradient goes. The cuda backend uses it to pick a
-    deterministic parallel strategy (see ``cuda.py``).
+    The window's geometry (pairs, as in the forward) places each tap; the cuda
+    backend also uses it to pick a deterministic parallel strategy (``cuda.py``).
     """
     n, c, h, w = x_shape
     gx = np.zeros((n * c, h * w), gy.dtype)
     plane = np.arange(n * c)[:, None]
-    np.add.at(gx, (plane, indices.reshape(n * c, -1)), gy.reshape(n * c, -1))
+    flat = max_pool2d_indices(indices, x_shape, kernel_size, stride, padding, dilation)
+    np.add.at(gx, (plane, flat.reshape(n * c, -1)), gy.reshape(n * c, -1))
     return gx.reshape(x_shape)
+
+
+def max_pool2d_indices(indices, x_shape, kernel_size, stride, padding, dilation):
+    """torch's flat int64 indices r*W + s into the input plane, from the forward's tap numbers."""
+    return flat_indices(indices, x_shape, kernel_size, stride, padding, dilation)

@@ -11,30 +11,38 @@ matter:
    memory with no dependence between iterations, which LLVM vectorises. The
    per-pixel running max / sum live in small block buffers that stay in L1.
 2. **A vectorisable exp and log** (``fastmath.py``). Numba's ``math.exp`` is
-   a scalar libm call, which blocks vectorisation. ``fastmath.exp_shifted``
+   a scalar libm call, which blocks vectorisation. ``fastmath.fast_exp``
    computes exp(z) with the textbook range reduction z = k ln2 + r,
    |r| <= ln2/2: e^r by a Taylor polynomial and 2^k written straight into the
-   exponent bits of the output; ``fastmath.log_inplace`` reads exponent and
-   mantissa from the bits. Plain arithmetic on arrays, so it vectorises;
+   exponent bits; ``fastmath.fast_log`` reads exponent and mantissa from the
+   bits. Plain arithmetic, so the loops that call them vectorise;
    ``tests/kernels/test_fastmath.py`` measures the accuracy against NumPy.
-3. **Fused cross-entropy: one pass over the logits writes the loss and the
-   unscaled gradient.** Per pixel block: a pass for the max over classes, then
-   one pass that computes e_c = exp(x_c - m) -- straight into the gradient's
-   memory when a gradient is wanted -- and accumulates sum_c e_c, the target's
-   logit and weight (a select per class instead of a gather) and, with
-   smoothing, sum_c w_c (m - x_c). The gradient A_i (p_c - q_c) is then
-   finished in place from e_c (still in cache; the logits are not read again),
-   and the losses and per-job partial sums follow per pixel. The backward is
-   one scaling pass over that gradient (by gloss_i, gloss, or gloss / D).
-   Without a gradient (inference, ``need_grad=False``) nothing of size
-   (N, C, S) is written. Partial sums are float64 and combined in job order,
-   so results are deterministic.
+3. **Fused cross-entropy: the targets, then one pass over the logits.** D =
+   sum of w[t_i] over the kept pixels depends on the targets alone, so a first
+   parallel pass sums it (and counts targets out of range) before the logits
+   are read; for 'mean' the gradient can then be written already divided by D.
+   Per pixel block: a pass for the max over classes, a gather of the target's
+   logit and weight, then one pass per class that computes e_c = exp(x_c - m)
+   -- straight into the gradient's memory when a gradient is wanted -- and
+   accumulates sum_c e_c and, with smoothing, sum_c w_c (m - x_c). The
+   gradient scale A_i (p_c - q_c) is then finished in place from e_c (still
+   in cache; the logits are not read again), and the losses and per-job
+   partial sums follow per pixel. The backward multiplies by gloss: nothing
+   to do when gloss is 1 (``loss.backward()`` on 'mean' or 'sum'), so it
+   returns the forward's array; otherwise one scaling pass. Without a
+   gradient (inference, ``need_grad=False``) nothing of size (N, C, S) is
+   written. Partial sums are float64 and combined in job order, so results
+   are deterministic.
 4. **Small helpers for the hot loops.** Inside one big parallel kernel, a loop
    that touches many arrays stays scalar: LLVM cannot prove the arrays do not
    overlap. The cross-entropy's per-block loops are therefore small compiled
    functions on a few 1-D blocks, which LLVM vectorises behind a runtime
-   overlap check. Timings: ``python -m benchmarks ops --only cross_entropy``
-   (against torch's whole call, forward + backward).
+   overlap check; its per-block buffers come from one allocation per job.
+   (A loop over pixels with the classes unrolled inside it, all of a pixel in
+   registers, stays scalar for the same reason: its C stores and C loads
+   need more overlap checks than LLVM will emit.) Timings: ``python -m
+   benchmarks ops --only cross_entropy`` (against torch's whole call,
+   forward + backward).
 """
 from __future__ import annotations
 
@@ -106,7 +114,7 @@ def _softmax_kernel(x, y, log):
             acc += out
         if log:
             # (x - m) - log acc, not x - (m + log acc): m + log acc would round at m's magnitude
-            log_inplace(acc, y[o, 0, s0:s1])  # y's first row is free scratch here
+            log_inplace(acc)
         for c in range(n_cls):
             _softmax_row(x[o, c, s0:s1], m, acc, log, y[o, c, s0:s1])
 
@@ -179,71 +187,107 @@ def log_softmax_backward(y, gy, dim):
 
 
 @njit(**_BLOCK_OPTIONS)
-def _pick_target(tb, c, ignore_index, xc, w, xt, wt):
-    """Where tb == c: xt = the logit of class c, wt = w[c] -- a select per class instead of a gather.
+def _kept_targets(tb, ignore_index, n_cls, tk):
+    """tk = the target where the pixel is kept, else -1, as int32.
 
-    An ignored pixel never matches (ignore_index may lie inside [0, C)), so its wt stays 0.
+    A pixel is kept when its target is not ignore_index (which may lie inside
+    [0, C)) and lies in [0, C). The per-class loops then test ``tk == c`` and
+    ``tk >= 0`` on int32, as wide as the float32 lanes they select between.
     """
-    if c == ignore_index:
-        return
-    wc = w[c]
-    for k in range(xt.size):
-        hit = tb[k] == c
-        xk, xo, wo = xc[k], xt[k], wt[k]  # load both arms first: a select, not a branch
-        xt[k] = xk if hit else xo
-        wt[k] = wc if hit else wo
+    for k in range(tk.size):
+        kept = (tb[k] != ignore_index) & (tb[k] >= 0) & (tb[k] < n_cls)
+        tk[k] = tb[k] if kept else -1
 
 
 @njit(**_BLOCK_OPTIONS)
-def _pixel_losses(tb, ignore_index, n_cls, eps, smooth, w_sum, m, log_acc, xt, wt, wz, loss):
-    """loss = (1-eps) w_t (-log p_t) + (eps/C) sum_c w_c (-log p_c), 0 where not kept.
+def _pick_target(x, i, s0, tk, w, xt, wt):
+    """xt = x[i, t, s] (the target's logit), wt = w[t], 0 where not kept: a gather per pixel
+    (class 0 where not kept, so every read stays in range)."""
+    zero = xt.dtype.type(0)
+    for k in range(xt.size):
+        c = max(tk[k], 0)
+        xt[k] = x[i, c, s0 + k]
+        wt[k] = w[c] if tk[k] >= 0 else zero
+
+
+@njit(**_BLOCK_OPTIONS)
+def _smoothing_term(wc, m, xc, wz):
+    """wz += w_c (m - x_c): the smoothing's sum_c w_c (m - x_c), one class at a time."""
+    for k in range(wz.size):
+        wz[k] += wc * (m[k] - xc[k])
+
+
+@njit(**_BLOCK_OPTIONS)
+def _pixel_losses(tk, eps, smooth, w_sum, m, log_acc, xt, wt, wz, loss):
+    """loss = (1-eps) w_t (-log p_t) + (eps/C) sum_c w_c (-log p_c), 0 where not kept; returns their sum (float64).
 
     -log p_c = (m - x_c) + log acc, so sum_c w_c (-log p_c) = W log acc + wz with
-    wz = sum_c w_c (m - x_c). A pixel is kept when its target is not
-    ignore_index and lies in [0, C). Returns (sum of the losses, sum of w_t,
-    number of targets outside [0, C) that are not ignore_index), in float64.
+    wz = sum_c w_c (m - x_c). Kept pixels have tk >= 0 (``_kept_targets``).
     """
     total = 0.0
-    weight_total = 0.0
-    invalid = 0.0
     for k in range(m.size):
-        in_range = (tb[k] >= 0) & (tb[k] < n_cls)
-        kept = (tb[k] != ignore_index) & in_range
+        kept = tk[k] >= 0
         value = (1 - eps) * wt[k] * ((m[k] - xt[k]) + log_acc[k]) + smooth * (w_sum * log_acc[k] + wz[k])
         value = value if kept else 0.0
         loss[k] = value
         total += value
-        weight_total += wt[k]
-        invalid += 0.0 if (in_range | (tb[k] == ignore_index)) else 1.0
-    return total, weight_total, invalid
+    return total
 
 
 @njit(**_BLOCK_OPTIONS)
-def _gradient_coefficients(tb, ignore_index, n_cls, eps, smooth, w_sum, w, acc, a, b, sc):
-    """Per pixel, for g_c = a e_c - (b where c == t) - sc w_c with e_c = exp(x_c - m):
-    a = A / acc (p_c = e_c / acc), b = (1-eps) w_t, sc = eps/C; all 0 where not kept."""
+def _gradient_coefficients(tk, eps, smooth, w_sum, scale, wt, acc, a, b, sc):
+    """Per pixel, for g_c = scale (a' e_c - (b' where c == t) - sc' w_c) with e_c = exp(x_c - m):
+    a' = A / acc (p_c = e_c / acc), b' = (1-eps) w_t, sc' = eps/C. a, b, sc hold them times
+    ``scale``, and 0 where not kept (those pixels get exactly 0, whatever the scale). w_t comes
+    from ``wt`` (picked per class by _pick_target): a gather w[t] here would keep the loop scalar."""
+    zero = a.dtype.type(0)
     for k in range(a.size):
-        kept = (tb[k] != ignore_index) & (tb[k] >= 0) & (tb[k] < n_cls)
-        w_t = w[tb[k] if kept else 0]
-        on = 1.0 if kept else 0.0
-        b[k] = on * (1 - eps) * w_t
-        a[k] = on * (b[k] + smooth * w_sum) / acc[k]
-        sc[k] = on * smooth
+        kept = tk[k] >= 0
+        b_k = (1 - eps) * wt[k]
+        a_k = (b_k + smooth * w_sum) / acc[k]
+        a[k] = a_k * scale if kept else zero
+        b[k] = b_k * scale if kept else zero
+        sc[k] = smooth * scale if kept else zero
 
 
 @njit(**_BLOCK_OPTIONS)
-def _class_gradient(tb, c, wc, a, b, sc, out):
-    """out = a e - (b where tb == c) - sc w_c, with out = e = exp(x_c - m) on entry."""
+def _class_gradient(tk, c, wc, a, b, sc, out):
+    """out = a e - (b where tk == c) - sc w_c, with out = e = exp(x_c - m) on entry."""
     zero = out.dtype.type(0)
     for k in range(out.size):
-        bk = b[k] if tb[k] == c else zero
+        bk = b[k] if tk[k] == c else zero
         out[k] = a[k] * out[k] - bk - sc[k] * wc
 
 
+@njit(**_BLOCK_OPTIONS)
+def _target_sums(tb, w, ignore_index, n_cls):
+    """(sum of w[t] over the kept pixels of the block, number of targets outside [0, C) that are not ignore_index)."""
+    weight_total = 0.0
+    invalid = 0.0
+    for k in range(tb.size):
+        tk = tb[k]
+        in_range = (tk >= 0) & (tk < n_cls)
+        kept = in_range & (tk != ignore_index)
+        w_t = w[tk if kept else 0]  # a load from a valid index, then a select: no branch, so it vectorises
+        weight_total += w_t if kept else 0.0
+        invalid += 0.0 if (in_range | (tk == ignore_index)) else 1.0
+    return weight_total, invalid
+
+
 @njit(**_KERNEL_OPTIONS)
-def _ce_forward_kernel(x, t, w, ignore_index, eps, need_grad, loss, grad, partial):
-    """The per-pixel loss (0 where not kept), the unscaled gradient (when ``need_grad``)
-    and per-job (sum loss, sum w[t], invalid targets) in ``partial``: one pass over the logits."""
+def _target_kernel(t, w, ignore_index, n_cls, partial):
+    """Per job: ``_target_sums`` of its block into ``partial`` -- from the targets alone, before the logits."""
+    n, n_pix = t.shape
+    n_blocks = (n_pix + BLOCK - 1) // BLOCK
+    for job in prange(n * n_blocks):
+        i, s0, s1 = _block(job, n_blocks, n_pix)
+        partial[job] = _target_sums(t[i, s0:s1], w, ignore_index, n_cls)
+
+
+@njit(**_KERNEL_OPTIONS)
+def _ce_forward_kernel(x, t, w, ignore_index, eps, scale, need_grad, loss, grad, partial):
+    """The per-pixel loss (0 where not kept), the gradient times ``scale`` (when ``need_grad``)
+    and per-job sums of the losses in ``partial``: one pass over the logits."""
     n, n_cls, n_pix = x.shape
     n_blocks = (n_pix + BLOCK - 1) // BLOCK
     w_sum = w.sum()
@@ -251,31 +295,29 @@ def _ce_forward_kernel(x, t, w, ignore_index, eps, need_grad, loss, grad, partia
     for job in prange(n * n_blocks):
         i, s0, s1 = _block(job, n_blocks, n_pix)
         size = s1 - s0
-        tb = t[i, s0:s1]
-        m = np.empty(size, x.dtype)
-        acc = np.zeros(size, x.dtype)  # sum_c exp(x_c - m), then its log
-        e = np.empty(size, x.dtype)  # exp(x_c - m) of one class (when no gradient is written)
-        xt = np.zeros(size, x.dtype)  # the target's logit
-        wt = np.zeros(size, x.dtype)  # w[t], 0 where ignored or out of range
-        wz = np.zeros(size, x.dtype)  # sum_c w_c (m - x_c), for the smoothing term
+        tk = np.empty(size, np.int32)
+        _kept_targets(t[i, s0:s1], ignore_index, n_cls, tk)
+        # one allocation per job for all nine per-pixel buffers, not nine (each is a call into the allocator)
+        buf = np.empty((9, size), x.dtype)
+        m, acc, e, xt, wt, wz, a, b, sc = buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8]
+        acc[:] = 0  # sum_c exp(x_c - m), then its log
+        wz[:] = 0  # sum_c w_c (m - x_c), for the smoothing term
         _max_over_classes(x, i, s0, s1, m)
+        _pick_target(x, i, s0, tk, w, xt, wt)
         for c in range(n_cls):
             xc = x[i, c, s0:s1]
             ec = grad[i, c, s0:s1] if need_grad else e  # the gradient's own memory holds e_c until it is written
             exp_shifted(xc, m, ec)
             acc += ec
-            _pick_target(tb, c, ignore_index, xc, w, xt, wt)
             if eps > 0:
-                wz += w[c] * (m - xc)
-        if need_grad:  # grad[:, c] = A p_c - ..., from e_c still in L1/L2 (the logits are not read again)
-            a = np.empty(size, x.dtype)
-            b = np.empty(size, x.dtype)
-            sc = np.empty(size, x.dtype)
-            _gradient_coefficients(tb, ignore_index, n_cls, eps, smooth, w_sum, w, acc, a, b, sc)
+                _smoothing_term(w[c], m, xc, wz)
+        if need_grad:  # grad[:, c] = scale (A p_c - ...), from e_c still in L1/L2 (the logits are not read again)
+            _gradient_coefficients(tk, eps, smooth, w_sum, scale, wt, acc, a, b, sc)
             for c in range(n_cls):
-                _class_gradient(tb, c, w[c], a, b, sc, grad[i, c, s0:s1])
-        log_inplace(acc, e)
-        partial[job] = _pixel_losses(tb, ignore_index, n_cls, eps, smooth, w_sum, m, acc, xt, wt, wz, loss[i, s0:s1])
+                _class_gradient(tk, c, w[c], a, b, sc, grad[i, c, s0:s1])
+        log_inplace(acc)
+        partial[job] = _pixel_losses(tk, eps, smooth, w_sum, m, acc, xt, wt, wz, loss[i, s0:s1])
+
 
 
 @njit(**_BLOCK_OPTIONS)
@@ -299,15 +341,24 @@ def _ce_backward_kernel(d, gmap, per_pixel, gscalar, g):
 
 
 def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label_smoothing, need_grad):
-    """(loss, dlogits, denom, n_invalid) as the reference; one fused pass per pixel block."""
+    """(loss, dlogits, denom, n_invalid) as the reference: a pass over the targets for D (so that
+    'mean' writes its gradient already divided by D), then one fused pass over the logits."""
     n, n_cls, n_pix = logits.shape
     w = np.ones(n_cls, logits.dtype) if weight is None else weight
+    jobs = n * ((n_pix + BLOCK - 1) // BLOCK)
+    target_partial = np.empty((jobs, 2))
+    _target_kernel(target, w, ignore_index, n_cls, target_partial)
+    weight_total, invalid = target_partial.sum(axis=0)
+    scale = 1.0
+    if reduction == "mean":
+        with np.errstate(divide="ignore"):  # D = 0: no pixel is kept, so no gradient is scaled
+            scale = 1.0 / weight_total
     loss = np.empty((n, n_pix), logits.dtype)
     grad = np.empty_like(logits) if need_grad else np.empty((1, 1, 1), logits.dtype)
-    partial = np.empty((n * ((n_pix + BLOCK - 1) // BLOCK), 3))
-    _ce_forward_kernel(logits, target, w, ignore_index, label_smoothing, need_grad, loss, grad, partial)
-    total, weight_total, invalid = partial.sum(axis=0)
+    partial = np.empty(jobs)
+    _ce_forward_kernel(logits, target, w, ignore_index, label_smoothing, scale, need_grad, loss, grad, partial)
     if reduction != "none":
+        total = partial.sum()
         if reduction == "mean":
             with np.errstate(invalid="ignore", divide="ignore"):  # every pixel ignored: NaN, as torch
                 total = total / weight_total
@@ -315,14 +366,13 @@ def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label
     return loss, grad if need_grad else None, np.asarray(weight_total), np.asarray(int(invalid))
 
 
-def cross_entropy_backward(dlogits, gloss, reduction, denom):
-    """glogits = dlogits * scale_i as the reference: one scaling pass."""
+def cross_entropy_backward(dlogits, gloss, reduction):
+    """glogits = dlogits * gloss_i ('none') or dlogits * gloss, one scaling pass -- or none:
+    when gloss is the scalar 1 (``loss.backward()`` on a reduced loss) ``dlogits`` itself is returned."""
     per_pixel = reduction == "none"
-    gscalar = 0.0
-    if not per_pixel:
-        with np.errstate(invalid="ignore", divide="ignore"):  # D = 0: every dlogits is 0 and stays 0
-            gscalar = float(np.float64(gloss) / denom) if reduction == "mean" else float(gloss)
+    if not per_pixel and gloss == 1:
+        return dlogits
     gmap = gloss if per_pixel else np.zeros((1, 1), dlogits.dtype)
     g = np.empty_like(dlogits)
-    _ce_backward_kernel(dlogits, gmap, per_pixel, gscalar, g)
+    _ce_backward_kernel(dlogits, gmap, per_pixel, 0.0 if per_pixel else float(gloss), g)
     return g

@@ -45,10 +45,15 @@ coalesced; a block-per-row kernel would be the next version there.
   Each block adds its (loss, w[t_i], invalid count) with warp shuffles
   (``cuda_common.block_total``, float64) into partials[:, 0, block], and
   ``cuda_common.sum_partials`` adds the blocks in a fixed order
-  (deterministic, no atomics). The backward is one elementwise pass:
-  ``glogits = dlogits * scale_i`` with scale_i = gloss_i ('none'), gloss ('sum')
-  or gloss / D ('mean'); a zero of dlogits stays 0, so ignored pixels get
-  exactly 0 even when D = 0.
+  (deterministic, no atomics). dlogits is the gradient of the *reduced* loss
+  (kernels/README.md): for 'mean' that is the fused pass's gradient divided by
+  D, which is only known once every block has added its partials, so the
+  forward scales it in place by 1/D with ``_scale_kernel`` (one more
+  elementwise pass; the CPU backend instead sums D from the targets before its
+  fused pass, which a GPU could do too -- not done yet). The backward is one
+  elementwise pass: ``glogits = dlogits * gloss_i`` ('none') or ``* gloss``; a
+  zero of dlogits stays 0, so ignored pixels get exactly 0 even when D = 0.
+  (It runs even when gloss is 1: seeing that would cost a read back to the host.)
 
   v2 replaced v1 (the interface changed with it, see kernels/README.md). v1's
   forward saved the log-sum-exp and its backward re-read the logits, recomputed
@@ -57,8 +62,9 @@ coalesced; a block-per-row kernel would be the next version there.
   write the gradient), v2 4 (read logits, write dlogits; read dlogits, write
   the gradient) -- v2 computes each exp once, needs no second reduction, and
   checks the targets on the device (before it, ``functional.cross_entropy``
-  copied every target to the host on each call), but moves one pass more. On
-  a memory-bound GPU that pass is a cost; no GPU has timed either yet.
+  copied every target to the host on each call), but moves one pass more
+  ('mean' adds two: the in-place 1/D scaling above). On a memory-bound GPU
+  those passes are a cost; no GPU has timed either yet.
 """
 from __future__ import annotations
 
@@ -183,7 +189,7 @@ def _xent_kernel(n_classes: int):
     warp = cc.WARP  # a closure int is a compile-time constant (an attribute of another module is not)
 
     def xent_kernel(logits, target, weight, ignore_index, eps, need_grad, write_loss, loss, grad, partials):
-        """Thread t of block b: pixels b*T*PIXELS + k*T + t (k < PIXELS) -- loss, unscaled gradient,
+        """Thread t of block b: pixels b*T*PIXELS + k*T + t (k < PIXELS) -- loss, unscaled gradient (before 'mean' divides it by D),
         and the block's (sum loss, sum w[t], invalid targets) in partials[:, 0, b]."""
         slots = cuda.shared.array(warp, dtype=float64)
         xs = cuda.local.array(n_c, dtype=logits.dtype)
@@ -272,6 +278,10 @@ def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label
         logits, target, weight, ignore_index, logits.dtype.type(label_smoothing), need_grad, per_pixel, loss, grad, partials
     )
     totals = cc.sum_partials(partials, np.float64)  # rows: sum of losses, D, invalid targets (on the device)
+    if need_grad and reduction == "mean":
+        with np.errstate(divide="ignore"):  # D = 0: every dlogits is 0 and stays 0
+            inverse = (1.0 / totals[1]).astype(logits.dtype).reshape(1, 1)
+        _scale_kernel[cc.blocks(grad.size, THREADS), THREADS](grad, inverse, False, grad)  # in place
     if not per_pixel:
         total = totals[0]
         if reduction == "mean":
@@ -282,9 +292,9 @@ def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label
 
 
 @cuda.jit
-def _scale_kernel(dlogits, gloss, per_pixel, denom, divide, glogits):
-    """Thread e: glogits.flat[e] = dlogits.flat[e] * scale (0 where dlogits is 0); scale = gloss[n, s]
-    when ``per_pixel``, else gloss[0, 0], divided by denom[0] when ``divide`` ('mean')."""
+def _scale_kernel(dlogits, scale, per_pixel, glogits):
+    """Thread e: glogits.flat[e] = dlogits.flat[e] * scale (0 where dlogits is 0); scale = scale[n, s]
+    when ``per_pixel``, else scale[0, 0]. glogits may be dlogits itself (each thread reads, then writes its own element)."""
     e = cuda.grid(1)
     n_img, n_c, n_s = dlogits.shape
     if e >= n_img * n_c * n_s:
@@ -292,24 +302,18 @@ def _scale_kernel(dlogits, gloss, per_pixel, denom, divide, glogits):
     n, c, s = cc.unravel3(e, n_c, n_s)
     d = dlogits[n, c, s]
     g = dlogits.dtype.type(0)
-    if d != 0:  # ignored pixels stay exactly 0, even when D = 0 makes the scale inf
-        scale = gloss[n, s] if per_pixel else gloss[0, 0]
-        if divide:
-            scale = scale / denom[0]
-        g = d * scale
+    if d != 0:  # ignored pixels stay exactly 0, even when the scale is inf (D = 0) or NaN
+        g = d * (scale[n, s] if per_pixel else scale[0, 0])
     glogits[n, c, s] = g
 
 
-def cross_entropy_backward(dlogits, gloss, reduction, denom):
-    """glogits = dlogits * scale_i, one elementwise pass (a zero of dlogits stays 0)."""
+def cross_entropy_backward(dlogits, gloss, reduction):
+    """glogits = dlogits * gloss_i ('none') or dlogits * gloss, one elementwise pass (a zero of dlogits stays 0)."""
     dlogits = cc.as_input(dlogits)
     per_pixel = reduction == "none"
-    gloss = cc.as_input(gloss, dlogits.dtype).reshape(dlogits.shape[0], dlogits.shape[2]) if per_pixel else (
-        cc.as_input(gloss, dlogits.dtype).reshape(1, 1)
-    )
-    denom = cc.as_input(denom, dlogits.dtype).reshape(1)
+    gloss = cc.as_input(gloss, dlogits.dtype).reshape((dlogits.shape[0], dlogits.shape[2]) if per_pixel else (1, 1))
     glogits = cc.empty(dlogits.shape, dlogits.dtype)
-    _scale_kernel[cc.blocks(dlogits.size, THREADS), THREADS](dlogits, gloss, per_pixel, denom, reduction == "mean", glogits)
+    _scale_kernel[cc.blocks(dlogits.size, THREADS), THREADS](dlogits, gloss, per_pixel, glogits)
     return glogits
 
 
@@ -327,6 +331,6 @@ PTX_SIGNATURES = [
     (_softmax_forward_kernel, _signatures(f"void({_L}, {_L}, boolean)")),
     (_softmax_backward_kernel, _signatures(f"void({_L}, {_L}, {_L}, boolean)")),
     *[(_xent_kernel(c), _signatures(_XENT)) for c in _PTX_CLASSES],
-    (_scale_kernel, _signatures(f"void({_L}, {_P}, boolean, {{t}}[::1], boolean, {_L})")),
+    (_scale_kernel, _signatures(f"void({_L}, {_P}, boolean, {_L})")),
     (cc.sum_splits_kernel, cc.SUM_SPLITS_SIGNATURES),
 ]

@@ -46,16 +46,20 @@ non-ignored pixel::
 
 where q_i = ((1 - eps) w[t_i] onehot(t_i) + (eps/C) w) / A_i is the (weighted,
 smoothed) target distribution. Without weights and smoothing this is the
-familiar p - onehot. The upstream gradient scales it: by gloss_i for 'none',
-gloss for 'sum', gloss / D for 'mean'. Ignored pixels do not enter the loss, so
-their gradient is exactly 0 (even when D = 0 makes 'mean' NaN, as torch).
+familiar p - onehot. The reduction scales it: by 1 for 'none' and 'sum', by 1/D
+for 'mean'; the upstream gradient then by gloss_i ('none') or gloss. Ignored
+pixels do not enter the loss, so their gradient is exactly 0 (even when D = 0
+makes 'mean' NaN, as torch).
 
-The kernel interface follows from this: the unscaled gradient A_i (p_i - q_i)
-needs p, which the forward computes anyway, so the forward writes it (when a
-gradient is wanted) in the same pass over the logits, and the backward is one
-scaling pass. Targets outside [0, C) that are not ``ignore_index`` are counted
-(and treated as ignored, so every gather stays in range): the caller raises on
-a non-zero count, without copying the targets anywhere.
+The kernel interface follows from this: the gradient of the reduced loss,
+A_i (p_i - q_i) (divided by D for 'mean'), needs p, which the forward computes
+anyway, so the forward writes it (when a gradient is wanted) in the same pass
+over the logits -- D depends on the targets alone, so it is known before that
+pass. The backward multiplies by gloss, which is 1 in the usual
+``loss.backward()`` on a reduced loss: a backend may then return the forward's
+array itself and skip the pass. Targets outside [0, C) that are not
+``ignore_index`` are counted (and treated as ignored, so every gather stays in
+range): the caller raises on a non-zero count, without copying the targets anywhere.
 """
 from __future__ import annotations
 
@@ -115,11 +119,12 @@ def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label
     """(loss, dlogits, denom, n_invalid), per the module docstring.
 
     logits (N, C, S), target (N, S) int64, weight (C,) or None. loss: (N, S) for
-    'none', else 0-d. dlogits (N, C, S): the unscaled gradient A_i (p_i - q_i) of
-    loss_i, written out as A_i p - (1-eps) w[t_i] onehot - (eps/C) w, 0 at pixels
-    not kept; None unless ``need_grad``. denom: 0-d float64, D = sum of w[t_i]
-    over the kept pixels. n_invalid: 0-d int64, the number of targets outside
-    [0, C) that are not ignore_index (treated as ignored here; the caller raises).
+    'none', else 0-d. dlogits (N, C, S): the gradient of the reduced loss for
+    gloss = 1, A_i (p_i - q_i) written out as A_i p - (1-eps) w[t_i] onehot -
+    (eps/C) w, divided by D for 'mean'; 0 at pixels not kept; None unless
+    ``need_grad``. denom: 0-d float64, D = sum of w[t_i] over the kept pixels.
+    n_invalid: 0-d int64, the number of targets outside [0, C) that are not
+    ignore_index (treated as ignored here; the caller raises).
     """
     n_classes, eps = logits.shape[1], label_smoothing
     # (x - m) - log sum exp(x - m), not x - lse: lse = m + log(...) would round at m's magnitude
@@ -134,6 +139,9 @@ def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label
         a = (1 - eps) * w_t + (eps / n_classes) * w.sum()
         onehot = np.arange(n_classes)[None, :, None] == t[:, None, :]
         g = a[:, None] * np.exp(logp) - (1 - eps) * w_t[:, None] * onehot - (eps / n_classes) * w[None, :, None]
+        if reduction == "mean":
+            with np.errstate(invalid="ignore", divide="ignore"):  # D = 0: inf/NaN at kept pixels (of weight 0), as torch
+                g = g / denom
         dlogits = np.where(valid[:, None, :], g, 0).astype(logits.dtype)
     if reduction != "none":
         total = loss.sum()
@@ -144,16 +152,13 @@ def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label
     return loss, dlogits, denom, np.asarray(n_invalid)
 
 
-def cross_entropy_backward(dlogits, gloss, reduction, denom):
-    """glogits = dlogits * scale_i: scale_i = gloss_i ('none'), gloss ('sum') or gloss / D ('mean').
+def cross_entropy_backward(dlogits, gloss, reduction):
+    """glogits = dlogits * gloss_i ('none') or dlogits * gloss ('mean' and 'sum': the forward divided by D).
 
-    A zero of dlogits stays exactly 0, whatever the scale: ignored pixels get 0
-    even when 'mean' divides by D = 0 (every pixel ignored, the loss NaN, as torch).
+    A zero of dlogits stays exactly 0, whatever gloss (inf or NaN included): ignored
+    pixels get 0, as torch's.
     """
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if reduction == "none":
-            scale = gloss[:, None, :]
-        else:
-            scale = gloss / denom if reduction == "mean" else gloss
+    scale = gloss[:, None, :] if reduction == "none" else gloss
+    with np.errstate(invalid="ignore"):
         g = np.where(dlogits == 0, 0, dlogits * scale)
     return g.astype(dlogits.dtype)

@@ -20,8 +20,8 @@ def _exp(x, shift, out):
 
 
 @njit
-def _log(a, work):
-    log_inplace(a, work)
+def _log(a):
+    log_inplace(a)
 
 
 def _ulp_error(got, exact, dtype):
@@ -82,7 +82,7 @@ def test_log_matches_numpy_over_every_positive_normal(dtype):
     edges = np.array([1.0, 2.0, 0.5, np.sqrt(2.0), np.sqrt(0.5), np.nextafter(1.0, 2.0), np.nextafter(1.0, 0.0)])
     a = np.concatenate([a.astype(dtype), edges.astype(dtype), [info.tiny, info.max]]).astype(dtype)
     got = a.copy()
-    _log(got, np.empty_like(got))
+    _log(got)
     exact = np.log(a.astype(np.longdouble))
     nonzero = exact != 0
     err = _ulp_error(got[nonzero], exact[nonzero], dtype)

@@ -157,7 +157,7 @@ def _forward_backward(mod, args, gloss=None, seed=0):
     loss, dlogits, denom, n_invalid = mod.cross_entropy_forward(*args, True)
     if gloss is None:
         gloss = np.random.default_rng(seed).standard_normal(np.shape(loss)).astype(args[0].dtype)
-    return loss, dlogits, denom, n_invalid, mod.cross_entropy_backward(dlogits, gloss, args[4], denom)
+    return loss, dlogits, denom, n_invalid, mod.cross_entropy_backward(dlogits, gloss, args[4])
 
 
 @pytest.mark.parametrize("modname", MODULES)
@@ -247,10 +247,11 @@ def test_cross_entropy_of_huge_logits_is_finite(modname, dtype, reduction, label
     assert np.isfinite(np.asarray(loss)).all() and np.isfinite(np.asarray(dlogits)).all() and np.isfinite(np.asarray(g)).all()
     if reduction == "none" and label_smoothing == 0.0:
         assert_close(loss, np.array([[2000.0, 0.0, 0.5 * (2000.0 + np.log(2))]]), 1e-6, 1e-3, name="loss")
-    # p is one-hot, one-hot, (1/2, 1/2, 0) to float precision: dlogits = w_t (p - onehot) without smoothing
+    # p is one-hot, one-hot, (1/2, 1/2, 0) to float precision: dlogits = w_t (p - onehot) without smoothing,
+    # divided by D = w[0] + w[0] + w[2] = 2.5 for 'mean' (dlogits is the gradient of the reduced loss)
     if label_smoothing == 0.0:
         expected = np.array([[[-1.0, 0.0, 0.25], [1.0, 0.0, 0.25], [0.0, 0.0, -0.5]]])
-        assert_close(dlogits, expected, 1e-6, 1e-6, name="dlogits")
+        assert_close(dlogits, expected / (2.5 if reduction == "mean" else 1.0), 1e-6, 1e-6, name="dlogits")
 
 
 @pytest.mark.parametrize("modname", ALL_MODULES)
@@ -268,3 +269,55 @@ def test_every_pixel_ignored(modname, reduction):
         assert (np.asarray(loss) == 0).all()
     assert float(denom) == 0 and int(n_invalid) == 0
     assert (np.asarray(dlogits) == 0).all() and (np.asarray(g) == 0).all()
+
+
+@pytest.mark.parametrize("modname", ALL_MODULES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_cross_entropy_backward_by_gloss_one_is_dlogits(modname, reduction):
+    """gloss = 1 (``loss.backward()``): the gradient is dlogits exactly. cpu returns the array itself for a
+    scalar gloss (no pass), a fresh array otherwise; dlogits is never changed by the backward."""
+    mod = load(modname)
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((2, 4, 9)).astype(np.float32)
+    target = rng.integers(0, 4, (2, 9))
+    target[0, :3] = -100
+    _, dlogits, _, _ = mod.cross_entropy_forward(logits, target, None, -100, reduction, 0.1, True)
+    kept = np.asarray(dlogits).copy()
+    gloss = np.ones((2, 9) if reduction == "none" else (), np.float32)
+    g = mod.cross_entropy_backward(dlogits, gloss, reduction)
+    np.testing.assert_array_equal(np.asarray(g), kept)
+    assert (g is dlogits) == (modname.endswith(".cpu") and reduction != "none")
+    g2 = mod.cross_entropy_backward(dlogits, np.asarray(2 * gloss), reduction)
+    assert g2 is not dlogits
+    np.testing.assert_array_equal(np.asarray(g2), 2 * kept)  # times 2: exact in binary floating point
+    np.testing.assert_array_equal(np.asarray(dlogits), kept)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "cpu", "cuda"])
+def test_functional_cross_entropy_twice_through_a_retained_graph(backend_name):
+    """A backward may hand the forward's gradient array out (cpu, gloss = 1), and its receiver may change
+    it in place (``x.grad += ...``): a second backward through the retained graph must still be right."""
+    import minseg
+    from minseg import backend
+    from minseg.functional import cross_entropy
+
+    if backend_name not in backend.available_backends():
+        pytest.skip(f"backend {backend_name} does not load here")
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    target = minseg.Tensor(rng.integers(0, 3, (2, 4, 5)))
+    _, d_ref, _, _ = REF.cross_entropy_forward(logits.reshape(2, 3, 20), target.numpy().reshape(2, 20), None, -100, "mean", 0.1, True)
+    with backend.using(backend_name):
+        x = minseg.Tensor(logits, requires_grad=True)
+        loss = cross_entropy(x, target, label_smoothing=0.1)
+        ctx = loss._ctx  # CrossEntropyFunction's node ('mean': no reshape after it)
+        one = backend.current().xp.ones((), np.float32)
+        handed = ctx.function.backward(ctx, one)[0]
+        assert_close(handed, d_ref, *tol(np.float32), name="first backward")
+        handed[...] = 123  # the receiver owns what it was handed
+        assert_close(ctx.function.backward(ctx, one)[0], d_ref, *tol(np.float32), name="second backward")
+        # the same through Tensor.backward: x.grad accumulates, even after an in-place change
+        loss.backward(retain_graph=True)
+        x.grad.data[...] = 0
+        loss.backward()
+        assert_close(x.grad.numpy(), d_ref.reshape(logits.shape), *tol(np.float32), name="x.grad")
