@@ -334,8 +334,9 @@ class GradBuffers:
     """
 
     def __init__(self, caller_grad):
-        self.caller_grad = caller_grad  # held: once freed, its id could name a new array, copied for nothing
-        self.handed = {id(caller_grad)}
+        # id -> the array itself: holding them keeps every id unique for the whole walk (a freed
+        # array's id can name a new one, which would then be copied for nothing)
+        self.handed = {id(caller_grad): caller_grad}
 
     def accumulate(self, current, g, dtype):
         """The new ``.grad``: ``current + g``, or ``g`` itself (as a Tensor) when it is safe to keep."""
@@ -346,7 +347,7 @@ class GradBuffers:
         owner = g if g.base is None else g.base
         if not g.flags.writeable or id(g) in self.handed or id(owner) in self.handed:
             g = owner = g.copy()
-        self.handed.update((id(g), id(owner)))
+        self.handed[id(g)], self.handed[id(owner)] = g, owner
         return Tensor(g)
 
 
