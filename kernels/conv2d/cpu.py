@@ -30,7 +30,7 @@ times every one against torch. The defaults are the fastest measured so far (v5)
   Og x Cg*kh*kw x pixels product (see *im2col* below). The GEMM is blocked for
   the caches and registers by BLAS, which is written to run near the FMA peak; the
   price is the copy of x kh*kw times, and the col2im scatter for grad_input.
-* **v3 taps** (default) -- at stride 1, no column matrix at all: each tap
+* **v3 taps** -- at stride 1, no column matrix at all: each tap
   (p, q) is one GEMM on a *shifted view* of a padded band of x (see *Taps*
   below), so x is copied once per band instead of kh*kw times, and grad_input
   is a forward of gy with the flipped kernel (no col2im). Strided
@@ -73,24 +73,27 @@ times every one against torch. The defaults are the fastest measured so far (v5)
   without padding reads x itself as its band (no copy). The tests check in
   the machine code that every FMA is a zmm one and nothing spills.
 
-Measured by ``python -m benchmarks ops --only conv2d`` (fwd+bwd = forward +
-grad_input + grad_weight + grad_bias through ``minseg.functional``; % of peak
-against the FP32 peak the benchmark measures on the same machine)::
+Measured by ``python -m benchmarks ops`` (fwd+bwd = forward + grad_input +
+grad_weight + grad_bias through ``minseg.functional``; % of peak against the
+FP32 peak the benchmark measures on the same machine; ``cpu`` = the defaults, v5)::
 
     case (2026-11-27, 2 cores, Xeon AVX-512,     | ms    | GFLOP/s | % of peak | x torch
-    peak 382 GFLOP/s measured, torch 2.13 oneDNN)|       |         |           |
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v1        | 407.9 |   4.4   |   1.2     | 44.9
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v2        |  22.8 |  79.4   |  20.8     |  2.51
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v3        |  12.4 | 146     |  38.2     |  1.37
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v4        |  23.9 |  76     |  19.9     |  2.62
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v1        | 385.9 |   4.7   |   1.2     | 48.5
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v2        |  15.4 | 117     |  30.8     |  1.94
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v3        |  12.0 | 151     |  39.6     |  1.50
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v4        |  24.4 |  74.4   |  19.5     |  3.06
-    (torch: 9.1 and 8.0 ms, 52-60% of the peak; medians of 10; benchmarks/RESULTS.md)
+    peak 335 GFLOP/s measured, torch 2.13 oneDNN)|       |         |           |
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v1        | 428.7 |   4.2   |   1.3     | 32.4
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v2        |  27.3 |  66.5   |  19.9     |  2.06
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v3        |  14.1 | 128     |  38.3     |  1.07
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v4        |  24.9 |  72.8   |  21.7     |  1.88
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v5        |   9.6 | 189     |  56.5     |  0.72
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v1        | 404.5 |   4.5   |   1.3     | 42.3
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v2        |  16.9 | 107     |  32.1     |  1.77
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v3        |  12.6 | 144     |  42.9     |  1.32
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v4        |  25.7 |  70.6   |  21.1     |  2.69
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v5        |   8.6 | 211     |  63.0     |  0.90
+    (torch: 13.2 and 9.6 ms, 41-57% of the peak; medians of 20; benchmarks/RESULTS.md, which
+    also has every conv layer of the benchmark U-Net: ``ops --layers``)
 
-v3 stays the default: the v4 micro-kernel, vectorised with 256-bit registers,
-is about half as fast as v3's BLAS GEMMs on these shapes.
+v5 is the default: 1.47x faster than v3's BLAS GEMMs on both shapes; v4, the
+same plan left to the auto-vectoriser (256-bit registers), is about half of v3.
 
 The products of v2 and v3 are GEMMs of two kinds.
 
