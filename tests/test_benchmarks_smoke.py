@@ -151,11 +151,16 @@ def test_ops_layers_quick(tmp_path):
 
 
 def test_train_quick(tmp_path):
+    """``train --quick`` on the numpy backend, and (one run: each run measures the machine first) with
+    ``--conv-versions 1`` on the cpu backend: the step also runs with every conv kernel at version 1
+    ('cpu v1'), computing torch's loss, with its own memory (a child process) and kernel-time split."""
+    cpu = importlib.util.find_spec("numba") is not None
     path, png = tmp_path / "train.json", tmp_path / "train.png"
-    stdout = run_bench("train", "--quick", "--repeat", str(REPEAT), "--threads", "1", "--backends", "numpy",
-                       "--no-cache-check", "--json", str(path), "--plot", str(png))
+    extra = ["--backends", "numpy,cpu", "--conv-versions", "1"] if cpu else ["--backends", "numpy"]
+    stdout = run_bench("train", "--quick", "--repeat", str(REPEAT), "--threads", "1", *extra,
+                       "--no-cache-check", "--json", str(path), "--plot", str(png), timeout=600)
     report = json.loads(path.read_text())
-    impls = ["numpy"] + (["torch"] if HAS_TORCH else [])
+    impls = ["numpy"] + (["cpu", "cpu v1"] if cpu else []) + (["torch"] if HAS_TORCH else [])
     (entry,) = report["cases"]
     check_report(report, stdout, [entry["case"]], impls)
     check_plot(png, len(impls))
@@ -183,6 +188,8 @@ def test_train_quick(tmp_path):
     assert model["channels"] == "-".join(str(size["base_channels"] * 2**i) for i in range(size["depth"] + 1))
     # same architecture: equal parameter counts (the torch twin also loaded minseg's state_dict strictly)
     assert len(set(model["params"].values())) == 1 and sorted(model["params"]) == sorted(impls)
+    if cpu:
+        assert "error" not in profile["cpu v1"] and profile["cpu v1"]["kernel_calls"] == profile["cpu"]["kernel_calls"] > 0
 
 
 def test_gpu_mode_without_gpu_exits_cleanly():
@@ -192,21 +199,6 @@ def test_gpu_mode_without_gpu_exits_cleanly():
         pytest.skip("a real GPU is present: this test is for the no-GPU path")
     stdout = run_bench("gpu", "--quick")
     assert stdout.startswith("no GPU")
-
-
-def test_train_quick_at_a_cpu_conv_version(tmp_path):
-    """``train --conv-versions 1``: the step also runs with every conv kernel at version 1 ('cpu v1'),
-    computing torch's loss, with its own memory (a child process) and kernel-time split."""
-    pytest.importorskip("kernels.conv2d.cpu")
-    path = tmp_path / "train.json"
-    stdout = run_bench("train", "--quick", "--repeat", str(REPEAT), "--threads", "1", "--backends", "cpu",
-                       "--conv-versions", "1", "--no-cache-check", "--json", str(path), timeout=600)
-    report = json.loads(path.read_text())
-    impls = ["cpu", "cpu v1"] + (["torch"] if HAS_TORCH else [])
-    (entry,) = report["cases"]
-    check_report(report, stdout, [entry["case"]], impls)
-    profile = report["step_profile"]["cpu v1"]
-    assert "error" not in profile and profile["kernel_calls"] == report["step_profile"]["cpu"]["kernel_calls"] > 0
 
 
 def test_bad_conv_versions_are_refused():
