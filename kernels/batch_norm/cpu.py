@@ -70,6 +70,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from kernels.memory import empty_aligned
+
 __all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_backward"]
 
 CHUNK = 256  # values per statistics chunk (1 KiB of float32): partial sums in the input's dtype
@@ -277,7 +279,7 @@ def batch_norm_backward(gy, xhat, invstd, weight, training, relu_output=None):
     relu_output: the fused forward's y; the gradient then flows only where y > 0.
     """
     c = gy.shape[1]
-    gx, gweight, gbias = np.empty_like(gy), np.empty(c, gy.dtype), np.empty(c, gy.dtype)
+    gx, gweight, gbias = empty_aligned(gy.shape, gy.dtype), np.empty(c, gy.dtype), np.empty(c, gy.dtype)
     mask = None if relu_output is None else _planes(relu_output)
     kernel = _backward_by_channel if c >= numba.get_num_threads() else _backward_by_plane
     kernel(_planes(gy), _planes(xhat), mask, invstd, weight, bool(training), _planes(gx), gweight, gbias)

@@ -183,6 +183,7 @@ from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
 from kernels.conv2d.microkernels import lanes as lanes_of
 from kernels.conv2d.microkernels import tile_dots, tile_product
+from kernels.memory import empty_aligned
 from kernels.shapes import conv_output_size
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
@@ -1152,7 +1153,7 @@ def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, d
 def _forward_vector(x, w, b, out_hw, padding, dilation, groups):
     """Stride 1: y by explicit-vector micro-tiles over padded bands (``_forward_vector_kernel``)."""
     x = np.ascontiguousarray(x)
-    y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
+    y = empty_aligned((x.shape[0], w.shape[0], *out_hw), x.dtype)  # whole-vector rows start on cache lines
     c_out, cg, kh, kw = w.shape
     og = c_out // groups
     ogp = -(-og // MR5) * MR5

@@ -1,0 +1,26 @@
+"""Cache-line-aligned arrays for the CPU kernels' outputs.
+
+NumPy's allocator places an array's first value on a 16-byte boundary. A 64-byte
+vector load (one AVX-512 register) from an address that is not a multiple of 64
+straddles two cache lines and costs two loads. conv2d's grad_weight (cpu v5) reads
+gy -- the output of the batch-norm backward before it -- one 64-byte vector at a
+time from the start of each row, so when gy starts on a cache line (and a row is a
+whole number of vectors), every one of those loads is whole.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CACHE_LINE = 64
+
+
+def empty_aligned(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array of ``shape`` whose first value sits on a cache-line boundary.
+
+    It is a view of a slightly larger byte buffer (``.base``), like any array cut from another.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + CACHE_LINE, np.uint8)
+    start = -raw.ctypes.data % CACHE_LINE
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
