@@ -17,10 +17,13 @@ CACHE_LINE = 64
 def empty_aligned(shape, dtype) -> np.ndarray:
     """An uninitialised C-contiguous array of ``shape`` whose first value sits on a cache-line boundary.
 
-    It is a view of a slightly larger byte buffer (``.base``), like any array cut from another.
+    It is a view of a slightly larger byte buffer (``.base``), like any array cut from another. An
+    empty array has no first value: it is a plain ``np.empty`` (NumPy may point it anywhere).
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
     raw = np.empty(nbytes + CACHE_LINE, np.uint8)
     start = -raw.ctypes.data % CACHE_LINE
     return raw[start : start + nbytes].view(dtype).reshape(shape)
