@@ -181,8 +181,8 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
+from kernels.conv2d.microkernels import VECTOR_BYTES, tile_dots, tile_product
 from kernels.conv2d.microkernels import lanes as lanes_of
-from kernels.conv2d.microkernels import tile_dots, tile_product
 from kernels.memory import empty_aligned
 from kernels.shapes import conv_output_size
 
@@ -354,6 +354,15 @@ def _pad_band(x, xb, r0, rows, pl, wq):
     xb[c_in * rows * wq :] = 0
 
 
+@njit(cache=True, inline="always")
+def _taps_item(item, bands, step, ho, kh, dh):
+    """Work item ``item`` of the stride-1 kernels: (image, first output row i0, rows in the band,
+    padded input rows it reads = rows + (kh-1)*dh); bands of ``step`` rows, the last one ragged."""
+    i, i0 = item // bands, item % bands * step
+    rows = min(i0 + step, ho) - i0
+    return i, i0, rows, rows + (kh - 1) * dh
+
+
 @njit(parallel=True, cache=True)
 def _forward_taps_kernel(x, wt, b, y, ws, step, kh, kw, pt, pl, dh, dw, groups):
     """Stride 1: y[i, g][:, band] = sum over taps (p, q) of wt[p, q, g] @ (shifted band of padded x[i])[g] (+ b).
@@ -375,9 +384,7 @@ def _forward_taps_kernel(x, wt, b, y, ws, step, kh, kw, pt, pl, dh, dw, groups):
         xb, yw = ws[t, :xb_size], ws[t, xb_size:]
         lo, hi = _share(t, nt, n * bands)
         for item in range(lo, hi):
-            i, i0 = item // bands, item % bands * step
-            rows = min(i0 + step, ho) - i0
-            r_all = rows + (kh - 1) * dh
+            i, i0, rows, r_all = _taps_item(item, bands, step, ho, kh, dh)
             npix = rows * wq
             _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw], i0 - pt, r_all, pl, wq)
             for p in range(kh):
@@ -413,9 +420,7 @@ def _grad_weight_taps_kernel(x, gy, part, ws, step, kh, kw, pt, pl, dh, dw, grou
         xb, gyw = ws[t, :xb_size], ws[t, xb_size:]
         lo, hi = _share(t, nt, n * bands)
         for item in range(lo, hi):
-            i, i0 = item // bands, item % bands * step
-            rows = min(i0 + step, ho) - i0
-            r_all = rows + (kh - 1) * dh
+            i, i0, rows, r_all = _taps_item(item, bands, step, ho, kh, dh)
             npix = rows * wq
             _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw], i0 - pt, r_all, pl, wq)
             _pad_band(gy[i], gyw[: c_out * npix], i0, rows, 0, wq)
@@ -855,9 +860,7 @@ def _forward_tiles_kernel(x, wp, b, y, ws, step, kh, kw, pt, pl, dh, dw, groups)
         xb, tile = ws[t, :xb_size], ws[t, xb_size : xb_size + MR * NR].reshape((MR, NR))
         lo, hi = _share(t, nt, n * bands)
         for item in range(lo, hi):
-            i, i0 = item // bands, item % bands * step
-            rows = min(i0 + step, ho) - i0
-            r_all = rows + (kh - 1) * dh
+            i, i0, rows, r_all = _taps_item(item, bands, step, ho, kh, dh)
             npix = rows * wq
             _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw + NR], i0 - pt, r_all, pl, wq)
             for g in range(groups):
@@ -979,9 +982,7 @@ def _grad_weight_tiles_kernel(x, gy, part, ws, step, kh, kw, pt, pl, dh, dw, gro
         tile = ws[t, xb_size + gy_size : xb_size + gy_size + MW * KT].reshape((MW, KT))
         lo, hi = _share(t, nt, n * bands)
         for item in range(lo, hi):
-            i, i0 = item // bands, item % bands * step
-            rows = min(i0 + step, ho) - i0
-            r_all = rows + (kh - 1) * dh
+            i, i0, rows, r_all = _taps_item(item, bands, step, ho, kh, dh)
             npix = rows * wq
             _pad_band(x[i], xb[: c_in * r_all * wq + (kw - 1) * dw], i0 - pt, r_all, pl, wq)
             _pad_band(gy[i], gyw[: c_out * npix], i0, rows, 0, wq)
@@ -1110,7 +1111,7 @@ def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, d
     c_out, ho, wo = y.shape[1], y.shape[2], y.shape[3]
     og, cg = c_out // groups, c_in // groups
     ogp, kk = wp.shape[2], wp.shape[1]
-    lanes = 64 // x.itemsize
+    lanes = VECTOR_BYTES // x.itemsize
     wq = wo + (kw - 1) * dw
     npad_max = -(-step * wq // lanes) * lanes
     xb_size = c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + lanes
@@ -1122,9 +1123,7 @@ def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, d
         offs, xoffs, yoffs = tables[t, 0, :kk], tables[t, 1], tables[t, 2]
         lo, hi = _share(t, nt, n * bands)
         for item in range(lo, hi):
-            i, i0 = item // bands, item % bands * step
-            rows = min(i0 + step, ho) - i0
-            r_all = rows + (kh - 1) * dh
+            i, i0, rows, r_all = _taps_item(item, bands, step, ho, kh, dh)
             npad = -(-rows * wq // lanes) * lanes
             if direct:
                 _tap_offsets(offs, cg, 1, 1, ho * wo, 0, 0)
@@ -1196,7 +1195,7 @@ def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, 
     c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
     og, cg = c_out // groups, c_in // groups
     ogp, kp = part.shape[2], part.shape[3]
-    lanes = 64 // x.itemsize
+    lanes = VECTOR_BYTES // x.itemsize
     wq = wo + (kw - 1) * dw
     npad_max = -(-step * wq // lanes) * lanes
     xb_size = fold * c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + lanes
@@ -1207,10 +1206,9 @@ def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, 
         offs, xoffs, gyoffs = tables[t, 0, :kp], tables[t, 1], tables[t, 2]
         lo, hi = _share(t, nt, runs * bands)
         for item in range(lo, hi):
-            i, i0 = item // bands * fold, item % bands * step
+            run, i0, rows, r_all = _taps_item(item, bands, step, ho, kh, dh)
+            i = run * fold
             images = min(fold, n - i)
-            rows = min(i0 + step, ho) - i0
-            r_all = rows + (kh - 1) * dh
             npad = -(-rows * wq // lanes) * lanes
             if direct:
                 image = c_in * ho * wo  # from one image's rows to the next one's, in x
