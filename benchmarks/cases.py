@@ -267,12 +267,19 @@ OP_SIZES = {
 }
 
 
-def op_specs(size: str = "full", seed: int = 0) -> list[OpSpec]:
-    """The op cases of issue 4 at ``size`` ('full', 'quick' or 'gpu'), with fixed random inputs."""
-    rng = np.random.default_rng(seed)
+def _normal_sampler(rng):
+    """normal(*shape, scale=1.0): float32 standard normal draws (times scale) from ``rng``, in call order."""
 
     def normal(*shape, scale=1.0):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    return normal
+
+
+def op_specs(size: str = "full", seed: int = 0) -> list[OpSpec]:
+    """The op cases of issue 4 at ``size`` ('full', 'quick' or 'gpu'), with fixed random inputs."""
+    rng = np.random.default_rng(seed)
+    normal = _normal_sampler(rng)
 
     sizes = OP_SIZES[size]
     specs = []
@@ -307,9 +314,7 @@ def layer_specs(size: str = "full", seed: int = 0) -> list[OpSpec]:
     """Every conv layer of the benchmark U-Net as the training step runs it: forward + the gradients
     it needs (the first layer's input is the image: no grad_input). ``ops --layers``."""
     rng = np.random.default_rng(seed)
-
-    def normal(*shape, scale=1.0):
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
+    normal = _normal_sampler(rng)
 
     specs = []
     for layer, (n, c, h, w, co, k) in enumerate(unet_conv_layers(size), 1):

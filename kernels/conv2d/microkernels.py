@@ -18,18 +18,22 @@ there is no memory to spill them to unless registers run out) and lowers every
 ``llvm.fma`` to one ``vfmadd`` on a zmm register. On a CPU without AVX-512 the
 same IR is split into 256- or 128-bit halves: slower, equally correct.
 
-Both read their operands through a table of offsets, ``offs``: row k of the
-(implicit) K x pixels matrix B starts at ``x[offs[k]]``. For a convolution at
+Both read their operands through tables of offsets. ``offs``: row k of the
+(implicit) K x pixels matrix B starts at ``x[offs[k]]``; for a convolution at
 stride 1, row k = (c, p, q) of B is the padded input band shifted to tap (p, q)
 of channel c (see ``cpu.py``, *Taps*), so B is read in place: no im2col copy.
+``xoffs`` / ``yoffs`` (``gyoffs``): where each vector of pixels of a block starts
+in B's rows and in the output (or gy), so a block can span image rows.
 
 * ``tile_product`` (forward, and grad_input as a forward): the block
-  ``y[a*ldy + m] = sum_k w[k*ldw + a] * x[offs[k] + m]`` for a < MR channels and
-  m < NV*LANES pixels; the weights are a packed panel (K rows of MR or more).
-* ``tile_dots`` (grad_weight): the block ``out[a*ldo + t] += sum_m gy[a*ldg + m]
-  * x[offs[t] + m]`` for a < MW channels and t < KT weights: MW*KT dot products
-  over the pixels, each accumulated in a vector and summed across its lanes at the
-  end (a fixed tree of adds: the result does not depend on anything but the data).
+  ``y[a*ldy + yoffs[v] + l] = bias[a] + sum_k w[k*ldw + a] * x[offs[k] + xoffs[v] + l]``
+  for a < MR channels, v < NV vectors, l < lanes; the weights are a packed panel
+  (K rows of MR or more).
+* ``tile_dots`` (grad_weight): the block ``out[a*ldo + t] += sum_{v, l}
+  gy[a*ldg + gyoffs[v] + l] * x[offs[t] + xoffs[v] + l]`` for a < MW channels and
+  t < KT weights: MW*KT dot products over the pixels, each accumulated in a vector
+  and summed across its lanes at the end (a fixed tree of adds: the result does
+  not depend on anything but the data).
 
 Every call names its block shape (MR, NV or MW, KT) as compile-time constants, so
 the loops over it are unrolled into straight-line code.
