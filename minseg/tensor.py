@@ -13,6 +13,8 @@ that was broadcast along an axis is the sum over that axis.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from . import backend
@@ -128,7 +130,12 @@ class Tensor(Node):
             for inp, ig in zip(ctx.inputs, input_grads):
                 if inp is not None and ig is not None and inp.requires_grad:
                     prev = grads.get(id(inp))
-                    grads[id(inp)] = ig if prev is None else prev + ig  # a node used twice sums
+                    if prev is None:
+                        grads[id(inp)] = ig
+                    elif prev.dtype == ig.dtype and _private(prev):
+                        prev += ig  # a node used twice sums; into prev, which no one else can see
+                    else:
+                        grads[id(inp)] = prev + ig
             if not retain_graph:
                 ctx.free()
 
@@ -317,6 +324,47 @@ def _call_backward(ctx, g) -> tuple:
                 f"for an input of shape {inp.shape}"
             )
     return input_grads
+
+
+def _held_by_dict_and_local() -> int:
+    """What ``_private`` counts for an array held by one dict value and one local variable, as the
+    walk holds a partial gradient: measured, not assumed (interpreters count references on the
+    stack and in frames differently)."""
+    grads = {0: np.empty(1)}
+    prev = grads.get(0)
+    return _references(prev)
+
+
+def _references(a) -> int:
+    return sys.getrefcount(a)
+
+
+def _held_by_one_array() -> int:
+    """``sys.getrefcount`` of a view's base held by that one view and one local variable."""
+    view = np.empty(2)[1:]
+    base = view.base
+    return sys.getrefcount(base)
+
+
+_PRIVATE_REFS, _PRIVATE_BASE_REFS = _held_by_dict_and_local(), _held_by_one_array()
+
+
+def _private(a) -> bool:
+    """Optimisation, not math: may the walk add into ``a``, a partial gradient it holds, in place?
+
+    The lesson needs only ``prev + ig``. But that writes a fresh array, a pass over new memory, and
+    in U-Net every skip tensor's gradient is such a sum (max-pool's and cat's gradients). Adding
+    into ``prev`` is safe when no one else can see it: it is a writeable NumPy array that only the
+    walk's ``grads`` holds (its reference count is the walk's own), and it owns its memory or is the
+    one view of a buffer no one else holds (``kernels/memory.py`` hands out such views). A gradient
+    a Function also gave another input (``Add``), kept in a ``.grad``, or the caller's ``grad`` has
+    more references, and is summed into a fresh array as before. NumPy elides temporaries by the
+    same test.
+    """
+    if type(a) is not np.ndarray or sys.getrefcount(a) > _PRIVATE_REFS or not a.flags.writeable:
+        return False
+    base = a.base
+    return base is None or (type(base) is np.ndarray and base.base is None and sys.getrefcount(base) <= _PRIVATE_BASE_REFS)
 
 
 class GradBuffers:

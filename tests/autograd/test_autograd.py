@@ -66,6 +66,103 @@ def test_grad_buffer_is_owned_not_aliased():
     np.testing.assert_allclose(b.grad.numpy(), [1.0])
 
 
+class _Handing(minseg.autograd.Function):
+    """y = x; its backward hands out ``ctx.grad_of_x(g)``: an array the test chooses, as a Function may."""
+
+    @staticmethod
+    def forward(ctx, x, make):
+        ctx.make = make
+        return x.copy()
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.make(g), None
+
+
+def _two_uses(first_use, second_use=lambda g: g * 5.0):
+    """x used twice; backward of sum(y) with y = first_use-path + second_use-path. Returns x."""
+    x = t64([1.0, 2.0, 3.0])
+    y = _Handing.apply(x, first_use) * 1.0 + _Handing.apply(x, second_use) * 1.0
+    y.sum().backward()
+    return x
+
+
+def test_a_node_used_twice_sums_into_a_private_gradient_in_place():
+    # Both uses of x hand back a fresh array that only the walk holds: one is added into the
+    # other (x.grad is one of them, no third array), and the sum is exact. Arrays a Function
+    # returns come from NumPy (base None) or from kernels/memory.py (the one view of a buffer).
+    import weakref
+
+    from kernels.memory import empty_aligned
+
+    def aligned(g, factor):
+        a = empty_aligned(g.shape, g.dtype)
+        a[...] = g * factor
+        return a
+
+    for make in (lambda g, factor: g * factor, aligned):
+        handed = []
+
+        def tracked(factor, make=make):
+            def backward(g):
+                a = make(g, factor)
+                handed.append(weakref.ref(a))
+                return a
+            return backward
+
+        x = _two_uses(tracked(2.0), tracked(5.0))
+        np.testing.assert_array_equal(x.grad.numpy(), [7.0, 7.0, 7.0])
+        assert any(x.grad.data is ref() for ref in handed)
+
+
+def test_in_place_sum_is_an_optimisation_the_result_cannot_see():
+    # Whatever else holds a partial gradient -- the test's own reference, an array another
+    # gradient is a view of, the caller's grad, a retained .grad -- is never written: the sum
+    # goes to a fresh array, and every held array keeps its values.
+    kept = []
+
+    def keep(g):
+        a = g * 2.0
+        kept.append(a)
+        return a
+
+    def view_of_shared(g):
+        shared = np.concatenate([g * 3.0, g * 3.0])
+        kept.append(shared)
+        return shared[: g.size]
+
+    for first_use in (keep, view_of_shared, lambda g: g):  # the last hands back the caller's array
+        kept.clear()
+        x = t64([1.0, 2.0])
+        y = _Handing.apply(x, first_use) + _Handing.apply(x, lambda g: g * 5.0)
+        y.retain_grad()
+        caller = np.ones(2)
+        y.backward(caller)
+        factor = {keep: 2.0, view_of_shared: 3.0}.get(first_use, 1.0)
+        np.testing.assert_array_equal(x.grad.numpy(), [factor + 5.0] * 2)
+        np.testing.assert_array_equal(caller, [1.0, 1.0])
+        np.testing.assert_array_equal(y.grad.numpy(), [1.0, 1.0])
+        for a in kept:
+            np.testing.assert_array_equal(a, np.full(a.shape, factor))
+
+
+def test_in_place_sum_leaves_a_shared_buffer_alone():
+    # A view of a buffer that another array also views is not private: adding into it would
+    # change the other view, so the sum goes to a fresh array.
+    other = []
+
+    def two_views(g):
+        buf = np.zeros(2 * g.size)
+        other.append(buf[: g.size])
+        view = buf[: g.size]
+        view[...] = g * 2.0
+        return view
+
+    x = _two_uses(two_views)
+    np.testing.assert_array_equal(x.grad.numpy(), [7.0, 7.0, 7.0])
+    np.testing.assert_array_equal(other[0], [2.0, 2.0, 2.0])
+
+
 def test_backward_twice_through_freed_graph_raises():
     x = t64([1.0, 2.0])
     y = (x.exp() * x).sum()
