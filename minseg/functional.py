@@ -47,11 +47,22 @@ def _ndim(x: Tensor, ndim: int, name: str, layout: str):
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {x.shape}")
 
 
+def _is_int(value) -> bool:
+    """An integer (Python or NumPy): ``numbers.Integral``, with the common case first (an ABC check
+    costs far more than a type test, and this runs for the arguments of every op of every step)."""
+    return type(value) is int or isinstance(value, numbers.Integral)
+
+
+def _is_real(value) -> bool:
+    """A real number (``numbers.Real``), Python's float and int tested first (see ``_is_int``)."""
+    return type(value) is float or type(value) is int or isinstance(value, numbers.Real)
+
+
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a 2-tuple."""
-    if isinstance(value, numbers.Integral):
+    if _is_int(value):
         pair = (int(value), int(value))
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, numbers.Integral) for v in value):
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
         pair = (int(value[0]), int(value[1]))
     else:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -101,7 +112,7 @@ def _conv_operands(input, weight, bias, groups, weight_layout):
     if bias is not None:
         bias = _float_tensor(bias, "bias")
         _same_dtype(bias, x, "bias")
-    if not isinstance(groups, numbers.Integral) or groups < 1:
+    if not _is_int(groups) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     return x, w, bias
 
@@ -583,9 +594,12 @@ class BatchNormFunction(Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, training, relu=False):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, training, relu=False):
         ctx.kernels, ctx.training = backend.current(), training
-        y, xhat, invstd = ctx.kernels.batch_norm_forward(x, mean, var, weight, bias, eps, relu)
+        if training:  # the batch's statistics, which also update the running ones (one kernel call)
+            y, xhat, invstd = ctx.kernels.batch_norm_training(x, weight, bias, running_mean, running_var, momentum, eps, relu)
+        else:
+            y, xhat, invstd = ctx.kernels.batch_norm_forward(x, running_mean, running_var, weight, bias, eps, relu)
         ctx.save_for_backward(xhat, invstd, weight, y if relu else None)
         return y
 
@@ -632,33 +646,20 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 raise ValueError(f"{name} must have shape ({c},) for input with {c} channels, got {t.shape}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{op} in eval mode (training=False) needs running_mean and running_var")
-    if not (isinstance(eps, numbers.Real) and eps > 0):
+    if not (_is_real(eps) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
-    if not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
+    if not (_is_real(momentum) and 0 <= momentum <= 1):
         raise ValueError(f"momentum must be a number in [0, 1] (the cumulative average, momentum=None, is not supported), got {momentum!r}")
-    kernels = backend.current()
-    xa = _contiguous(x.data)
-    if training:
-        count = x.numel() // c
-        if count <= 1:
-            raise ValueError(f"{op} in training mode needs more than 1 value per channel, got input shape {x.shape}")
-        mean, var = kernels.batch_norm_stats(xa)
-        if running_mean is not None:
-            m = float(momentum)
-            running_mean.data *= 1 - m
-            running_mean.data += m * mean
-        if running_var is not None:
-            m = float(momentum)
-            running_var.data *= 1 - m
-            running_var.data += (m * count / (count - 1)) * var
-    else:
-        mean, var = _contiguous(running_mean.data), _contiguous(running_var.data)
+    if training and x.numel() // c <= 1:
+        raise ValueError(f"{op} in training mode needs more than 1 value per channel, got input shape {x.shape}")
     return BatchNormFunction.apply(
         _contig_tensor(x),
         weight,
         bias,
-        mean=mean,
-        var=var,
+        # the running statistics are updated in place in training (their own arrays), read in eval
+        running_mean=None if running_mean is None else running_mean.data if training else _contiguous(running_mean.data),
+        running_var=None if running_var is None else running_var.data if training else _contiguous(running_var.data),
+        momentum=float(momentum),
         eps=float(eps),
         training=bool(training),
         relu=relu,

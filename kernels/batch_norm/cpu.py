@@ -72,7 +72,7 @@ from numba import njit, prange
 
 from kernels.memory import empty_aligned
 
-__all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_backward"]
+__all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_training", "batch_norm_backward"]
 
 CHUNK = 256  # values per statistics chunk (1 KiB of float32): partial sums in the input's dtype
 
@@ -182,6 +182,28 @@ def _forward_kernel(x, mean, var, weight, bias, eps, relu, y, xhat, invstd):
 
 
 @njit(cache=True)
+def _update_running(running, batch, keep, weight):
+    """running = keep running + weight batch, in running's dtype: the reference's in-place
+    ``*=`` and ``+=`` (each rounds to that dtype), the same numbers."""
+    if running is not None:
+        keep, weight = running.dtype.type(keep), running.dtype.type(weight)
+        for ch in range(running.shape[0]):
+            running[ch] = running[ch] * keep + weight * batch[ch]
+
+
+@njit(cache=True)  # the two kernels it calls run their own parallel loops
+def _training_kernel(x, chunk, weight, bias, running_mean, running_var, momentum, eps, relu, mean, var, y, xhat, invstd):
+    """The statistics, the running-statistic update and the forward of a training step in one
+    call from Python: every call from Python costs microseconds of dispatch, and it runs for
+    every batch-norm layer of every step."""
+    _stats_kernel(x, chunk, mean, var)
+    count = x.shape[0] * x.shape[2]
+    _update_running(running_mean, mean, 1.0 - momentum, momentum)
+    _update_running(running_var, var, 1.0 - momentum, momentum * count / (count - 1))
+    _forward_kernel(x, mean, var, weight, bias, eps, relu, y, xhat, invstd)
+
+
+@njit(cache=True)
 def _gradient(gy, relu_output, i, ch, k):
     """gy at (i, ch, k), or 0 where the fused ReLU's output is not > 0 (Numba drops the test when relu_output is None)."""
     if relu_output is None:
@@ -270,6 +292,17 @@ def batch_norm_forward(x, mean, var, weight, bias, eps, relu=False):
     """(y, xhat, invstd) with invstd = 1/sqrt(var + eps); relu=True fuses y = max(y, 0)."""
     y, xhat, invstd = np.empty_like(x), np.empty_like(x), np.empty(x.shape[1], x.dtype)
     _forward_kernel(_planes(x), mean, var, weight, bias, float(eps), bool(relu), _planes(y), _planes(xhat), invstd)
+    return y, xhat, invstd
+
+
+def batch_norm_training(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
+    """(y, xhat, invstd) normalised with the batch's statistics, which also update the running ones
+    in place (either may be None): ``batch_norm_stats``, the update and ``batch_norm_forward`` in one Numba call."""
+    c = x.shape[1]
+    mean, var, invstd = np.empty(c, x.dtype), np.empty(c, x.dtype), np.empty(c, x.dtype)
+    y, xhat = np.empty_like(x), np.empty_like(x)
+    _training_kernel(_planes(x), CHUNK, weight, bias, running_mean, running_var, float(momentum), float(eps), bool(relu),
+                     mean, var, _planes(y), _planes(xhat), invstd)
     return y, xhat, invstd
 
 

@@ -42,7 +42,7 @@ from numba import cuda, float64
 
 from kernels import cuda_common as cc
 
-__all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_backward"]
+__all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_training", "batch_norm_backward"]
 
 THREADS = 128  # block size of the elementwise kernels
 # Module-level ints are compile-time constants to Numba (an attribute of another module is not).
@@ -94,8 +94,9 @@ def _stats_partials_kernel(x, split_len, partials):
 
 
 @cuda.jit
-def _stats_merge_kernel(partials, mean, var):
-    """Block c: Chan-merge the splits of channel c in a fixed order; mean[c], var[c] = M2 / count."""
+def _stats_merge_kernel(partials, keep, mean_weight, var_weight, running_mean, has_mean, running_var, has_var, mean, var):
+    """Block c: Chan-merge the splits of channel c in a fixed order; mean[c], var[c] = M2 / count;
+    then (training) running = keep running + weight stat, rounded as the reference's ``*=``, ``+=``."""
     slots = cuda.shared.array(_MERGE_SLOTS, dtype=float64)
     c = cuda.blockIdx.x
     count = float64(0)
@@ -107,10 +108,16 @@ def _stats_merge_kernel(partials, mean, var):
     if cuda.threadIdx.x == 0:
         mean[c] = mu
         var[c] = m2 / count
+        t = mean.dtype.type
+        if has_mean:
+            running_mean[c] = running_mean[c] * t(keep) + t(mean_weight) * mean[c]
+        if has_var:
+            running_var[c] = running_var[c] * t(keep) + t(var_weight) * var[c]
 
 
-def batch_norm_stats(x):
-    """(mean, var) per channel (biased var): one read of x in channels x splits blocks, then a merge pass."""
+def _stats(x, running_mean, running_var, momentum):
+    """(mean, var) per channel (biased var): one read of x in channels x splits blocks, then a merge
+    pass, which also updates the running statistics given (momentum, unbiased variance)."""
     x = cc.as_input(x)
     xs = _ncs(x)
     n, c, s = xs.shape
@@ -120,8 +127,38 @@ def batch_norm_stats(x):
     _stats_partials_kernel[(c, n_splits), threads](xs, cc.split_range(n * s, n_splits), partials)
     mean = cc.empty((c,), x.dtype)
     var = cc.empty((c,), x.dtype)
-    _stats_merge_kernel[c, cc.WARP](partials, mean, var)
+    count = n * s
+    unbias = count / (count - 1) if count > 1 else 1.0
+    _stats_merge_kernel[c, cc.WARP](
+        partials, 1.0 - momentum, momentum, momentum * unbias,
+        *_running(running_mean, x), *_running(running_var, x), mean, var,
+    )
     return mean, var
+
+
+def _running(a, like):
+    """(array, present) for a running statistic the merge kernel updates in place: the array itself
+    (a converted copy would take the update and drop it), or a 1-element dummy for None."""
+    if a is None:
+        return cc.zeros((1,), like.dtype), False
+    if type(a) is not type(like) or a.dtype != like.dtype or not a.flags.c_contiguous:
+        raise TypeError(
+            f"a running statistic must be a contiguous {type(like).__name__} of the input's dtype {like.dtype} "
+            f"(it is updated in place), got a {type(a).__name__} of {a.dtype}"
+        )
+    return a, True
+
+
+def batch_norm_stats(x):
+    """(mean, var) per channel (biased var): one read of x in channels x splits blocks, then a merge pass."""
+    return _stats(x, None, None, 0.0)
+
+
+def batch_norm_training(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
+    """(y, xhat, invstd) normalised with the batch's statistics; the statistics' merge kernel also
+    updates the running ones in place (either may be None): no separate launches for the update."""
+    mean, var = _stats(x, running_mean, running_var, float(momentum))
+    return batch_norm_forward(x, mean, var, weight, bias, eps, relu)
 
 
 @cuda.jit
@@ -215,7 +252,10 @@ def _signatures(template):
 
 PTX_SIGNATURES = [
     (_stats_partials_kernel, _signatures("void({A}, int64, float64[:, :, ::1])")),
-    (_stats_merge_kernel, _signatures("void(float64[:, :, ::1], {t}[::1], {t}[::1])")),
+    (
+        _stats_merge_kernel,
+        _signatures("void(float64[:, :, ::1], float64, float64, float64, {t}[::1], boolean, {t}[::1], boolean, {t}[::1], {t}[::1])"),
+    ),
     (_invstd_kernel, _signatures("void({t}[::1], float64, {t}[::1])")),
     (
         _forward_kernel,

@@ -46,6 +46,16 @@ above on the masked gradient::
 
 The output is kept alive anyway (it is the next layer's input), so the mask
 costs no extra memory.
+
+Running statistics (training, ``batch_norm_training``): with momentum m, after
+each batch, in place::
+
+    running_mean <- (1 - m) running_mean + m mean
+    running_var  <- (1 - m) running_var  + m M/(M - 1) var
+
+The running variance is the unbiased estimate (M/(M - 1) times the biased
+batch variance), as torch's; evaluation normalises with these. They are
+constants to autograd: no gradient flows through them.
 """
 from __future__ import annotations
 
@@ -53,7 +63,7 @@ import numpy as np
 
 from kernels.relu.reference import relu_backward, relu_forward
 
-__all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_backward"]
+__all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_training", "batch_norm_backward"]
 
 
 def _axes(x):
@@ -85,6 +95,31 @@ def batch_norm_forward(x, mean, var, weight, bias, eps, relu=False):
     if bias is not None:
         y += _per_channel(bias, x.ndim)
     return (relu_forward(y) if relu else y), xhat, invstd
+
+
+def update_running_stats(running_mean, running_var, mean, var, momentum, count):
+    """The running-statistic update of the module docstring, in place; either array may be None.
+
+    ``count`` = M, the values per channel the batch statistics came from.
+    """
+    if running_mean is not None:
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+    if running_var is not None:
+        running_var *= 1 - momentum
+        running_var += (momentum * count / (count - 1)) * var
+
+
+def batch_norm_training(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
+    """(y, xhat, invstd) of the training-mode forward: the batch's statistics normalise x, and
+    update the running statistics in place (either may be None); ``batch_norm_forward`` otherwise.
+
+    One call for what a training step does per layer: the backends fuse the three steps
+    (statistics, update, normalisation) so that a step pays one call, not three.
+    """
+    mean, var = batch_norm_stats(x)
+    update_running_stats(running_mean, running_var, mean, var, momentum, x.size // x.shape[1])
+    return batch_norm_forward(x, mean, var, weight, bias, eps, relu)
 
 
 def batch_norm_backward(gy, xhat, invstd, weight, training, relu_output=None):

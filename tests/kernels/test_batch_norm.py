@@ -4,7 +4,7 @@ Shapes stay under ~1000 elements so CUDA kernels run quickly under the simulator
 """
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from tests.helpers import assert_close, kernel_modules, load, reference, tol
@@ -60,6 +60,39 @@ def test_batchnorm_matches_reference(modname, case, dtype, affine, training, eps
     for name, a, b in zip(("gx", "gweight", "gbias"), grads, REF.batch_norm_backward(gy, xhat, invstd, weight, training)):
         assert_close(a, b, rtol, atol, name=name)
         assert np.asarray(a).dtype == dtype
+
+
+@pytest.mark.parametrize("modname", ALL_MODULES)
+@given(
+    case=bn_cases(), dtype=dtypes, affine=st.booleans(), relu=st.booleans(),
+    running=st.sampled_from(["both", "mean", "var", "none"]), momentum=st.sampled_from([0.0, 0.1, 1.0]),
+)
+def test_training_call_is_the_statistics_their_running_update_and_the_forward(modname, case, dtype, affine, relu, running, momentum):
+    # batch_norm_training, one call per layer of a training step, must be exactly batch_norm_stats,
+    # then batch_norm_forward with those statistics, and update the running statistics in place:
+    #   running_mean <- (1 - m) running_mean + m mean,  running_var <- (1 - m) running_var + m M/(M-1) var
+    mod = load(modname)
+    shape, seed = case
+    count = int(np.prod(shape)) // shape[1]
+    assume(count > 1)  # functional.py rejects training with one value per channel before any kernel
+    x, weight, bias, _ = _data(shape, seed, dtype, affine)
+    rng = np.random.default_rng(seed + 1)
+    old_mean = rng.standard_normal(shape[1]).astype(dtype)
+    old_var = rng.uniform(0.5, 2.0, shape[1]).astype(dtype)
+    running_mean = old_mean.copy() if running in ("both", "mean") else None
+    running_var = old_var.copy() if running in ("both", "var") else None
+    out = mod.batch_norm_training(x, weight, bias, running_mean, running_var, momentum, 1e-5, relu)
+    mean, var = mod.batch_norm_stats(x)
+    expected = mod.batch_norm_forward(x, mean, var, weight, bias, 1e-5, relu)
+    for name, a, b in zip(("y", "xhat", "invstd"), out, expected):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+        assert np.asarray(a).dtype == dtype
+    rtol, atol = tol(dtype)  # one to three roundings in the array's dtype (a fused multiply-add on a GPU)
+    mean, var = np.asarray(mean).astype(np.float64), np.asarray(var).astype(np.float64)
+    if running_mean is not None:
+        assert_close(running_mean, (1 - momentum) * old_mean + momentum * mean, rtol, atol, name="running_mean")
+    if running_var is not None:
+        assert_close(running_var, (1 - momentum) * old_var + momentum * count / (count - 1) * var, rtol, atol, name="running_var")
 
 
 @pytest.mark.parametrize("modname", ALL_MODULES)
