@@ -143,7 +143,7 @@ def convert_sync_batchnorm(module):
             object.__setattr__(sync, "comm", None)
             return sync
         for name, child in list(m._modules.items()):
-            m._modules[name] = convert(child)
+            setattr(m, name, convert(child))
         return m
 
     return convert(module)

@@ -47,10 +47,17 @@ class Module:
             self._modules[name] = value
         elif name in self.__dict__.get("_buffer_names", ()):
             self._buffers[name] = value
-        else:
-            object.__setattr__(self, name, value)
+        # The registries say what is a parameter, a buffer or a child; every attribute also lives in
+        # the instance __dict__, where Python's plain lookup finds it (a forward reads dozens per step,
+        # and __getattr__ would run for each).
+        object.__setattr__(self, name, value)
 
-    def __getattr__(self, name):
+    def __delattr__(self, name):
+        for registry in (self._parameters, self._buffers, self._modules):
+            registry.pop(name, None)
+        object.__delattr__(self, name)
+
+    def __getattr__(self, name):  # only for what is not in __dict__: a registry entry written directly
         for registry in ("_parameters", "_buffers", "_modules"):
             d = self.__dict__.get(registry)
             if d is not None and name in d:
@@ -60,7 +67,7 @@ class Module:
     def register_buffer(self, name: str, value) -> None:
         """State saved in state_dict but not trained (an array or Tensor)."""
         self.__dict__.setdefault("_buffer_names", set()).add(name)
-        self._buffers[name] = value if isinstance(value, Tensor) else Tensor(backend.to_backend_array(value))
+        setattr(self, name, value if isinstance(value, Tensor) else Tensor(backend.to_backend_array(value)))
 
     # ------------------------------------------------------------------ calling
     def forward(self, *args, **kwargs):  # pragma: no cover - abstract

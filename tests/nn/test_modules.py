@@ -44,6 +44,29 @@ def test_named_parameters_buffers_and_modes():
     assert "BatchNorm2d" in repr(model)
 
 
+def test_assigning_replacing_and_deleting_attributes_keeps_the_registries_in_step():
+    # Attributes are read from the instance __dict__ (no __getattr__ per read); the registries decide
+    # what named_parameters / named_buffers / children see. Every way of changing one must change both.
+    conv = nn.Conv2d(2, 3, 1)
+    new_weight = nn.Parameter(np.zeros((3, 2, 1, 1), np.float32))
+    conv.weight = new_weight
+    assert conv.weight is new_weight and dict(conv.named_parameters())["weight"] is new_weight
+    conv.bias = None  # a parameter replaced by a plain value is no parameter any more
+    assert conv.bias is None and [n for n, _ in conv.named_parameters()] == ["weight"]
+    del conv.weight
+    assert list(conv.named_parameters()) == [] and not hasattr(conv, "weight")
+    bn = nn.BatchNorm2d(3)
+    replacement = minseg.tensor(np.full(3, 2.0, np.float32))
+    bn.running_var = replacement  # a registered buffer name stays a buffer
+    assert bn.running_var is replacement and dict(bn.named_buffers())["running_var"] is replacement
+    seq = nn.Sequential(nn.ReLU(), nn.ReLU())
+    child = nn.Dropout(0.5)
+    setattr(seq, "1", child)
+    assert seq[1] is child and getattr(seq, "1") is child
+    del seq.__dict__["0"]  # a registry entry Python's lookup cannot find still resolves (__getattr__)
+    assert getattr(seq, "0") is seq._modules["0"]
+
+
 @pytest.mark.parametrize("make", [lambda: nn.UNet(base_channels=4, depth=2), lambda: nn.UNet(base_channels=4, depth=2, upsampling="transpose"), lambda: nn.FCN(base_channels=4, depth=2)])
 def test_state_dict_round_trip(make):
     minseg.manual_seed(1)
