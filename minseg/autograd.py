@@ -100,13 +100,11 @@ class Context:
         return self._saved
 
     def free(self):
-        """Drop saved arrays (and any attribute the forward stored) after backward."""
-        graph = {name: self.__dict__[name] for name in _GRAPH_FIELDS}
-        self.__dict__.clear()
-        self.__dict__.update(graph, _saved=(), freed=True)
-
-
-_GRAPH_FIELDS = ("function", "inputs", "needs_input_grad")  # what a freed Context keeps: the graph, no arrays
+        """Drop saved arrays (and any attribute the forward stored) after backward; keep the graph."""
+        d = self.__dict__
+        function, inputs, needs_input_grad = d["function"], d["inputs"], d["needs_input_grad"]
+        d.clear()
+        d.update(function=function, inputs=inputs, needs_input_grad=needs_input_grad, _saved=(), freed=True)
 
 
 class Function:

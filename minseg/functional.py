@@ -637,13 +637,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     x = _float_tensor(input, "input")
     if x.ndim < 2:
         raise ValueError(f"input must be (N, C, ...) with at least 2 dims, got shape {x.shape}")
-    c = x.shape[1]
+    c, dtype = x.data.shape[1], x.data.dtype
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None:
+        # one test for the common case (every layer of every step), the checks that name the problem otherwise
+        if t is not None and not (isinstance(t, Tensor) and t.data.dtype == dtype and t.data.shape == (c,)):
             _float_tensor(t, name)
             _same_dtype(t, x, name)
-            if t.shape != (c,):
-                raise ValueError(f"{name} must have shape ({c},) for input with {c} channels, got {t.shape}")
+            raise ValueError(f"{name} must have shape ({c},) for input with {c} channels, got {t.shape}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{op} in eval mode (training=False) needs running_mean and running_var")
     if not (_is_real(eps) and eps > 0):
