@@ -106,7 +106,7 @@ class SGD(Optimizer):
 
     def _update(self, p, g, state):
         # One kernel pass per parameter (kernels/sgd/): read p, g and the buffer, write p and
-        # the buffer, where the same rule in NumPy calls is 4-6 passes and temporaries.
+        # the buffer, where the same rule in NumPy calls is 2-9 passes and temporaries.
         if g.shape != p.shape:
             raise ValueError(f"SGD: a parameter of shape {p.shape} has a gradient of shape {g.shape}")
         if not p.flags.c_contiguous:  # the kernels write p through a flat view of its memory

@@ -27,9 +27,11 @@ from . import update
 __all__ = ["sgd_step"]
 
 THREADS = 256
-# An estimate: 8 blocks of 256 threads on each of a 132-SM H100's SMs fill it (2048
-# threads per SM); more blocks would only add blocks that stride over nothing new.
-MAX_BLOCKS = 8 * 132
+# An estimate, not a timing: 4 blocks of 256 threads on each SM of a 132-SM H100 (half
+# the 2048 threads an SM holds; python -m benchmarks.ptx_report puts this kernel's
+# register limit at 6 such blocks) keep enough loads in flight for a streaming kernel;
+# a larger parameter loops instead of launching more blocks.
+MAX_BLOCKS = 4 * 132
 
 _update_element = cuda.jit(device=True)(update.update_element)
 _rounded = cuda.jit(device=True)(update.rounded)

@@ -12,8 +12,8 @@ weight decay lambda, one step is::
 An optimizer step, not a differentiable op: nothing flows back through it, so there
 is no backward. It is a kernel because it is one pass over memory: reading p, g and
 b and writing p and b once per element, where the same update in NumPy calls (below)
-is 4-6 calls per parameter and a temporary array for each, every step, for every
-parameter of the network.
+is 2-9 calls per parameter (one per operation), each a pass over memory and most a
+temporary array, every step, for every parameter of the network.
 
 Unlike every other kernel, ``sgd_step`` **writes its inputs**: it updates ``param``
 and ``momentum_buffer`` in place and returns None. It never writes ``grad`` (the
