@@ -5,7 +5,7 @@ update (the lines the CPU kernel runs) on elements e, e + G, e + 2G, ... of the 
 arrays (G threads in the grid), so a warp reads and writes 32 consecutive addresses
 of p, g and b: coalesced, one pass over memory. The grid is capped at
 ``MAX_BLOCKS`` blocks and strides over larger parameters, so a 10^6-element weight
-does not launch 4,000 blocks that each do one element's work.
+does not launch 4,000 blocks whose threads update one element each.
 
 The optimizer's parameters and buffers are CuPy arrays on a GPU (NumPy arrays under
 the simulator, which copies them to its fake device and back after the launch, so
