@@ -678,6 +678,32 @@ def _pool_indices(x):
     return arg.astype(np.uint8), (rows * w + cols).astype(np.int64)
 
 
+def _sgd_case(shape, rng):
+    """One SGD step (momentum, weight decay; a later step, so the buffer is read) of a parameter of
+    ``shape``'s size, against torch.optim's functional sgd: read p, g and b, write p and b.
+
+    The step works in place, so each side gets its own parameter and buffer (p, b and tp, tb: under
+    the simulator the device arrays and torch's CPU tensors share the NumPy inputs' memory); the
+    outputs compared are those after the first call (every variant makes the same number of calls
+    before the comparison).
+    """
+    size = math.prod(shape)
+    p, b = _normal(rng, size), _normal(rng, size)
+    data = dict(p=p, b=b, tp=p.copy(), tb=b.copy(), g=_normal(rng, size))
+    hyper = dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False)
+
+    def minseg(fn, d):
+        fn(d["p"], d["g"], d["b"], **hyper, first_step=False)
+        return [d["p"], d["b"]]
+
+    def torch_call(peer, d):
+        sgd = importlib.import_module("torch.optim.sgd").sgd  # torch.optim.SGD's step, on plain lists of tensors
+        sgd([d["tp"]], [d["g"]], [d["tb"]], maximize=False, **hyper)
+        return [d["tp"], d["tb"]]
+
+    return (f"sgd step (momentum, weight decay) {_name(shape)}", data, minseg, torch_call, None, 5 * 4 * size, False)
+
+
 def _cross_entropy_case(shape, rng):
     """The fused cross-entropy's forward and backward kernels (mean reduction), and torch's loss + its gradient."""
     n, c, h, w = shape
@@ -713,6 +739,7 @@ KERNEL_CASES = {
     "kernels.avg_pool2d.cuda": {k: _activation_case(k) for k in ("avg_pool2d_forward", "avg_pool2d_backward",
                                                                  "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward")},
     "kernels.softmax_cross_entropy.cuda": {"cross_entropy_forward": ("cross_entropy", _cross_entropy_case)},
+    "kernels.sgd.cuda": {"sgd_step": ("activation", _sgd_case)},
 }
 
 

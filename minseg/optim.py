@@ -24,12 +24,18 @@ AdamW (Loshchilov & Hutter 2019; decay decoupled from the gradient)::
 
     p <- p (1 - lr lambda), then the Adam step with lambda = 0
 
+SGD's step is one kernel per parameter (``kernels/sgd/``, ``sgd_step``): a single
+pass that reads p, g and b and writes p and b, on the kernels of the memory that
+holds p. Adam and AdamW are NumPy (or CuPy) expressions.
+
 Schedules set ``optimizer.lr`` from the base rate and the step count; call
 ``scheduler.step()`` once after each ``optimizer.step()``.
 """
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from . import backend
 
@@ -80,7 +86,11 @@ class Optimizer:
             for k, v in s.items():
                 if hasattr(v, "shape") and v.shape != self.params[i].shape and v.ndim:
                     raise ValueError(f"optimizer state {k!r} of parameter {i} has shape {v.shape}, expected {self.params[i].shape}")
-                self.state[i][k] = backend.to_backend_array(v) if hasattr(v, "shape") and v.ndim else v
+                if hasattr(v, "shape") and v.ndim:
+                    # in the parameter's dtype and C-contiguous, as torch casts state to its parameter
+                    # (the SGD kernels update the momentum buffer in place through a flat view)
+                    v = backend.to_backend_array(v).astype(self.params[i].dtype, order="C", copy=False)
+                self.state[i][k] = v
 
 
 class SGD(Optimizer):
@@ -90,22 +100,39 @@ class SGD(Optimizer):
         if momentum < 0 or weight_decay < 0:
             raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}")
         super().__init__(params, lr)
-        self.momentum, self.weight_decay, self.nesterov, self.dampening = momentum, weight_decay, nesterov, dampening
+        # Python floats and a bool: the kernels compile once for these types
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        self.nesterov, self.dampening = bool(nesterov), float(dampening)
 
     def _update(self, p, g, state):
-        # In place where the math allows (the buffer and p), and no multiplication by a
-        # factor of 1: each NumPy call costs a few microseconds for every parameter of every step.
-        if self.weight_decay:
-            g = g + self.weight_decay * p  # a new array: the caller's .grad stays as backward left it
+        # One kernel pass per parameter (kernels/sgd/): read p, g and the buffer, write p and
+        # the buffer, where the same rule in NumPy calls is 2-9 passes and temporaries.
+        if g.shape != p.shape:
+            raise ValueError(f"SGD: a parameter of shape {p.shape} has a gradient of shape {g.shape}")
+        if not p.flags.c_contiguous:  # the kernels write p through a flat view of its memory
+            raise ValueError(f"SGD: a parameter of shape {p.shape} is not C-contiguous (strides {p.strides})")
+        buf, first_step = None, False
         if self.momentum:
             buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = g.copy()
-            else:
-                buf *= self.momentum
-                buf += (1 - self.dampening) * g if self.dampening else g
-            g = g + self.momentum * buf if self.nesterov else buf
-        p -= self.lr * g
+            if buf is None:  # b = g on the first step: the kernel fills it, so empty is enough
+                buf = state["momentum_buffer"] = backend.array_module(p).empty_like(p)
+                first_step = True
+        _kernels_for(p).sgd_step(p, g, buf, self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov, first_step)
+
+
+def _kernels_for(array):
+    """The active kernel set when it computes on ``array``'s memory, else the one that does.
+
+    A model on the GPU (CuPy arrays) updates with the cuda kernels whatever backend is
+    active, a model in host memory with the active numpy or cpu backend, or with the cpu
+    kernels while the cuda backend of a real GPU is active (under the simulator the cuda
+    backend computes on NumPy arrays, so it updates them itself).
+    """
+    kernels = backend.current()
+    xp = backend.array_module(array)
+    if kernels.xp is xp:
+        return kernels
+    return backend.load("cpu" if xp is np else "cuda")
 
 
 class Adam(Optimizer):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import minseg
-from minseg import optim
+from minseg import backend, optim
 from minseg.nn import Parameter
 from tests.helpers import assert_close, torch_or_skip
 
@@ -178,3 +178,86 @@ def test_bad_hyperparameters_raise():
         optim.SGD([], lr=0.1)
     with pytest.raises(ValueError, match="learning rate"):
         optim.SGD(p, lr=-1)
+
+
+# --------------------------------------------------------- SGD through the sgd_step kernels
+
+
+def spy_on_sgd_step(monkeypatch, backend_name):
+    """Record the arguments of every ``sgd_step`` call of backend ``backend_name`` (and still run it)."""
+    kernels = backend.load(backend_name)
+    real, calls = kernels.functions["sgd_step"], []
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setitem(kernels.functions, "sgd_step", spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "cpu", "cuda"])
+def test_sgd_steps_with_the_active_backends_kernel(monkeypatch, backend_name):
+    calls = spy_on_sgd_step(monkeypatch, backend_name)
+    p = Parameter(np.ones((2, 3), np.float32))
+    opt = optim.SGD([p], lr=0.5, momentum=0.9)
+    p.grad = minseg.Tensor(np.ones((2, 3), np.float32))
+    with backend.using(backend_name):
+        opt.step()
+        opt.step()
+    assert len(calls) == 2 and calls[0][0] is p.data and calls[0][2] is opt.state[0]["momentum_buffer"]
+    assert [c[-1] for c in calls] == [True, False]  # first_step: the kernel writes b = g, then mixes
+    # b = g = 1, then 0.9 + 1 = 1.9; p = 1 - 0.5 - 0.95
+    assert_close(p.data, np.full((2, 3), -0.45, np.float32), rtol=1e-6, atol=1e-7, name="p after two steps")
+
+
+def test_sgd_without_momentum_keeps_no_buffer(monkeypatch):
+    calls = spy_on_sgd_step(monkeypatch, "cpu")
+    ps = [Parameter(np.ones(3)), Parameter(np.ones((2, 2)))]
+    opt = optim.SGD(ps, lr=0.1, weight_decay=0.1)
+    with backend.using("cpu"):
+        for _ in range(3):
+            for p in ps:
+                p.grad = minseg.Tensor(np.ones(p.shape))
+            opt.step()
+    assert len(calls) == 6 and all(c[2] is None for c in calls), "momentum 0: the kernel gets no buffer"
+    assert opt.state == {0: {}, 1: {}} and opt.state_dict()["state"] == {0: {}, 1: {}}
+
+
+def test_numpy_parameters_step_on_the_cpu_kernels_while_a_gpu_backend_is_active(monkeypatch):
+    """With the cuda backend of a real GPU active (its arrays are CuPy's), a model left in host memory
+    cannot use its kernels: the cpu kernels update it. Here the cuda backend pretends to compute on
+    another array module."""
+    cuda_calls, cpu_calls = spy_on_sgd_step(monkeypatch, "cuda"), spy_on_sgd_step(monkeypatch, "cpu")
+    monkeypatch.setattr(backend.load("cuda"), "xp", object())
+    p = Parameter(np.ones(4))
+    p.grad = minseg.Tensor(np.full(4, 2.0))
+    with backend.using("cuda"):
+        optim.SGD([p], lr=0.25).step()
+    assert not cuda_calls and len(cpu_calls) == 1
+    np.testing.assert_array_equal(p.data, np.full(4, 0.5))
+
+
+def test_sgd_rejects_what_the_kernels_cannot_update_in_place():
+    p = Parameter(np.ones((3, 2)).T)  # a transposed view: not C-contiguous
+    p.grad = minseg.Tensor(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"parameter of shape \(2, 3\) is not C-contiguous"):
+        optim.SGD([p], lr=0.1).step()
+    q = Parameter(np.ones((2, 3)))
+    q.grad = minseg.Tensor(np.ones(6))
+    with pytest.raises(ValueError, match=r"shape \(2, 3\) has a gradient of shape \(6,\)"):
+        optim.SGD([q], lr=0.1).step()
+
+
+def test_loaded_momentum_buffers_take_the_parameters_dtype_and_layout():
+    """A checkpoint's buffer in another dtype or layout is converted once, on load (torch casts state to
+    its parameter too), and the next step continues from it."""
+    p = Parameter(np.zeros((2, 3), np.float32))
+    opt = optim.SGD([p], lr=1.0, momentum=0.5)
+    opt.load_state_dict({"lr": 1.0, "steps": 1, "state": {0: {"momentum_buffer": np.ones((3, 2)).T}}})
+    buf = opt.state[0]["momentum_buffer"]
+    assert buf.dtype == np.float32 and buf.flags.c_contiguous
+    p.grad = minseg.Tensor(np.ones((2, 3), np.float32))
+    opt.step()  # b = 0.5 * 1 + 1 = 1.5, p = 0 - 1.5
+    np.testing.assert_array_equal(p.data, np.full((2, 3), -1.5, np.float32))
+    assert opt.state[0]["momentum_buffer"] is buf  # updated in place
