@@ -150,6 +150,59 @@ class Function:
         return result
 
 
+class Chain(Function):
+    """Functions applied one after another, recorded as one node of the graph.
+
+    ``Chain.apply(*args, steps=((F1, n1, kw1), (F2, n2, kw2), ...))`` computes
+    ``y1 = F1(args[:n1], **kw1)``, ``y2 = F2(y1, next n2 args, **kw2)``, ...: every step after
+    the first takes the previous output as its first argument, then its own ``n`` arguments.
+    Each step's forward and backward are the Function's own, each with its own Context;
+    backward runs them in reverse, handing each step's first input gradient to the step before::
+
+        dL/dy_{k-1} = (the first gradient of) F_k.backward(ctx_k, dL/dy_k)
+
+    which is the walk of ``Tensor.backward`` over a path of k nodes, done here directly. The
+    result is the same; what it saves is the graph's bookkeeping between the steps (a Tensor, a
+    node and a visit per intermediate output, the Python between two kernels), which for a
+    layer like conv -> batch norm costs as much as a small kernel. ``nn.Sequential`` chains a
+    Conv2d followed by a BatchNorm2d (``functional.conv2d_batch_norm``).
+    """
+
+    @staticmethod
+    def forward(ctx, *arrays, steps):
+        needs, parts, used, upstream = ctx.needs_input_grad, [], 0, False
+        out = None
+        for i, (function, count, kwargs) in enumerate(steps):
+            own = arrays[used : used + count]
+            own_needs = needs[used : used + count]
+            used += count
+            if i:  # the previous output comes first; it needs a gradient when anything before it does
+                own, own_needs = (out, *own), (upstream, *own_needs)
+            part = Context(function, (None,) * len(own), tuple(own_needs))
+            out = function.forward(part, *own, **kwargs)
+            upstream = upstream or any(own_needs)
+            parts.append(part)
+        ctx.parts = parts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = []
+        for i in range(len(ctx.parts) - 1, -1, -1):
+            part = ctx.parts[i]
+            if grad is None:  # no input of this step or before it wants a gradient
+                step_grads = (None,) * len(part.needs_input_grad)
+            else:
+                step_grads = part.function.backward(part, grad)
+                if not isinstance(step_grads, tuple):
+                    step_grads = (step_grads,)
+            if i:
+                grad = step_grads[0] if part.needs_input_grad[0] else None
+                step_grads = step_grads[1:]
+            grads[:0] = step_grads
+        return tuple(grads)
+
+
 class GradcheckError(AssertionError):
     """Raised by :func:`gradcheck` when analytic and numerical gradients disagree."""
 
@@ -222,4 +275,4 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0) -> bool:
     return True
 
 
-__all__ = ["Node", "Function", "Context", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "GradcheckError"]
+__all__ = ["Node", "Function", "Context", "Chain", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "GradcheckError"]

@@ -17,7 +17,7 @@ import numpy as np
 from kernels.shapes import conv_output_size, conv_transpose_output_size, pool_output_size
 
 from . import backend
-from .autograd import Function, is_grad_enabled
+from .autograd import Chain, Function, is_grad_enabled
 from .rng import generator
 from .tensor import Tensor
 
@@ -144,6 +144,12 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
     ``padding`` is an int, a pair, ``'valid'`` (0) or ``'same'`` (stride 1 only;
     the total ``dilation*(k-1)`` is split with the extra pixel bottom/right, as torch).
     """
+    x, w, bias, kwargs, _ = _conv2d_arguments(input, weight, bias, stride, padding, dilation, groups)
+    return Conv2dFunction.apply(x, w, bias, **kwargs)
+
+
+def _conv2d_arguments(input, weight, bias, stride, padding, dilation, groups):
+    """conv2d's checks: (x, w, bias, Conv2dFunction's keyword arguments, the output's shape)."""
     x, w, bias = _conv_operands(input, weight, bias, groups, "(C_out, C_in/groups, kH, kW)")
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
@@ -179,7 +185,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
         )
     x, w = _contig_tensor(x), _contig_tensor(w)  # kernels index flat memory
     bias = None if bias is None else _contig_tensor(bias)
-    return Conv2dFunction.apply(x, w, bias, stride=stride, padding=pads, dilation=dilation, groups=int(groups))
+    kwargs = dict(stride=stride, padding=pads, dilation=dilation, groups=int(groups))
+    return x, w, bias, kwargs, (n, c_out, ho, wo)
 
 
 class ConvTranspose2dFunction(Function):
@@ -632,17 +639,24 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu) -> Tensor:
-    """batch_norm's checks and running-statistic updates; ``relu`` fuses the ReLU after it."""
-    op = "batch_norm_relu" if relu else "batch_norm"
+    """batch_norm's checks; ``relu`` fuses the ReLU after it."""
     x = _float_tensor(input, "input")
-    if x.ndim < 2:
-        raise ValueError(f"input must be (N, C, ...) with at least 2 dims, got shape {x.shape}")
-    c, dtype = x.data.shape[1], x.data.dtype
+    kwargs = _batch_norm_arguments(x.shape, x.dtype, running_mean, running_var, weight, bias, training, momentum, eps, relu)
+    return BatchNormFunction.apply(_contig_tensor(x), weight, bias, **kwargs)
+
+
+def _batch_norm_arguments(shape, dtype, running_mean, running_var, weight, bias, training, momentum, eps, relu) -> dict:
+    """The checks of batch_norm for an input of ``shape`` and ``dtype``: BatchNormFunction's keyword arguments."""
+    op = "batch_norm_relu" if relu else "batch_norm"
+    if len(shape) < 2:
+        raise ValueError(f"input must be (N, C, ...) with at least 2 dims, got shape {shape}")
+    c = shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         # one test for the common case (every layer of every step), the checks that name the problem otherwise
         if t is not None and not (isinstance(t, Tensor) and t.data.dtype == dtype and t.data.shape == (c,)):
             _float_tensor(t, name)
-            _same_dtype(t, x, name)
+            if t.dtype != dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {dtype}; they must be the same")
             raise ValueError(f"{name} must have shape ({c},) for input with {c} channels, got {t.shape}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{op} in eval mode (training=False) needs running_mean and running_var")
@@ -650,12 +664,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if not (_is_real(momentum) and 0 <= momentum <= 1):
         raise ValueError(f"momentum must be a number in [0, 1] (the cumulative average, momentum=None, is not supported), got {momentum!r}")
-    if training and x.numel() // c <= 1:
-        raise ValueError(f"{op} in training mode needs more than 1 value per channel, got input shape {x.shape}")
-    return BatchNormFunction.apply(
-        _contig_tensor(x),
-        weight,
-        bias,
+    if training and math.prod(shape) // c <= 1:
+        raise ValueError(f"{op} in training mode needs more than 1 value per channel, got input shape {tuple(shape)}")
+    return dict(
         # the running statistics are updated in place in training (their own arrays), read in eval
         running_mean=None if running_mean is None else running_mean.data if training else _contiguous(running_mean.data),
         running_var=None if running_var is None else running_var.data if training else _contiguous(running_var.data),
@@ -664,6 +675,24 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         training=bool(training),
         relu=relu,
     )
+
+
+def conv2d_batch_norm(
+    input, weight, bias, stride, padding, dilation, groups,
+    running_mean, running_var, bn_weight=None, bn_bias=None, training=False, momentum=0.1, eps=1e-5, relu=False,
+) -> Tensor:
+    """``batch_norm(conv2d(input, weight, bias, ...), running_mean, ..., bn_weight, bn_bias, ...)``, and its
+    ReLU with ``relu=True``, recorded as one node of the graph (``autograd.Chain``).
+
+    The same arguments, checks, outputs, gradients and running-statistic updates as the calls one
+    after the other (the same Functions run, in the same order); the graph holds one node per
+    layer instead of two, which is what ``nn.Sequential`` runs for Conv2d, BatchNorm2d[, ReLU]
+    (torch's fused module is ``torch.ao.nn.intrinsic.ConvBnReLU2d``).
+    """
+    x, w, b, conv_kwargs, out_shape = _conv2d_arguments(input, weight, bias, stride, padding, dilation, groups)
+    bn_kwargs = _batch_norm_arguments(out_shape, x.dtype, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, relu)
+    steps = ((Conv2dFunction, 3, conv_kwargs), (BatchNormFunction, 2, bn_kwargs))
+    return Chain.apply(x, w, b, bn_weight, bn_bias, steps=steps)
 
 
 # ------------------------------------------------------------ compositions: cat, dropout
@@ -965,6 +994,7 @@ __all__ = [
     "focal_loss",
     "batch_norm",
     "batch_norm_relu",
+    "conv2d_batch_norm",
     "cat",
     "dropout",
 ]

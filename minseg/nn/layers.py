@@ -33,6 +33,12 @@ class Conv2d(_ConvNd):
     def forward(self, x):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def forward_batch_norm(self, x, bn, relu=False):
+        """``bn(self(x))``, then ReLU with ``relu``, as one graph node (``F.conv2d_batch_norm``):
+        what Sequential runs for Conv2d, BatchNorm2d[, ReLU]."""
+        conv = (self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d_batch_norm(x, *conv, *bn._step_arguments(), relu=relu)
+
 
 class ConvTranspose2d(_ConvNd):
     """The adjoint of a convolution (learned upsampling); weight (C_in, C_out/groups, kh, kw)."""
@@ -78,11 +84,15 @@ class BatchNorm2d(Module):
         return self._normalise(x, F.batch_norm_relu)
 
     def _normalise(self, x, function):
+        return function(x, *self._step_arguments())
+
+    def _step_arguments(self):
+        """(running_mean, running_var, weight, bias, training, momentum, eps) of this call; counts the batch."""
         use_batch = self.training or not self.track_running_stats
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         if self.training and self.track_running_stats:
             self.num_batches_tracked.data += 1
-        return function(x, *running, self.weight, self.bias, training=use_batch, momentum=self.momentum, eps=self.eps)
+        return (*running, self.weight, self.bias, use_batch, self.momentum, self.eps)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -169,7 +179,10 @@ class Sequential(Module):
     ``BatchNorm2d.forward_relu`` (``F.batch_norm_relu``): the same outputs and
     running statistics as the two modules one after the other, and the same
     gradients up to the order of float additions, with one pass over the
-    activations fewer each way. Only these exact classes fuse (a
+    activations fewer each way. A Conv2d directly followed by a BatchNorm2d (and
+    a ReLU) runs as one node of the graph, ``Conv2d.forward_batch_norm``
+    (``F.conv2d_batch_norm``): the same kernels in the same order, so the same
+    numbers, with the graph's bookkeeping between them left out. Only these exact classes fuse (a
     subclass such as SyncBatchNorm2d may compute something else), and the modules
     and their state_dict names stay as they are. ``fuse = False`` (the constructor
     argument or the attribute) runs every module on its own.
@@ -192,10 +205,15 @@ class Sequential(Module):
 
     def forward(self, x):
         modules = list(self._modules.values())
+        kinds = [type(m) for m in modules] + [None, None]  # exact classes only (see the docstring)
         i = 0
         while i < len(modules):
             m = modules[i]
-            if self.fuse and type(m) is BatchNorm2d and i + 1 < len(modules) and type(modules[i + 1]) is ReLU:
+            if self.fuse and kinds[i] is Conv2d and kinds[i + 1] is BatchNorm2d:
+                relu = kinds[i + 2] is ReLU
+                x = m.forward_batch_norm(x, modules[i + 1], relu)
+                i += 3 if relu else 2
+            elif self.fuse and kinds[i] is BatchNorm2d and kinds[i + 1] is ReLU:
                 x = m.forward_relu(x)
                 i += 2
             else:

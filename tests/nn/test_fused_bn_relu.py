@@ -108,3 +108,59 @@ def test_unet_fused_and_unfused_train_alike(backend_name):
     # conv outputs feed the batch norms: the gradients' float32 drift grows through the layers
     for (name, a), (_, b) in zip(*results):
         assert_close(a, b, 1e-4, 1e-4, name=name)
+
+
+@pytest.mark.parametrize("backend_name", oracle_backends())
+def test_conv_batch_norm_chain_is_the_unfused_calls_bit_for_bit(backend_name):
+    """Conv2d, BatchNorm2d[, ReLU] in a Sequential run as one graph node (autograd.Chain over the same
+    Functions): outputs, gradients and running statistics equal the separate calls exactly."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 3, 6, 6)) * 2 + 1).astype(np.float32)
+    gy = rng.standard_normal((2, 4, 2, 2)).astype(np.float32)
+
+    def make():
+        minseg.manual_seed(1)
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False), nn.MaxPool2d(2),
+        )
+
+    def separate(model, xt):
+        c0, bn0, _, c1, bn1, pool = model
+        h = F.batch_norm_relu(F.conv2d(xt, c0.weight, c0.bias, 1, 1), *bn0._step_arguments())
+        return pool(F.batch_norm(F.conv2d(h, c1.weight, None), *bn1._step_arguments()))
+
+    results = []
+    with backend.using(backend_name):
+        for run in (lambda m, xt: m(xt), separate):
+            model, xt = make(), minseg.Tensor(x, requires_grad=True)
+            y = run(model, xt)
+            y.backward(minseg.Tensor(gy))
+            out = [("y", y.numpy()), ("gx", xt.grad.numpy())]
+            out += [(f"grad {n}", p.grad.numpy()) for n, p in model.named_parameters()]
+            out += [(n, b.numpy()) for n, b in model.named_buffers()]
+            results.append(out)
+            if run is not separate:  # the pool's input is the second chain's output: one node per layer
+                chained = y._ctx.inputs[0]._ctx
+                assert chained.function is minseg.autograd.Chain
+                assert chained.inputs[0]._ctx.function is minseg.autograd.Chain
+    for (name, a), (_, b) in zip(*results):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_chain_gradients_are_the_derivatives_of_its_steps():
+    # float64 gradcheck through a conv -> batch norm -> relu chain, in training (batch statistics)
+    rng = np.random.default_rng(6)
+    x = minseg.Tensor(rng.standard_normal((2, 2, 4, 4)), requires_grad=True)
+    w = minseg.Tensor(rng.standard_normal((3, 2, 3, 3)) * 0.5, requires_grad=True)
+    b = minseg.Tensor(rng.standard_normal(3), requires_grad=True)
+    g = minseg.Tensor(rng.uniform(0.5, 1.5, 3), requires_grad=True)
+    beta = minseg.Tensor(rng.standard_normal(3), requires_grad=True)
+    with backend.using("numpy"):
+        minseg.gradcheck(
+            lambda x, w, b, g, beta: F.conv2d_batch_norm(x, w, b, 1, 1, 1, 1, None, None, g, beta, training=True, relu=True),
+            [x, w, b, g, beta],
+        )
+        # only the conv weight wants a gradient: the chain still reaches it through the batch norm
+        x.requires_grad, b.requires_grad, g.requires_grad, beta.requires_grad = False, False, False, False
+        minseg.gradcheck(lambda x, w: F.conv2d_batch_norm(x, w, None, 1, 0, 1, 1, None, None, training=True), [x, w])
