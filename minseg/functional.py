@@ -510,8 +510,11 @@ class CrossEntropyFunction(Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing):
-        ctx.kernels = backend.current()
+        ctx.kernels, ctx.shape = backend.current(), logits.shape
         need_grad = is_grad_enabled() and ctx.needs_input_grad[0]  # inference writes no (N, C, S) gradient
+        # the kernels see (N, C, S) and (N, S): a view of the contiguous arrays (no graph node for it)
+        logits = logits.reshape(logits.shape[0], logits.shape[1], -1)
+        target = target.reshape(logits.shape[0], -1)
         ctx.args = (logits, target, weight, ignore_index, reduction, label_smoothing)
         loss, ctx.dlogits, _, n_invalid = ctx.kernels.cross_entropy_forward(*ctx.args, need_grad)
         if int(n_invalid):  # one number read back; the targets themselves never leave the device
@@ -525,7 +528,7 @@ class CrossEntropyFunction(Function):
             dlogits = ctx.kernels.cross_entropy_forward(*ctx.args, True)[1]
         glogits = ctx.kernels.cross_entropy_backward(dlogits, _contiguous(gloss), ctx.args[4])
         ctx.dlogits = None if glogits is dlogits else dlogits
-        return glogits, None, None
+        return glogits.reshape(ctx.shape), None, None
 
 
 def _raise_bad_target(target, n_classes, ignore_index):
@@ -576,11 +579,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     # The range of the target values is checked by the kernel (on the device for cuda):
     # CrossEntropyFunction raises if it counted any value outside [0, C) that is not ignore_index.
-    s = int(np.prod(x.shape[2:], dtype=np.int64))
-    logits = x.reshape(n, c, s)
-    target_arr = _contiguous(t.data.reshape(n, s).astype(np.int64, copy=False))
+    target_arr = _contiguous(t.data.astype(np.int64, copy=False))
     loss = CrossEntropyFunction.apply(
-        _contig_tensor(logits),
+        _contig_tensor(x),
         Tensor(target_arr),
         weight,
         ignore_index=int(ignore_index),

@@ -290,7 +290,7 @@ def step_backward_order(tour: Tour):
     )
     loss.backward()
     tour.check(all(p.grad is not None and p.grad.shape == p.shape for p in params.values()), "after loss.backward() every weight has a gradient of its own shape")
-    tour.read_next("minseg/tensor.py: Tensor.backward, _topological_order, GradBuffers (the one optimisation)")
+    tour.read_next("minseg/tensor.py: Tensor.backward, _topological_order; then its optimisations, _private and GradBuffers, and autograd.Chain")
     return loss, params, named
 
 
