@@ -704,6 +704,25 @@ def _sgd_case(shape, rng):
     return (f"sgd step (momentum, weight decay) {_name(shape)}", data, minseg, torch_call, None, 5 * 4 * size, False)
 
 
+def _accumulate_case(shape, rng):
+    """The backward walk's gradient sum ``total += part`` of an activation-sized gradient, against torch's
+    ``add_``: read total and part, write total.
+
+    In place, as ``_sgd_case``: each side gets its own ``total`` (t and tt), and the outputs compared
+    are those after the first call.
+    """
+    size = math.prod(shape)
+    t = _normal(rng, size)
+    data = dict(t=t, tt=t.copy(), g=_normal(rng, size))
+
+    def minseg(fn, d):
+        fn(d["t"], d["g"])
+        return [d["t"]]
+
+    return (f"accumulate (gradient sum) {_name(shape)}", data, minseg, lambda peer, d: [d["tt"].add_(d["g"])], None,
+            3 * 4 * size, False)
+
+
 def _cross_entropy_case(shape, rng):
     """The fused cross-entropy's forward and backward kernels (mean reduction), and torch's loss + its gradient."""
     n, c, h, w = shape
@@ -740,6 +759,7 @@ KERNEL_CASES = {
                                                                  "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward")},
     "kernels.softmax_cross_entropy.cuda": {"cross_entropy_forward": ("cross_entropy", _cross_entropy_case)},
     "kernels.sgd.cuda": {"sgd_step": ("activation", _sgd_case)},
+    "kernels.accumulate.cuda": {"accumulate": ("activation", _accumulate_case)},
 }
 
 

@@ -181,6 +181,22 @@ def array_module(array):
     return np
 
 
+def kernels_for(array) -> Backend:
+    """The active kernel set when it computes on ``array``'s memory, else the one that does.
+
+    For the kernels that write an array in place (the optimizer's ``sgd_step``, the
+    backward walk's ``accumulate``): a model on the GPU (CuPy arrays) updates with the
+    cuda kernels whatever backend is active, a model in host memory with the active numpy
+    or cpu backend, or with the cpu kernels while the cuda backend of a real GPU is active
+    (under the simulator the cuda backend computes on NumPy arrays, so it updates them itself).
+    """
+    kernels = current()
+    xp = array_module(array)
+    if kernels.xp is xp:
+        return kernels
+    return load("cpu" if xp is np else "cuda")
+
+
 def to_backend_array(array, name: str | None = None):
     """Move ``array`` to the memory that backend ``name`` (default: active) computes on."""
     name = name or _active or default_backend()

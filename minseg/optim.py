@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from . import backend
 
 
@@ -117,22 +115,7 @@ class SGD(Optimizer):
             if buf is None:  # b = g on the first step: the kernel fills it, so empty is enough
                 buf = state["momentum_buffer"] = backend.array_module(p).empty_like(p)
                 first_step = True
-        _kernels_for(p).sgd_step(p, g, buf, self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov, first_step)
-
-
-def _kernels_for(array):
-    """The active kernel set when it computes on ``array``'s memory, else the one that does.
-
-    A model on the GPU (CuPy arrays) updates with the cuda kernels whatever backend is
-    active, a model in host memory with the active numpy or cpu backend, or with the cpu
-    kernels while the cuda backend of a real GPU is active (under the simulator the cuda
-    backend computes on NumPy arrays, so it updates them itself).
-    """
-    kernels = backend.current()
-    xp = backend.array_module(array)
-    if kernels.xp is xp:
-        return kernels
-    return backend.load("cpu" if xp is np else "cuda")
+        backend.kernels_for(p).sgd_step(p, g, buf, self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov, first_step)
 
 
 class Adam(Optimizer):

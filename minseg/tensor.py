@@ -132,8 +132,11 @@ class Tensor(Node):
                     prev = grads.get(id(inp))
                     if prev is None:
                         grads[id(inp)] = ig
-                    elif prev.dtype == ig.dtype and _private(prev):
-                        prev += ig  # a node used twice sums; into prev, which no one else can see
+                    elif prev.dtype == ig.dtype and _private(prev):  # a node used twice sums; into prev, which no one else can see
+                        if type(ig) is np.ndarray and ig.shape == prev.shape and ig.flags.c_contiguous and prev.flags.c_contiguous:
+                            backend.kernels_for(prev).accumulate(prev, ig)  # on every core (kernels/accumulate/)
+                        else:  # a broadcast or strided part: NumPy handles any layout
+                            prev += ig
                     else:
                         grads[id(inp)] = prev + ig
             if not retain_graph:

@@ -15,7 +15,7 @@ b and writing p and b once per element, where the same update in NumPy calls (be
 is 2-9 calls per parameter (one per operation), each a pass over memory and most a
 temporary array, every step, for every parameter of the network.
 
-Unlike every other kernel, ``sgd_step`` **writes its inputs**: it updates ``param``
+Unlike every other kernel but ``accumulate``, ``sgd_step`` **writes its inputs**: it updates ``param``
 and ``momentum_buffer`` in place and returns None. It never writes ``grad`` (the
 caller's ``.grad`` stays as backward left it). Arithmetic is in the parameter's
 dtype, one rounding per operation in the order written above, as torch does; the

@@ -1,6 +1,6 @@
 """sgd kernels: every backend module vs the NumPy reference, step after step, in place.
 
-``sgd_step`` is the one kernel that writes its inputs: the tests run the reference and
+``sgd_step`` writes its inputs (as only ``accumulate`` also does): the tests run the reference and
 a backend on copies of the same parameter and momentum buffer, for several steps (the
 first writes b = g, the later ones mix the old buffer in), and compare the whole
 parameter and buffer after every step. The gradient must come back untouched.
