@@ -9,6 +9,7 @@ a job's output calls :func:`result`, which starts it if nobody did and waits for
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,9 @@ def start(name: str) -> None:
     outdir = Path(tempfile.mkdtemp(prefix=f"minseg-{name}-"))
     out, err = open(outdir / "stdout.txt", "w+"), open(outdir / "stderr.txt", "w+")
     argv = [sys.executable, *(a.replace("{outdir}", str(outdir)) for a in job.argv)]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, **dict(job.env)), stdout=out, stderr=err, text=True)
+    # a session of its own: ending the job ends the subprocesses it starts too (ptx_report's workers)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, **dict(job.env)), stdout=out, stderr=err, text=True,
+                            start_new_session=True)
     _running[name] = (proc, out, err, outdir)
 
 
@@ -64,8 +67,7 @@ def result(name: str) -> Finished:
     try:
         proc.wait(timeout=JOBS[name].timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        _kill(proc)
     out.seek(0)
     err.seek(0)
     return Finished(proc.returncode, out.read(), err.read(), outdir)
@@ -74,8 +76,15 @@ def result(name: str) -> Finished:
 def stop_all() -> None:
     """End whatever still runs (a run that stopped early)."""
     for proc, out, err, _ in _running.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill(proc)
         out.close()
         err.close()
+
+
+def _kill(proc) -> None:
+    """End a job and every process of its session (its own subprocesses, even after it ended)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group has ended already
+        pass
+    proc.wait()

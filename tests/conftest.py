@@ -50,9 +50,13 @@ DEV_EXAMPLES_FACTOR = 10
 
 
 def pytest_collection_modifyitems(config, items):
-    _start_background_jobs(config, items)
     if PROFILE == "dev":
         _scale_examples(items)
+
+
+def pytest_collection_finish(session):
+    # after -k / -m deselection: only the jobs of the tests that will run
+    _start_background_jobs(session.config, session.items)
 
 
 def _scale_examples(items):
