@@ -111,7 +111,8 @@ def test_ops_quick_times_every_cpu_conv_version(tmp_path):
 @pytest.mark.parametrize("size", ["quick", "full"])
 def test_unet_conv_layers_are_the_models(size):
     """The layer list that ``ops --layers`` times is the benchmark U-Net's: the same conv weights, in
-    the same order, and the input sizes its forward gives them (recorded through F.conv2d)."""
+    the same order, and the input sizes its forward gives them (recorded where every conv2d is checked:
+    F.conv2d, and F.conv2d_batch_norm, which Sequential runs for conv -> batch norm)."""
     from minseg.nn import UNet
 
     s = TRAIN_SIZES[size]
@@ -119,15 +120,15 @@ def test_unet_conv_layers_are_the_models(size):
     with minseg.backend.using("numpy"):
         model = UNet(**config)
     seen = []
-    conv2d = minseg.functional.conv2d
+    checked = minseg.functional._conv2d_arguments
 
     def recording(x, w, *args, **kwargs):
         seen.append((*x.shape, w.shape[0], w.shape[-1]))
-        return conv2d(x, w, *args, **kwargs)
+        return checked(x, w, *args, **kwargs)
 
     x = minseg.Tensor(np.zeros((s["batch"], s["in_channels"], 8, 8), np.float32))  # small images: only the channels
     mp = pytest.MonkeyPatch()
-    mp.setattr(minseg.functional, "conv2d", recording)
+    mp.setattr(minseg.functional, "_conv2d_arguments", recording)
     try:
         with minseg.backend.using("numpy"), minseg.no_grad():
             model(x)

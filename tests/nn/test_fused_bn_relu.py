@@ -110,7 +110,7 @@ def test_unet_fused_and_unfused_train_alike(backend_name):
         assert_close(a, b, 1e-4, 1e-4, name=name)
 
 
-@pytest.mark.parametrize("backend_name", oracle_backends())
+@pytest.mark.parametrize("backend_name", ["numpy", "cpu"])  # the chain is backend-agnostic: it runs the same Functions
 def test_conv_batch_norm_chain_is_the_unfused_calls_bit_for_bit(backend_name):
     """Conv2d, BatchNorm2d[, ReLU] in a Sequential run as one graph node (autograd.Chain over the same
     Functions): outputs, gradients and running statistics equal the separate calls exactly."""
