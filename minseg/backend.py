@@ -96,6 +96,7 @@ def cuda_status() -> str:
 
 _loaded: dict[str, Backend] = {}
 _active: str | None = None
+_active_backend: Backend | None = None  # _loaded[_active], kept by set_backend
 
 
 def load(name: str) -> Backend:
@@ -140,8 +141,8 @@ def default_backend() -> str:
 
 def set_backend(name: str) -> None:
     """Make ``name`` ('numpy', 'cpu' or 'cuda') the kernel set that every op calls."""
-    global _active
-    load(name)
+    global _active, _active_backend
+    _active_backend = load(name)
     _active = name
 
 
@@ -153,8 +154,8 @@ def get_backend() -> str:
 
 
 def current() -> Backend:
-    """The active Backend object (what the Functions call)."""
-    return load(get_backend())
+    """The active Backend object (what the Functions call; every op of every step asks)."""
+    return _active_backend if _active_backend is not None else load(get_backend())
 
 
 class using:

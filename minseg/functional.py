@@ -60,6 +60,8 @@ def _is_real(value) -> bool:
 
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a 2-tuple."""
+    if type(value) is int and value >= minimum:  # the common case, first (every conv and pool call)
+        return (value, value)
     if _is_int(value):
         pair = (int(value), int(value))
     elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
