@@ -87,11 +87,17 @@ def _child_env(env: dict) -> dict:
 def _reexec_if_needed(args, argv) -> None:
     """Re-execute this command in a changed environment when a flag asks for one.
 
-    OpenBLAS reads OPENBLAS_CORETYPE and glibc reads MALLOC_* once, at load, so
+    ops and train always run with OpenBLAS's idle threads quieted (machine.QUIET_BLAS_THREADS).
+    OpenBLAS reads OPENBLAS_* and glibc reads MALLOC_* once, at load, so
     the only way to change them is a new process. The new process finds the
     environment already changed and runs the benchmark.
     """
     env, changes = dict(os.environ), []
+    if args.mode in ("ops", "train"):
+        for key, value in machine.QUIET_BLAS_THREADS.items():
+            if env.get(key) != value:
+                env[key] = value
+                changes.append(f"{key}={value} (idle BLAS threads sleep at once: see benchmarks/machine.py)")
     if args.unset_openblas_coretype:
         for key in machine.OPENBLAS_OVERRIDES:
             if key in env:

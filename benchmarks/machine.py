@@ -29,7 +29,15 @@ REPORTED_ENV = (
     "MINSEG_BACKEND",
     "MALLOC_MMAP_THRESHOLD_",
     "MALLOC_TRIM_THRESHOLD_",
+    "OPENBLAS_THREAD_TIMEOUT",
 )
+
+# ops and train always set this (a re-exec when it is not set yet). OpenBLAS's idle threads spin
+# for about 2^28 cycles (~0.1 s) after a call before they sleep: the numpy backend's matmuls left
+# them spinning on the other core through the next implementation's timed call (measured here: the
+# first cpu U-Net step after a numpy one took 104-149 ms instead of ~43 ms, every kernel 2-4x slower).
+# At 2^4 cycles they sleep at once; the numpy backend is the reference, not a competitor.
+QUIET_BLAS_THREADS = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 # --unset-openblas-coretype removes these before numpy loads OpenBLAS (a re-exec).
 OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
