@@ -129,16 +129,8 @@ class Tensor(Node):
             input_grads = _call_backward(ctx, g)  # the chain rule, one Function at a time
             for inp, ig in zip(ctx.inputs, input_grads):
                 if inp is not None and ig is not None and inp.requires_grad:
-                    prev = grads.get(id(inp))
-                    if prev is None:
-                        grads[id(inp)] = ig
-                    elif prev.dtype == ig.dtype and _private(prev):  # a node used twice sums; into prev, which no one else can see
-                        if type(ig) is np.ndarray and ig.shape == prev.shape and ig.flags.c_contiguous and prev.flags.c_contiguous:
-                            backend.kernels_for(prev).accumulate(prev, ig)  # on every core (kernels/accumulate/)
-                        else:  # a broadcast or strided part: NumPy handles any layout
-                            prev += ig
-                    else:
-                        grads[id(inp)] = prev + ig
+                    prev = grads.pop(id(inp), None)
+                    grads[id(inp)] = ig if prev is None else _sum(prev, ig)  # a node used twice sums
             if not retain_graph:
                 ctx.free()
 
@@ -329,16 +321,31 @@ def _call_backward(ctx, g) -> tuple:
     return input_grads
 
 
-def _held_by_dict_and_local() -> int:
-    """What ``_private`` counts for an array held by one dict value and one local variable, as the
-    walk holds a partial gradient: measured, not assumed (interpreters count references on the
-    stack and in frames differently)."""
-    grads = {0: np.empty(1)}
-    prev = grads.get(0)
+def _sum(prev, ig):
+    """``prev + ig``: added into prev when no one else can see it (``_private``), on every core for
+    same-shaped contiguous NumPy arrays (``kernels/accumulate/``); else a fresh array."""
+    if prev.dtype != ig.dtype or not _private(prev):
+        return prev + ig
+    if type(ig) is np.ndarray and ig.shape == prev.shape and ig.flags.c_contiguous and prev.flags.c_contiguous:
+        backend.kernels_for(prev).accumulate(prev, ig)
+    else:  # a broadcast or strided part: NumPy handles any layout
+        prev += ig
+    return prev
+
+
+def _held_by_the_walk() -> int:
+    """What ``_private`` counts for an array that only the walk holds: one local variable, then
+    ``_sum``'s argument. Measured, not assumed (interpreters count references on the stack and in
+    frames differently), by the same calls."""
+    prev = np.empty(1)
+    return _as_sum_holds(prev)
+
+
+def _as_sum_holds(prev):
     return _references(prev)
 
 
-def _references(a) -> int:
+def _references(a) -> int:  # as _private counts
     return sys.getrefcount(a)
 
 
@@ -349,7 +356,7 @@ def _held_by_one_array() -> int:
     return sys.getrefcount(base)
 
 
-_PRIVATE_REFS, _PRIVATE_BASE_REFS = _held_by_dict_and_local(), _held_by_one_array()
+_PRIVATE_REFS, _PRIVATE_BASE_REFS = _held_by_the_walk(), _held_by_one_array()
 
 
 def _private(a) -> bool:
@@ -358,7 +365,7 @@ def _private(a) -> bool:
     The lesson needs only ``prev + ig``. But that writes a fresh array, a pass over new memory, and
     in U-Net every skip tensor's gradient is such a sum (max-pool's and cat's gradients). Adding
     into ``prev`` is safe when no one else can see it: it is a writeable NumPy array that only the
-    walk's ``grads`` holds (its reference count is the walk's own), and it owns its memory or is the
+    walk holds (its reference count is the walk's own), and it owns its memory or is the
     one view of a buffer no one else holds (``kernels/memory.py`` hands out such views). A gradient
     a Function also gave another input (``Add``), kept in a ``.grad``, or the caller's ``grad`` has
     more references, and is summed into a fresh array as before. NumPy elides temporaries by the
