@@ -107,16 +107,23 @@ def _array(t: Tensor | None):
 def _conv_operands(input, weight, bias, groups, weight_layout):
     """Checked (input, weight, bias) of conv2d / conv_transpose2d: 4-D floats of one dtype, groups >= 1."""
     x = _float_tensor(input, "input")
-    w = _float_tensor(weight, "weight")
     _ndim(x, 4, "input", "(N, C_in, H, W)")
+    return (x, *_conv_weights(x.dtype, weight, bias, groups, weight_layout))
+
+
+def _conv_weights(dtype, weight, bias, groups, weight_layout):
+    """Checked (weight, bias) for an input of ``dtype``: 4-D floats of that dtype, groups >= 1."""
+    w = _float_tensor(weight, "weight")
     _ndim(w, 4, "weight", weight_layout)
-    _same_dtype(w, x, "weight")
+    if w.dtype != dtype:
+        raise TypeError(f"weight has dtype {w.dtype} but input has dtype {dtype}; they must be the same")
     if bias is not None:
         bias = _float_tensor(bias, "bias")
-        _same_dtype(bias, x, "bias")
+        if bias.dtype != dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but input has dtype {dtype}; they must be the same")
     if not _is_int(groups) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
-    return x, w, bias
+    return w, bias
 
 
 class Conv2dFunction(Function):
@@ -152,17 +159,26 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
 
 def _conv2d_arguments(input, weight, bias, stride, padding, dilation, groups):
     """conv2d's checks: (x, w, bias, Conv2dFunction's keyword arguments, the output's shape)."""
-    x, w, bias = _conv_operands(input, weight, bias, groups, "(C_out, C_in/groups, kH, kW)")
+    x = _float_tensor(input, "input")
+    _ndim(x, 4, "input", "(N, C_in, H, W)")
+    w, bias, kwargs, out_shape = _conv2d_layer(x.shape, x.dtype, weight, bias, stride, padding, dilation, groups)
+    return _contig_tensor(x), w, bias, kwargs, out_shape
+
+
+def _conv2d_layer(shape, dtype, weight, bias, stride, padding, dilation, groups):
+    """conv2d's checks of everything but the input itself, for an input of ``shape`` (N, C_in, H, W)
+    and ``dtype``: (w, bias, Conv2dFunction's keyword arguments, the output's shape)."""
+    w, bias = _conv_weights(dtype, weight, bias, groups, "(C_out, C_in/groups, kH, kW)")
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
-    n, c_in, h, wd = x.shape
+    n, c_in, h, wd = shape
     c_out, c_per_group, kh, kw = w.shape
     if c_in % groups or c_out % groups:
         raise ValueError(f"groups={groups} must divide in_channels={c_in} and out_channels={c_out}")
     if c_per_group * groups != c_in:
         raise ValueError(
             f"weight expects {c_per_group * groups} input channels ({c_per_group} per group x groups={groups}), "
-            f"but input has {c_in} channels (input shape {x.shape}, weight shape {w.shape})"
+            f"but input has {c_in} channels (input shape {tuple(shape)}, weight shape {w.shape})"
         )
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},) to match weight's out_channels, got {bias.shape}")
@@ -185,10 +201,10 @@ def _conv2d_arguments(input, weight, bias, stride, padding, dilation, groups):
             f"conv2d output size would be ({ho}, {wo}) <= 0: input {h}x{wd} with padding {pads} is smaller than "
             f"the dilated kernel {dilation[0] * (kh - 1) + 1}x{dilation[1] * (kw - 1) + 1}"
         )
-    x, w = _contig_tensor(x), _contig_tensor(w)  # kernels index flat memory
+    w = _contig_tensor(w)  # kernels index flat memory
     bias = None if bias is None else _contig_tensor(bias)
     kwargs = dict(stride=stride, padding=pads, dilation=dilation, groups=int(groups))
-    return x, w, bias, kwargs, (n, c_out, ho, wo)
+    return w, bias, kwargs, (n, c_out, ho, wo)
 
 
 class ConvTranspose2dFunction(Function):
@@ -689,13 +705,34 @@ def conv2d_batch_norm(
 
     The same arguments, checks, outputs, gradients and running-statistic updates as the calls one
     after the other (the same Functions run, in the same order); the graph holds one node per
-    layer instead of two, which is what ``nn.Sequential`` runs for Conv2d, BatchNorm2d[, ReLU]
-    (torch's fused module is ``torch.ao.nn.intrinsic.ConvBnReLU2d``).
+    layer instead of two (torch's fused module is ``torch.ao.nn.intrinsic.ConvBnReLU2d``).
     """
-    x, w, b, conv_kwargs, out_shape = _conv2d_arguments(input, weight, bias, stride, padding, dilation, groups)
-    bn_kwargs = _batch_norm_arguments(out_shape, x.dtype, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, relu)
-    steps = ((Conv2dFunction, 3, conv_kwargs), (BatchNormFunction, 2, bn_kwargs))
-    return Chain.apply(x, w, b, bn_weight, bn_bias, steps=steps)
+    layer = (weight, bias, stride, padding, dilation, groups, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, relu)
+    return conv2d_batch_norm_layers(input, [layer])
+
+
+def conv2d_batch_norm_layers(input, layers) -> Tensor:
+    """Several ``conv2d_batch_norm`` layers one after another, as one node of the graph.
+
+    ``layers``: one tuple per layer of ``conv2d_batch_norm``'s arguments after ``input``, in order
+    (weight, bias, stride, padding, dilation, groups, running_mean, running_var, bn_weight, bn_bias,
+    training, momentum, eps, relu). Each layer's arguments are checked against the shape its input
+    will have; then one ``autograd.Chain`` runs the conv and batch-norm Functions of every layer.
+    ``nn.Sequential`` runs a run of Conv2d, BatchNorm2d[, ReLU] modules (a double conv) through it:
+    between two kernels of the block there is then only the chain's loop, not a module call, its
+    checks and a graph node each.
+    """
+    x = _float_tensor(input, "input")
+    _ndim(x, 4, "input", "(N, C_in, H, W)")
+    shape, dtype = x.shape, x.dtype
+    tensors, steps = [_contig_tensor(x)], []
+    for weight, bias, stride, padding, dilation, groups, rm, rv, bn_weight, bn_bias, training, momentum, eps, relu in layers:
+        w, b, conv_kwargs, shape = _conv2d_layer(shape, dtype, weight, bias, stride, padding, dilation, groups)
+        bn_kwargs = _batch_norm_arguments(shape, dtype, rm, rv, bn_weight, bn_bias, training, momentum, eps, relu)
+        # the first conv step takes the input too; every later step takes the previous output first
+        steps += [(Conv2dFunction, 3 if not steps else 2, conv_kwargs), (BatchNormFunction, 2, bn_kwargs)]
+        tensors += [w, b, bn_weight, bn_bias]
+    return Chain.apply(*tensors, steps=steps)
 
 
 # ------------------------------------------------------------ compositions: cat, dropout
@@ -998,6 +1035,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_relu",
     "conv2d_batch_norm",
+    "conv2d_batch_norm_layers",
     "cat",
     "dropout",
 ]

@@ -111,8 +111,8 @@ def test_ops_quick_times_every_cpu_conv_version(tmp_path):
 @pytest.mark.parametrize("size", ["quick", "full"])
 def test_unet_conv_layers_are_the_models(size):
     """The layer list that ``ops --layers`` times is the benchmark U-Net's: the same conv weights, in
-    the same order, and the input sizes its forward gives them (recorded where every conv2d is checked:
-    F.conv2d, and F.conv2d_batch_norm, which Sequential runs for conv -> batch norm)."""
+    the same order, and the input sizes its forward gives them (recorded where every conv2d layer is
+    checked, F.conv2d's and those of F.conv2d_batch_norm_layers, which Sequential runs for its double convs)."""
     from minseg.nn import UNet
 
     s = TRAIN_SIZES[size]
@@ -120,15 +120,15 @@ def test_unet_conv_layers_are_the_models(size):
     with minseg.backend.using("numpy"):
         model = UNet(**config)
     seen = []
-    checked = minseg.functional._conv2d_arguments
+    checked = minseg.functional._conv2d_layer
 
-    def recording(x, w, *args, **kwargs):
-        seen.append((*x.shape, w.shape[0], w.shape[-1]))
-        return checked(x, w, *args, **kwargs)
+    def recording(shape, dtype, w, *args, **kwargs):
+        seen.append((*shape, w.shape[0], w.shape[-1]))
+        return checked(shape, dtype, w, *args, **kwargs)
 
     x = minseg.Tensor(np.zeros((s["batch"], s["in_channels"], 8, 8), np.float32))  # small images: only the channels
     mp = pytest.MonkeyPatch()
-    mp.setattr(minseg.functional, "_conv2d_arguments", recording)
+    mp.setattr(minseg.functional, "_conv2d_layer", recording)
     try:
         with minseg.backend.using("numpy"), minseg.no_grad():
             model(x)

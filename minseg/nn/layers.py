@@ -34,10 +34,12 @@ class Conv2d(_ConvNd):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward_batch_norm(self, x, bn, relu=False):
-        """``bn(self(x))``, then ReLU with ``relu``, as one graph node (``F.conv2d_batch_norm``):
-        what Sequential runs for Conv2d, BatchNorm2d[, ReLU]."""
-        conv = (self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return F.conv2d_batch_norm(x, *conv, *bn._step_arguments(), relu=relu)
+        """``bn(self(x))``, then ReLU with ``relu``, as one graph node (``F.conv2d_batch_norm``)."""
+        return F.conv2d_batch_norm_layers(x, [self._layer_with(bn, relu)])
+
+    def _layer_with(self, bn, relu):
+        """This conv, ``bn`` (counting its batch) and the ReLU flag: one layer of ``F.conv2d_batch_norm_layers``."""
+        return (self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, *bn._step_arguments(), relu)
 
 
 class ConvTranspose2d(_ConvNd):
@@ -179,10 +181,10 @@ class Sequential(Module):
     ``BatchNorm2d.forward_relu`` (``F.batch_norm_relu``): the same outputs and
     running statistics as the two modules one after the other, and the same
     gradients up to the order of float additions, with one pass over the
-    activations fewer each way. A Conv2d directly followed by a BatchNorm2d (and
-    a ReLU) runs as one node of the graph, ``Conv2d.forward_batch_norm``
-    (``F.conv2d_batch_norm``): the same kernels in the same order, so the same
-    numbers, with the graph's bookkeeping between them left out. Only these exact classes fuse (a
+    activations fewer each way. Conv2d, BatchNorm2d[, ReLU] layers in a row (a
+    double conv) run as one node of the graph (``F.conv2d_batch_norm_layers``):
+    the same kernels in the same order, so the same numbers, with the module calls,
+    checks and graph bookkeeping between the kernels left out. Only these exact classes fuse (a
     subclass such as SyncBatchNorm2d may compute something else), and the modules
     and their state_dict names stay as they are. ``fuse = False`` (the constructor
     argument or the attribute) runs every module on its own.
@@ -210,9 +212,12 @@ class Sequential(Module):
         while i < len(modules):
             m = modules[i]
             if self.fuse and kinds[i] is Conv2d and kinds[i + 1] is BatchNorm2d:
-                relu = kinds[i + 2] is ReLU
-                x = m.forward_batch_norm(x, modules[i + 1], relu)
-                i += 3 if relu else 2
+                layers = []  # every Conv2d, BatchNorm2d[, ReLU] in a row: one graph node
+                while kinds[i] is Conv2d and kinds[i + 1] is BatchNorm2d:
+                    relu = kinds[i + 2] is ReLU
+                    layers.append(modules[i]._layer_with(modules[i + 1], relu))
+                    i += 3 if relu else 2
+                x = F.conv2d_batch_norm_layers(x, layers)
             elif self.fuse and kinds[i] is BatchNorm2d and kinds[i + 1] is ReLU:
                 x = m.forward_relu(x)
                 i += 2

@@ -114,8 +114,8 @@ def test_unet_fused_and_unfused_train_alike(backend_name):
 
 @pytest.mark.parametrize("backend_name", ["numpy", "cpu"])  # the chain is backend-agnostic: it runs the same Functions
 def test_conv_batch_norm_chain_is_the_unfused_calls_bit_for_bit(backend_name):
-    """Conv2d, BatchNorm2d[, ReLU] in a Sequential run as one graph node (autograd.Chain over the same
-    Functions): outputs, gradients and running statistics equal the separate calls exactly."""
+    """Conv2d, BatchNorm2d[, ReLU] layers in a row in a Sequential run as one graph node (autograd.Chain
+    over the same Functions): outputs, gradients and running statistics equal the separate calls exactly."""
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((2, 3, 6, 6)) * 2 + 1).astype(np.float32)
     gy = rng.standard_normal((2, 4, 2, 2)).astype(np.float32)
@@ -137,15 +137,15 @@ def test_conv_batch_norm_chain_is_the_unfused_calls_bit_for_bit(backend_name):
         for run in (lambda m, xt: m(xt), separate):
             model, xt = make(), minseg.Tensor(x, requires_grad=True)
             y = run(model, xt)
+            if run is not separate:  # the pool's input is one chain node: conv, bn, conv, bn, made from x itself
+                chained = y._ctx.inputs[0]._ctx
+                assert chained.function is minseg.autograd.Chain and len(chained.parts) == 4
+                assert chained.inputs[0] is xt
             y.backward(minseg.Tensor(gy))
             out = [("y", y.numpy()), ("gx", xt.grad.numpy())]
             out += [(f"grad {n}", p.grad.numpy()) for n, p in model.named_parameters()]
             out += [(n, b.numpy()) for n, b in model.named_buffers()]
             results.append(out)
-            if run is not separate:  # the pool's input is the second chain's output: one node per layer
-                chained = y._ctx.inputs[0]._ctx
-                assert chained.function is minseg.autograd.Chain
-                assert chained.inputs[0]._ctx.function is minseg.autograd.Chain
     for (name, a), (_, b) in zip(*results):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
