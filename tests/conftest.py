@@ -52,6 +52,16 @@ DEV_EXAMPLES_FACTOR = 10
 def pytest_collection_modifyitems(config, items):
     if PROFILE == "dev":
         _scale_examples(items)
+    _background_readers_last(items)
+
+
+def _background_readers_last(items):
+    """The tests that read a background job's output run last, when the job (started as the run
+    begins, on the other core) has had the whole run to finish instead of being waited for."""
+    from tests import background
+
+    prefixes = tuple(job.tests for job in background.JOBS.values())
+    items.sort(key=lambda item: item.nodeid.startswith(prefixes))  # stable: the rest keep their order
 
 
 def pytest_collection_finish(session):
