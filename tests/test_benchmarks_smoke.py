@@ -177,6 +177,9 @@ def test_train_quick(tmp_path):
     assert numpy["kernel_calls"] > 0 and 0 < numpy["kernel_s"] < numpy["step_s"]
     assert numpy["outside_s"] == pytest.approx(numpy["step_s"] - numpy["kernel_s"])
     assert numpy["outside_pct"] == pytest.approx(100 * numpy["outside_s"] / numpy["step_s"])
+    # the timing wrappers' own cost, measured with a second layer: >= 0, and 'outside' less it
+    assert 0 <= numpy["wrapper_s"] and numpy["outside_net_s"] == pytest.approx(numpy["outside_s"] - numpy["wrapper_s"])
+    assert "without the timing wrappers' own" in stdout
     # where the time inside goes: every kernel function the step called, slowest first, calls adding up
     kernels = numpy["kernels"]
     assert set(kernels) <= set(minseg.backend.load("numpy").functions) and "conv2d_forward" in kernels
