@@ -55,13 +55,21 @@ def pytest_collection_modifyitems(config, items):
     _background_readers_last(items)
 
 
+# Tests that start Python subprocesses which train or benchmark (MPI ranks, the CLI, the benchmark
+# commands): each subprocess loads the Numba kernels from the on-disk cache, or compiles them when
+# the cache is cold (a fresh clone: CI). They run after the in-process tests, which fill the cache.
+SUBPROCESS_TESTS = ("tests/distributed/", "tests/e2e/", "tests/test_benchmarks_smoke.py")
+
+
 def _background_readers_last(items):
-    """The tests that read a background job's output run last, when the job (started as the run
-    begins, on the other core) has had the whole run to finish instead of being waited for."""
+    """The subprocess tests run after the others (a warm Numba cache), and the tests that read a
+    background job's output last of all, when the job (started as the run begins, on the other
+    core) has had the whole run to finish instead of being waited for."""
     from tests import background
 
-    prefixes = tuple(job.tests for job in background.JOBS.values())
-    items.sort(key=lambda item: item.nodeid.startswith(prefixes))  # stable: the rest keep their order
+    readers = tuple(job.tests for job in background.JOBS.values())
+    # stable: within each group the tests keep their order
+    items.sort(key=lambda item: 2 if item.nodeid.startswith(readers) else int(item.nodeid.startswith(SUBPROCESS_TESTS)))
 
 
 def pytest_collection_finish(session):
