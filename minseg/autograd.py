@@ -164,8 +164,8 @@ class Chain(Function):
     which is the walk of ``Tensor.backward`` over a path of k nodes, done here directly. The
     result is the same; what it saves is the graph's bookkeeping between the steps (a Tensor, a
     node and a visit per intermediate output, the Python between two kernels), which for a
-    layer like conv -> batch norm costs as much as a small kernel. ``nn.Sequential`` chains a
-    Conv2d followed by a BatchNorm2d (``functional.conv2d_batch_norm``).
+    layer like conv -> batch norm costs as much as a small kernel. ``nn.Sequential`` chains
+    each run of Conv2d, BatchNorm2d[, ReLU] layers (``functional.conv2d_batch_norm_layers``).
     """
 
     @staticmethod
