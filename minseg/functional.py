@@ -37,9 +37,10 @@ def _float_tensor(x, name: str) -> Tensor:
     return x
 
 
-def _same_dtype(t: Tensor | None, ref: Tensor, name: str, ref_name: str = "input"):
-    if t is not None and t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must be the same")
+def _same_dtype(t: Tensor | None, dtype, name: str, ref_name: str = "input"):
+    """``t`` (when given) has ``dtype``, the dtype of ``ref_name``."""
+    if t is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {dtype}; they must be the same")
 
 
 def _ndim(x: Tensor, ndim: int, name: str, layout: str):
@@ -115,12 +116,10 @@ def _conv_weights(dtype, weight, bias, groups, weight_layout):
     """Checked (weight, bias) for an input of ``dtype``: 4-D floats of that dtype, groups >= 1."""
     w = _float_tensor(weight, "weight")
     _ndim(w, 4, "weight", weight_layout)
-    if w.dtype != dtype:
-        raise TypeError(f"weight has dtype {w.dtype} but input has dtype {dtype}; they must be the same")
+    _same_dtype(w, dtype, "weight")
     if bias is not None:
         bias = _float_tensor(bias, "bias")
-        if bias.dtype != dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but input has dtype {dtype}; they must be the same")
+        _same_dtype(bias, dtype, "bias")
     if not _is_int(groups) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     return w, bias
@@ -577,7 +576,7 @@ def _class_scores(input, target, weight, weight_name: str, reduction, has_reduct
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if weight is not None:
         weight = _float_tensor(weight, weight_name)
-        _same_dtype(weight, x, weight_name)
+        _same_dtype(weight, x.dtype, weight_name)
         if weight.shape != (c,):
             raise ValueError(f"{weight_name} must have shape ({c},), one per class, got {weight.shape}")
     return x, t, weight, expected
@@ -674,8 +673,7 @@ def _batch_norm_arguments(shape, dtype, running_mean, running_var, weight, bias,
         # one test for the common case (every layer of every step), the checks that name the problem otherwise
         if t is not None and not (isinstance(t, Tensor) and t.data.dtype == dtype and t.data.shape == (c,)):
             _float_tensor(t, name)
-            if t.dtype != dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {dtype}; they must be the same")
+            _same_dtype(t, dtype, name)
             raise ValueError(f"{name} must have shape ({c},) for input with {c} channels, got {t.shape}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{op} in eval mode (training=False) needs running_mean and running_var")

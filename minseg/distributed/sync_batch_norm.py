@@ -77,7 +77,7 @@ def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, c
     if x.ndim != 4:
         raise ValueError(f"SyncBatchNorm2d expects (N, C, H, W) input, got shape {x.shape}")
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        F._same_dtype(t, x, name)
+        F._same_dtype(t, x.dtype, name)
     if not (isinstance(momentum, numbers.Real) and 0 <= momentum <= 1):
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
     if not (isinstance(eps, numbers.Real) and eps > 0):

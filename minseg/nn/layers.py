@@ -33,10 +33,6 @@ class Conv2d(_ConvNd):
     def forward(self, x):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def forward_batch_norm(self, x, bn, relu=False):
-        """``bn(self(x))``, then ReLU with ``relu``, as one graph node (``F.conv2d_batch_norm``)."""
-        return F.conv2d_batch_norm_layers(x, [self._layer_with(bn, relu)])
-
     def _layer_with(self, bn, relu):
         """This conv, ``bn`` (counting its batch) and the ReLU flag: one layer of ``F.conv2d_batch_norm_layers``."""
         return (self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, *bn._step_arguments(), relu)
