@@ -67,3 +67,15 @@ def oracle_backends() -> list:
     from minseg.backend import available_backends
 
     return [pytest.param(name, id=name) for name in available_backends()]
+
+
+def cat_pieces(base, dim, sizes, dtype, seed):
+    """Arrays for cat: shaped ``base`` except ``sizes[i]`` along ``dim``, with random values
+    (``seed``: an int, or a Generator, which draws on)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        shape = list(base)
+        shape[dim] = n
+        out.append(rng.standard_normal(shape).astype(dtype))
+    return out

@@ -4,22 +4,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.helpers import assert_close, kernel_modules, load, reference
+from tests.helpers import assert_close, cat_pieces as pieces, kernel_modules, load, reference
 
 REF = reference("cat")
 MODULES = kernel_modules("cat")
 ALL_MODULES = [pytest.param("kernels.cat.reference", id="numpy")] + MODULES
-
-
-def pieces(base, dim, sizes, dtype, seed):
-    """Arrays shaped ``base`` except ``sizes[i]`` along ``dim``, with random values."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for n in sizes:
-        shape = list(base)
-        shape[dim] = n
-        out.append(rng.standard_normal(shape).astype(dtype))
-    return out
 
 
 @pytest.mark.parametrize("modname", MODULES)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import minseg
 from minseg import backend
 from minseg.functional import cat, dropout, relu
-from tests.helpers import assert_close, oracle_backends, torch_or_skip
+from tests.helpers import assert_close, cat_pieces, oracle_backends, torch_or_skip
 
 torch = torch_or_skip()
 
@@ -51,11 +51,7 @@ def test_cat_matches_torch(backend_name, base, data, dtype, seed):
     dim = data.draw(st.integers(-len(base), len(base) - 1), label="dim")
     sizes = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=4), label="sizes along dim")
     rng = np.random.default_rng(seed)
-    arrays = []
-    for k in sizes:
-        shape = list(base)
-        shape[dim] = k
-        arrays.append(rng.standard_normal(shape).astype(dtype))
+    arrays = cat_pieces(base, dim, sizes, dtype, rng)  # then gy from the same generator
     tensors = [minseg.Tensor(a, requires_grad=True) for a in arrays]
     with backend.using(backend_name):
         y = cat(tensors, dim)
