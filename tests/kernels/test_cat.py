@@ -4,7 +4,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.helpers import assert_close, cat_pieces as pieces, kernel_modules, load, reference
+from tests.helpers import assert_close, kernel_modules, load, reference
+from tests.helpers import cat_pieces as pieces
 
 REF = reference("cat")
 MODULES = kernel_modules("cat")
