@@ -1072,6 +1072,21 @@ def _vector_positions(xoffs, yoffs, rows, wq, row_len, lanes, wide, images, x_im
 
 
 @njit(cache=True, inline="always")
+def _vector_band(x, ho, wo, step, images, kh, kw, dh, dw):
+    """The v5 kernels' band geometry: (lanes, Wq, npad_max, band buffer size, bands per image).
+
+    Wq = Wo + (kw-1) dw padded pixels per band row; a band of ``step`` output rows of ``images``
+    images needs their input rows (plus the taps' reach) in the buffer, one vector of slack for
+    the last vector's over-read; npad_max is a band's wide pixels rounded up to whole vectors.
+    """
+    lanes = VECTOR_BYTES // x.itemsize
+    wq = wo + (kw - 1) * dw
+    npad_max = -(-step * wq // lanes) * lanes
+    xb_size = images * x.shape[1] * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + lanes
+    return lanes, wq, npad_max, xb_size, (ho + step - 1) // step
+
+
+@njit(cache=True, inline="always")
 def _product_strip(xb, x_at, xoffs_at, offs, wg_at, ldw, kk, y_at, yoffs_at, ldy, b_at, nv, mr):
     """``tile_product`` of one block of mr (MR5, or 4 for narrow outputs) channels over nv (1..NV5) vectors."""
     if mr == MR5:
@@ -1111,11 +1126,7 @@ def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, d
     c_out, ho, wo = y.shape[1], y.shape[2], y.shape[3]
     og, cg = c_out // groups, c_in // groups
     ogp, kk = wp.shape[2], wp.shape[1]
-    lanes = VECTOR_BYTES // x.itemsize
-    wq = wo + (kw - 1) * dw
-    npad_max = -(-step * wq // lanes) * lanes
-    xb_size = c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + lanes
-    bands = (ho + step - 1) // step
+    lanes, wq, npad_max, xb_size, bands = _vector_band(x, ho, wo, step, 1, kh, kw, dh, dw)
     isz = x.itemsize
     nt = ws.shape[0]
     for t in prange(nt):
@@ -1195,11 +1206,8 @@ def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, 
     c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
     og, cg = c_out // groups, c_in // groups
     ogp, kp = part.shape[2], part.shape[3]
-    lanes = VECTOR_BYTES // x.itemsize
-    wq = wo + (kw - 1) * dw
-    npad_max = -(-step * wq // lanes) * lanes
-    xb_size = fold * c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw + lanes
-    bands, runs = (ho + step - 1) // step, (n + fold - 1) // fold
+    lanes, wq, npad_max, xb_size, bands = _vector_band(x, ho, wo, step, fold, kh, kw, dh, dw)
+    runs = (n + fold - 1) // fold
     nt = ws.shape[0]
     for t in prange(nt):
         xb, gyw = ws[t, :xb_size], ws[t, xb_size : xb_size + groups * ogp * npad_max]
