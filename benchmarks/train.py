@@ -243,6 +243,15 @@ def kernel_time_split(lib: MinsegLib, impl: Impl, steps: int) -> dict:
     It is measured, not guessed: ``steps`` more steps, interleaved with the others, run with a
     second, identical wrapper around each clock, and the median growth of 'outside' is one
     wrapper layer's cost (``wrapper_s``); ``outside_net_s`` is 'outside' less that.
+
+    A kernel function is itself partly Python: the cpu backend's functions check layouts, pack
+    weights, allocate outputs and workspaces, then call compiled (Numba) code. A third set of
+    ``steps`` steps, interleaved too, clocks every Numba dispatcher those Python functions call
+    (``_compiled_functions``): ``compiled_s`` is the median time per step in compiled code
+    (dispatch included), ``host_s`` = 'inside' less that, the Python and NumPy work around it.
+    Python that runs right after a kernel runs slowest (the kernel's data has pushed it out of the
+    caches), so how the Python time splits between 'outside' and 'host' depends on which runs
+    first; their sum does not.
     """
     import time
 
@@ -263,19 +272,25 @@ def kernel_time_split(lib: MinsegLib, impl: Impl, steps: int) -> dict:
 
     single = {name: timed(fn, spent[name]) for name, fn in saved.items()}
     double = {name: timed(fn, unused) for name, fn in single.items()}
-    totals, inside, per_kernel, calls, doubled = [], [], {name: [] for name in saved}, {}, []
+    dispatchers = _compiled_functions()
+    compiled_clock = [0.0, 0]
+    compiled = {where: timed(fn, compiled_clock) for where, fn in dispatchers.items()}
+    totals, inside, per_kernel, calls, doubled, in_compiled = [], [], {name: [] for name in saved}, {}, [], []
     try:
-        for i in range(2 * steps):
-            functions.update(single if i % 2 == 0 else double)
+        for i in range(3 * steps):
+            functions.update(double if i % 3 == 1 else single)
+            _set_globals(compiled if i % 3 == 2 else dispatchers)
             impl.reset()
-            for clock in spent.values():
+            for clock in (*spent.values(), compiled_clock):
                 clock[0], clock[1] = 0.0, 0
             t0 = time.perf_counter()
             out = impl.run()
             total = time.perf_counter() - t0
             kernel = sum(seconds for seconds, _ in spent.values())
-            if i % 2:
+            if i % 3 == 1:
                 doubled.append(total - kernel)
+            elif i % 3 == 2:
+                in_compiled.append(compiled_clock[0])
             else:
                 totals.append(total)
                 inside.append(kernel)
@@ -285,14 +300,44 @@ def kernel_time_split(lib: MinsegLib, impl: Impl, steps: int) -> dict:
             del out
     finally:
         functions.update(saved)
+        _set_globals(dispatchers)
     step, kernel = float(np.median(totals)), float(np.median(inside))
     outside = step - kernel
     wrapper = max(0.0, float(np.median(doubled)) - float(np.median(np.subtract(totals, inside))))
     kernels = {name: dict(s=float(np.median(per_kernel[name])), calls=calls[name]) for name in saved if calls[name]}
     kernels = dict(sorted(kernels.items(), key=lambda item: -item[1]["s"]))
-    return dict(step_s=step, kernel_s=kernel, outside_s=outside, outside_pct=100 * outside / step,
-                wrapper_s=wrapper, outside_net_s=outside - wrapper, outside_net_pct=100 * (outside - wrapper) / step,
-                kernel_calls=sum(calls.values()), steps=steps, kernels=kernels)
+    split = dict(step_s=step, kernel_s=kernel, outside_s=outside, outside_pct=100 * outside / step,
+                 wrapper_s=wrapper, outside_net_s=outside - wrapper, outside_net_pct=100 * (outside - wrapper) / step,
+                 kernel_calls=sum(calls.values()), steps=steps, kernels=kernels)
+    if compiled_clock[1]:  # a backend with compiled code (cpu): how much of 'inside' it is
+        compiled_s = min(float(np.median(in_compiled)), kernel)
+        split.update(compiled_s=compiled_s, compiled_calls=compiled_clock[1], host_s=kernel - compiled_s,
+                     host_pct=100 * (kernel - compiled_s) / step)
+    return split
+
+
+def _compiled_functions() -> dict:
+    """{(module, name): dispatcher} of every Numba dispatcher that is a global of a module of the
+    ``kernels`` package (what the kernel functions' Python calls: a global is looked up at each
+    call, so replacing it reroutes the call; compiled code calling compiled code is not seen).
+    Only steps after the warm-up are clocked this way: code compiled while a global is a clock
+    would fail to type it."""
+    import sys
+
+    from numba.core.dispatcher import Dispatcher
+
+    found = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is not None and (module_name == "kernels" or module_name.startswith("kernels.")):
+            for name, value in vars(module).items():
+                if isinstance(value, Dispatcher):
+                    found[(module, name)] = value
+    return found
+
+
+def _set_globals(functions: dict) -> None:
+    for (module, name), fn in functions.items():
+        setattr(module, name, fn)
 
 
 def step_profile(case, libs: list, steps: int, memory_of) -> dict:
@@ -325,6 +370,10 @@ def profile_lines(profile: dict) -> list[str]:
                      f"({p['outside_pct']:.1f}%) outside them (graph walk, Function.apply, checks, allocation); "
                      f"{p['outside_net_s'] * 1e3:.2f} ms ({p['outside_net_pct']:.1f}%) without the timing wrappers' own "
                      f"{p['wrapper_s'] * 1e3:.2f} ms (measured: one more wrapper layer)")
+            if "compiled_s" in p:
+                line += (f"; inside them, {p['compiled_s'] * 1e3:.2f} ms in compiled (Numba) code ({p['compiled_calls']} "
+                         f"calls) and {p['host_s'] * 1e3:.2f} ms ({p['host_pct']:.1f}% of the step) in their Python and "
+                         "NumPy host code (layout checks, packing, allocation)")
         lines.append(line)
         if p.get("kernels"):
             lines.append(f"step profile [{name}] inside kernels, ms per step (median of {p['steps']}): " + kernel_breakdown(p["kernels"]))

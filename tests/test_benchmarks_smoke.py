@@ -192,8 +192,16 @@ def test_train_quick(tmp_path):
     assert model["channels"] == "-".join(str(size["base_channels"] * 2**i) for i in range(size["depth"] + 1))
     # same architecture: equal parameter counts (the torch twin also loaded minseg's state_dict strictly)
     assert len(set(model["params"].values())) == 1 and sorted(model["params"]) == sorted(impls)
+    assert "compiled_s" not in numpy  # the numpy backend has no compiled code
     if cpu:
         assert "error" not in profile["cpu v1"] and profile["cpu v1"]["kernel_calls"] == profile["cpu"]["kernel_calls"] > 0
+        # the cpu backend's kernel functions: compiled code and the host code around it split 'inside'
+        for name in ("cpu", "cpu v1"):
+            p = profile[name]
+            assert p["compiled_calls"] > 0 and 0 < p["compiled_s"] <= p["kernel_s"]
+            assert p["host_s"] == pytest.approx(p["kernel_s"] - p["compiled_s"])
+            assert p["host_pct"] == pytest.approx(100 * p["host_s"] / p["step_s"])
+        assert "in compiled (Numba) code" in stdout
 
 
 def test_gpu_mode_without_gpu_exits_cleanly():
