@@ -76,17 +76,24 @@ def _lane_sum(builder, vec):
     return builder.extract_element(vec, ir.Constant(ir.IntType(32), 0))
 
 
-def _counted_loop(builder, count, carried, body):
+def _counted_loop(builder, count, carried, body, nonempty=False):
     """Emit ``for k in range(count): carried = body(k, carried)`` and return the final ``carried``.
 
     ``carried`` is a list of LLVM values (the accumulators): each becomes a phi node, which
-    is how a value lives in a register across iterations in SSA form.
+    is how a value lives in a register across iterations in SSA form. ``nonempty``: the
+    caller guarantees count >= 1, so there is no path around the loop, and the values before
+    it are dead once it starts. (Otherwise they stay live through the loop, for the count = 0
+    path: with loops nested, that doubles the registers the accumulators need, and LLVM
+    spills them.)
     """
     i64 = ir.IntType(64)
     entry = builder.basic_block
     loop = builder.append_basic_block("micro.loop")
     done = builder.append_basic_block("micro.done")
-    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(i64, 0)), loop, done)
+    if nonempty:
+        builder.branch(loop)
+    else:
+        builder.cbranch(builder.icmp_signed(">", count, ir.Constant(i64, 0)), loop, done)
     builder.position_at_end(loop)
     k = builder.phi(i64)
     phis = [builder.phi(v.type) for v in carried]
@@ -100,6 +107,8 @@ def _counted_loop(builder, count, carried, body):
         phi.add_incoming(start, entry)
         phi.add_incoming(value, end)
     builder.position_at_end(done)
+    if nonempty:
+        return new
     out = []
     for start, value in zip(carried, new):
         merged = builder.phi(start.type)
@@ -221,6 +230,129 @@ def tile_dots(typingctx, like, gy, gyoffs, ldg, x, xoffs, offs, n_vectors, out, 
             for t in range(kt_):
                 ptr = builder.gep(op, [builder.add(builder.mul(ir.Constant(i64, a), ldo_v), ir.Constant(i64, t))])
                 builder.store(builder.fadd(builder.load(ptr), _lane_sum(builder, acc[a * kt_ + t])), ptr)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile_outer(typingctx, like, gt, ldg_row, ldg_pix, x, cs, wq, n_rows, n_cols, out, ldo, mo, cb, kh, kw):
+    """out[((c*kh + p)*kw + q)*ldo + a*lanes + l] += sum_{r < n_rows, j < n_cols}
+    gt[r*ldg_row + j*ldg_pix + a*lanes + l] * x[c*cs + (r + p)*wq + j + q]
+
+    for c < cb channels, taps p < kh, q < kw, a < mo vectors of output channels and l < lanes: the
+    sum over a block of pixels of outer products, a column of mo*lanes channels of gy^T (``gt``,
+    pixel-major: one pixel's channels are consecutive) times a row of cb*kh*kw taps of the padded
+    input band ``x`` (rows of ``wq`` values, channels ``cs`` apart). Each tap's value is one
+    number, broadcast to all lanes (the FMA takes it straight from memory), so no sum ever crosses
+    lanes: the mo*cb*kh*kw accumulators start at zero, run over the block and are added to
+    ``out`` at the end. gt, x, out are addresses of ``like``'s dtype; mo, cb, kh, kw are constants.
+    """
+    mo_, cb_, kh_, kw_ = (_literal(v, n) for v, n in ((mo, "mo"), (cb, "cb"), (kh, "kh"), (kw, "kw")))
+    sig = types.none(like, gt, ldg_row, ldg_pix, x, cs, wq, n_rows, n_cols, out, ldo, mo, cb, kh, kw)
+    dtype = like.dtype
+
+    def codegen(context, builder, signature, args):
+        _, g_addr, ldg_row_v, ldg_pix_v, x_addr, cs_v, wq_v, nrows, ncols, out_addr, ldo_v = args[:11]
+        ft, (gp, xp, op) = _pointers(context, builder, dtype, g_addr, x_addr, out_addr)
+        i64 = ir.IntType(64)
+        vt = ir.VectorType(ft, VECTOR_BYTES * 8 // dtype.bitwidth)
+        lanes_ = vt.count
+        fma = _fma(builder, vt)
+        align = dtype.bitwidth // 8
+        taps = [(c, p, q) for c in range(cb_) for p in range(kh_) for q in range(kw_)]
+
+        def row(r, acc):
+            g_row = builder.mul(r, ldg_row_v)
+            # where each (channel, tap row) of this output row starts in x: cb*kh bases per row
+            bases = {(c, p): builder.add(builder.mul(ir.Constant(i64, c), cs_v), builder.mul(builder.add(r, ir.Constant(i64, p)), wq_v))
+                     for c in range(cb_) for p in range(kh_)}
+
+            def pixel(j, acc):
+                g_at = builder.add(g_row, builder.mul(j, ldg_pix_v))
+                gs = [_vector_at(builder, gp, builder.add(g_at, ir.Constant(i64, a * lanes_)), vt, align) for a in range(mo_)]
+                out = list(acc)
+                for t, (c, p, q) in enumerate(taps):
+                    value = builder.load(builder.gep(xp, [builder.add(builder.add(bases[c, p], j), ir.Constant(i64, q))]))
+                    s = _splat(builder, value, vt)
+                    for a in range(mo_):
+                        out[t * mo_ + a] = builder.call(fma, [gs[a], s, acc[t * mo_ + a]])
+                return out
+
+            return _counted_loop(builder, ncols, acc, pixel, nonempty=True)
+
+        acc = _counted_loop(builder, nrows, [ir.Constant(vt, None)] * (len(taps) * mo_), row, nonempty=True)
+        for t in range(len(taps)):
+            for a in range(mo_):
+                at = builder.bitcast(builder.gep(op, [builder.add(builder.mul(ir.Constant(i64, t), ldo_v), ir.Constant(i64, a * lanes_))]),
+                                     vt.as_pointer())
+                builder.store(builder.fadd(builder.load(at, align=align), acc[t * mo_ + a]), at, align=align)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _swap_bit_masks(lanes_, k):
+    """The two shuffle masks that swap bit k of the row index with bit k of the lane index for a pair
+    of rows A (bit k clear) and A + 2**k: indices < lanes pick from row A, the rest from row A + 2**k."""
+    b = 1 << k
+    low = [lane if not lane & b else lanes_ + lane - b for lane in range(lanes_)]
+    high = [lane + b if not lane & b else lanes_ + lane for lane in range(lanes_)]
+    return low, high
+
+
+@intrinsic
+def transpose_block(typingctx, like, src, lds, dst, ldd):
+    """dst[l*ldd + a] = src[a*lds + l] for a, l < lanes: one lanes x lanes block transposed in registers.
+
+    Element (row a, lane l) must end at (row l, lane a): swap the bits of the two indices, one bit
+    per stage. Stage k pairs rows A and A + 2**k and exchanges, between them, the lanes whose bit k
+    differs from the row's (two shuffles per pair); log2(lanes) stages of lanes shuffles each, so
+    16 x 16 floats take 64 shuffles and no memory but the loads and stores. src and dst are
+    addresses of ``like``'s dtype, lds and ldd in values.
+    """
+    sig = types.none(like, src, lds, dst, ldd)
+    dtype = like.dtype
+
+    def codegen(context, builder, signature, args):
+        _, s_addr, lds_v, d_addr, ldd_v = args
+        ft, (sp, dp) = _pointers(context, builder, dtype, s_addr, d_addr)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        vt = ir.VectorType(ft, VECTOR_BYTES * 8 // dtype.bitwidth)
+        lanes_ = vt.count
+        align = dtype.bitwidth // 8
+        rows = [_vector_at(builder, sp, builder.mul(ir.Constant(i64, a), lds_v), vt, align) for a in range(lanes_)]
+        k = 0
+        while 1 << k < lanes_:
+            low, high = (ir.Constant(ir.VectorType(i32, lanes_), m) for m in _swap_bit_masks(lanes_, k))
+            for a in range(lanes_):
+                if not a & (1 << k):
+                    b = a + (1 << k)
+                    rows[a], rows[b] = builder.shuffle_vector(rows[a], rows[b], low), builder.shuffle_vector(rows[a], rows[b], high)
+            k += 1
+        for lane in range(lanes_):
+            at = builder.gep(dp, [builder.mul(ir.Constant(i64, lane), ldd_v)])
+            builder.store(rows[lane], builder.bitcast(at, vt.as_pointer()), align=align)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_values(typingctx, like, dst, src, n):
+    """dst[:n] = src[:n] for addresses of ``like``'s dtype (``llvm.memcpy``: the regions must not overlap).
+
+    A band row is tens of values: copied by a Numba loop it runs a value at a time (the compiler
+    cannot rule out that the two arrays overlap, so it does not vectorise), and a slice
+    assignment spends more on making its views than on the copy.
+    """
+    sig = types.none(like, dst, src, n)
+    dtype = like.dtype
+
+    def codegen(context, builder, signature, args):
+        _, d_addr, s_addr, count = args
+        _, (dp, sp) = _pointers(context, builder, dtype, d_addr, s_addr)
+        cgutils.raw_memcpy(builder, dp, sp, count, context.get_abi_sizeof(context.get_value_type(dtype)))
         return context.get_dummy_value()
 
     return sig, codegen
