@@ -13,7 +13,7 @@ Versions (llm.c dev/cuda style, as ``cuda.py``): each function takes
 ``version=k``; ``FORWARD_VERSIONS``, ``GRAD_INPUT_VERSIONS`` and
 ``GRAD_WEIGHT_VERSIONS`` list them, tests/kernels/test_conv2d.py checks every
 one against the reference, and ``python -m benchmarks ops --only conv2d``
-times every one against torch. The defaults are the fastest measured so far (v5).
+times every one against torch. The defaults are the fastest measured so far (v5; v6 for grad_weight).
 
 * **v1 direct** -- the reference's sums as plain loops: one output plane
   (image, channel) per ``prange`` iteration, and for each output pixel the
@@ -72,6 +72,19 @@ times every one against torch. The defaults are the fastest measured so far (v5)
   (Og < 8, e.g. the 1x1 head) use blocks of 4 channels, and a 1x1 kernel
   without padding reads x itself as its band (no copy). The tests check in
   the machine code that every FMA is a zmm one and nothing spills.
+* **v6 grad_weight as outer products** (grad_weight's default) -- v5's dot
+  products end with a sum across the lanes of every accumulator, and their
+  x rows start at every tap's shift, so most vector loads straddle two cache
+  lines. v6 turns the product around: ``gw[o, (c, p, q)] = sum over pixels of
+  gy^T[pixel, o] * x[c, pixel + (p, q)]``, a vector of MO6 x 16 output channels
+  of gy^T times one value of x, *broadcast* to all lanes (the FMA reads it
+  straight from memory, no alignment needed), accumulated over all the pixels
+  of a few rows (``tile_outer``: 2 vectors x 9 taps, or 1 vector x the taps of
+  3 channels, 18 or 27 zmm accumulators). gy^T (each pixel's channels
+  consecutive) is made per band by 16 x 16 transposes in registers
+  (``transpose_block``). For 3x3 kernels at stride 1, dilation 1, when Og and Wo
+  are whole vectors and Cg >= 8; else v5. On the U-Net's 3x3 layers, 2 threads
+  (interleaved medians, under load): 262-342 GFLOP/s where v5 does 250-275.
 
 Measured by ``python -m benchmarks ops`` (fwd+bwd = forward + grad_input +
 grad_weight + grad_bias through ``minseg.functional``; % of peak against the
@@ -181,7 +194,7 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
-from kernels.conv2d.microkernels import VECTOR_BYTES, copy_values, tile_dots, tile_product
+from kernels.conv2d.microkernels import VECTOR_BYTES, copy_values, tile_dots, tile_outer, tile_product, transpose_block
 from kernels.conv2d.microkernels import lanes as lanes_of
 from kernels.memory import empty_aligned
 from kernels.shapes import conv_output_size
@@ -1300,12 +1313,113 @@ def _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups):
     return np.ascontiguousarray(gw[:, :og, : cg * kh * kw]).reshape(w_shape)
 
 
+# ------------------------------------- v6: grad_weight as outer products (microkernels.tile_outer)
+
+# v6's block: MO6 vectors of output channels x the 9 taps of one input channel (2 x 9 = 18 zmm
+# accumulators), or, when Og is one vector, 1 x the taps of CB6 channels (27); more spills.
+MO6, CB6 = 2, 3
+_OUTER_BYTES = 16 << 10  # the gy^T rows one tile_outer call streams: with its x rows, well inside L1
+# Below this many input channels per group, v5: gy^T is transposed once per item and serves Cg*9
+# taps, and for the 3->16 first layer that costs more than the outer products gain (one thread,
+# under load: 34% of a core's peak vs v5's 40%).
+_OUTER_MIN_CG = 8
+
+
+@njit(cache=True, inline="always")
+def _outer_block(xb, gt_at, ldg_row, ldg_pix, x_at, cs, wq, rows, wo, out_at, ldo, mo, cb):
+    """``tile_outer`` for a block of mo (1 or MO6) vectors of channels x cb (1..CB6) input channels' 3x3 taps."""
+    if mo == MO6:
+        tile_outer(xb, gt_at, ldg_row, ldg_pix, x_at, cs, wq, rows, wo, out_at, ldo, MO6, 1, 3, 3)
+    elif cb == 3:
+        tile_outer(xb, gt_at, ldg_row, ldg_pix, x_at, cs, wq, rows, wo, out_at, ldo, 1, 3, 3, 3)
+    elif cb == 2:
+        tile_outer(xb, gt_at, ldg_row, ldg_pix, x_at, cs, wq, rows, wo, out_at, ldo, 1, 2, 3, 3)
+    else:
+        tile_outer(xb, gt_at, ldg_row, ldg_pix, x_at, cs, wq, rows, wo, out_at, ldo, 1, 1, 3, 3)
+
+
+@njit(parallel=True, cache=True)
+def _grad_weight_outer_kernel(x, gy, part, ws, xb_len, step, chunk, pt, pl, groups):
+    """3x3, stride 1, dilation 1: part[t, g, (c, p, q), o] = thread t's share of gw[g*Og + o, c, p, q]
+    = sum over its items' pixels of gy[i, g*Og + o, pixel] * x_pad[i, g*Cg + c, pixel shifted by (p, q)].
+
+    Per work item (image, band of output rows): pad the band of x (``_pad_band``, rows of Wq = Wo + 2),
+    and transpose the band of gy, one group at a time, to ``gt`` = gy^T (pixel-major: a pixel's Og
+    channels are consecutive), lanes x lanes blocks at a time in registers (``transpose_block``).
+    Then, for every few rows (``chunk``, so that what a call reads stays in L1), every block of
+    output-channel vectors and every block of input channels, ``tile_outer`` adds the outer products
+    of a vector of gy^T and each tap's value of x, broadcast: no sum across lanes, so the
+    accumulators need no reduction and x's values need no alignment.
+    """
+    n, c_in = x.shape[0], x.shape[1]
+    c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    og, cg = c_out // groups, c_in // groups
+    lanes = VECTOR_BYTES // x.itemsize
+    wq = wo + 2
+    bands = (ho + step - 1) // step
+    nt = ws.shape[0]
+    for t in prange(nt):
+        xb, gt = ws[t, :xb_len], ws[t, xb_len:]
+        lo, hi = _share(t, nt, n * bands)
+        for item in range(lo, hi):
+            i, i0, rows, r_all = _taps_item(item, bands, step, ho, 3, 1)
+            cs = r_all * wq  # from one channel's padded rows to the next
+            _pad_band(x[i], xb[: c_in * cs], i0 - pt, r_all, pl, wq)
+            for g in range(groups):
+                for ii in range(rows):
+                    for j0 in range(0, wo, lanes):
+                        for o0 in range(0, og, lanes):
+                            src = ((i * c_out + g * og + o0) * ho + i0 + ii) * wo + j0
+                            transpose_block(gt, _at(gy, src), ho * wo, _at(gt, (ii * wo + j0) * og + o0), og)
+                for r0 in range(0, rows, chunk):
+                    nr = min(chunk, rows - r0)
+                    for o0 in range(0, og, MO6 * lanes):
+                        mo = min(MO6, (og - o0) // lanes)
+                        cb_max = CB6 if mo == 1 else 1
+                        for c0 in range(0, cg, cb_max):
+                            _outer_block(xb, _at(gt, r0 * wo * og + o0), wo * og, og, _at(xb, (g * cg + c0) * cs + r0 * wq), cs, wq,
+                                         nr, wo, _at(part[t, g], c0 * 9 * og + o0), og, mo, min(cb_max, cg - c0))
+
+
+def _aligned_workspace(size: int, dtype) -> np.ndarray:
+    """``_workspace`` whose first value sits on a cache line (so do rows of a multiple of the lanes)."""
+    buf = _workspace(size + VECTOR_BYTES // np.dtype(dtype).itemsize, dtype)
+    start = (-buf.ctypes.data % VECTOR_BYTES) // buf.itemsize
+    return buf[start : start + size]
+
+
+def _grad_weight_v6(x, gy, w_shape, stride, padding, dilation, groups):
+    """3x3, stride 1, dilation 1, Og and Wo whole vectors, Cg >= ``_OUTER_MIN_CG``: gw by outer products
+    (``_grad_weight_outer_kernel``); else v5."""
+    c_out, cg, kh, kw = w_shape
+    og = c_out // groups
+    lanes = lanes_of(x.dtype)
+    if (stride != (1, 1) or tuple(dilation) != (1, 1) or (kh, kw) != (3, 3) or og % lanes or gy.shape[3] % lanes
+            or cg < _OUTER_MIN_CG):
+        return _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups)
+    x, gy = np.ascontiguousarray(x), np.ascontiguousarray(gy)
+    ho, wo = gy.shape[2:]
+    nt = numba.get_num_threads()
+    step, _, wq = _taps_band(x.shape[1], c_out, (ho, wo), (3, 3), (1, 1), x.dtype.itemsize)
+    chunk = max(1, min(step, _OUTER_BYTES // (wo * MO6 * lanes * x.dtype.itemsize)))
+    xb_len = -(-x.shape[1] * (step + 2) * wq // lanes) * lanes  # whole vectors: gy^T's rows start on a cache line
+    ws = _aligned_workspace(nt * (xb_len + step * wo * og), x.dtype).reshape(nt, -1)
+    part = np.zeros((nt, groups, cg * 9, og), x.dtype)
+    _grad_weight_outer_kernel(x, gy, part, ws, xb_len, step, chunk, padding[0][0], padding[1][0], groups)
+    gw = part[0].copy()
+    for t in range(1, nt):  # the threads' partial sums in a fixed order: the result does not depend on scheduling
+        gw += part[t]
+    return np.ascontiguousarray(gw.transpose(0, 2, 1)).reshape(w_shape)
+
+
 # ----------------------------------------------------------------------- versions
 
 FORWARD_VERSIONS = {1: _forward_v1, 2: _forward_v2, 3: _forward_v3, 4: _forward_v4, 5: _forward_v5}
 GRAD_INPUT_VERSIONS = {1: _grad_input_v1, 2: _grad_input_col2im, 3: _grad_input_v3, 4: _grad_input_v4, 5: _grad_input_v5}
-GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_im2col, 3: _grad_weight_v3, 4: _grad_weight_v4, 5: _grad_weight_v5}
-DEFAULT_FORWARD_VERSION = DEFAULT_GRAD_INPUT_VERSION = DEFAULT_GRAD_WEIGHT_VERSION = 5
+GRAD_WEIGHT_VERSIONS = {1: _grad_weight_v1, 2: _grad_weight_im2col, 3: _grad_weight_v3, 4: _grad_weight_v4, 5: _grad_weight_v5,
+                        6: _grad_weight_v6}
+DEFAULT_FORWARD_VERSION = DEFAULT_GRAD_INPUT_VERSION = 5
+DEFAULT_GRAD_WEIGHT_VERSION = 6
 
 
 def _pick(versions, version, function):

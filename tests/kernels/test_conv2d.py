@@ -435,3 +435,88 @@ def test_cpu_micro_kernels_keep_their_accumulators_in_registers(call):
     assert not spills, "vector registers spill to the stack in the reduction loop:\n" + "\n".join(loop)
     if call in (_vector_tile_call, _vector_dots_call) and "avx512f" in open("/proc/cpuinfo").read():
         assert lanes == 16, "v5's micro-kernels must use 512-bit registers on an AVX-512 CPU:\n" + "\n".join(loop)
+
+
+def _outer_call(mo, cb):
+    """The same for v6's ``tile_outer`` (mo vectors of channels x the 3x3 taps of cb channels) on ones:
+    a block of 2 rows x 3 pixels of gy^T, 6 products per weight, added to ones."""
+    from kernels.conv2d.microkernels import tile_outer
+
+    def kernel(gt, x, rows, cols, out):  # rows and cols are arguments: constants would unroll the loops
+        tile_outer(x, gt.ctypes.data, cols * mo * 16, mo * 16, x.ctypes.data, 100, 10, rows, cols, out.ctypes.data, out.shape[1], mo, cb,
+                   3, 3)
+
+    out = np.ones((cb * 9, mo * 16), np.float32)
+    args = (np.ones(2 * 3 * mo * 16, np.float32), np.ones(400, np.float32), 2, 3, out)
+    return kernel, args, np.full(out.shape, 7.0), mo * cb * 9 * 16
+
+
+def _outer_block_call(cpu):
+    return _outer_call(cpu.MO6, 1)
+
+
+def _outer_channels_call(cpu):
+    return _outer_call(1, cpu.CB6)
+
+
+@pytest.mark.parametrize("call", [_outer_block_call, _outer_channels_call], ids=["v6-vectors", "v6-channels"])
+def test_cpu_v6_outer_products_keep_their_accumulators_in_registers(call):
+    """v6's tile_outer, both block shapes it runs, in its innermost (pixel) loop: as above."""
+    test_cpu_micro_kernels_keep_their_accumulators_in_registers(call)
+
+
+# v6 (grad_weight of a 3x3 stride-1 conv as outer products) runs when Og and Wo are whole vectors (16
+# float32, 8 float64) and Cg >= 8. float32, Og = 48: a block of MO6 = 2 vectors and one of 1, which
+# takes the taps of CB6 = 3 channels at a time: Cg = 10 is 3 + 3 + 3 + 1. float64, Og = 24, Cg = 8,
+# two groups: 2 + 1 vectors, channels 3 + 3 + 2. Padding (1, 0) on top, 2 left and 0 right crops the
+# input's last column (Wo = W + 2 - 2 = 16). _TAPS_BAND_BYTES = 1 gives bands of one row (items split
+# mid-image between threads), 5000 bytes bands of 1-2 rows (float64) and a ragged last band;
+# _OUTER_BYTES = 1 makes each tile_outer call one row, the default several.
+@pytest.mark.parametrize("dtype, c_out, cg, groups", [(np.float32, 48, 10, 1), (np.float64, 48, 8, 2)])
+@pytest.mark.parametrize("band_bytes, outer_bytes", [(1, 1), (5000, 16 << 10)])
+@pytest.mark.parametrize("threads", ["all", "one"])
+def test_cpu_v6_grad_weight_covers_every_block(monkeypatch, dtype, c_out, cg, groups, band_bytes, outer_bytes, threads):
+    import numba
+
+    cpu = pytest.importorskip("kernels.conv2d.cpu")
+    monkeypatch.setattr(cpu, "_TAPS_BAND_BYTES", band_bytes)
+    monkeypatch.setattr(cpu, "_OUTER_BYTES", outer_bytes)
+    ran = []
+    kernel = cpu._grad_weight_outer_kernel
+    monkeypatch.setattr(cpu, "_grad_weight_outer_kernel", lambda *args: ran.append(1) or kernel(*args))
+    case = dict(x_shape=(3, cg * groups, 5, 16), w_shape=(c_out, cg, 3, 3), args=((1, 1), ((1, 0), (2, 0)), (1, 1), groups))
+    case["y_shape"] = (3, c_out, 4, 16)
+    x, w, _, gy = arrays(case, dtype, 3)
+    args = case["args"]
+    numba_threads = numba.get_num_threads()
+    try:
+        if threads == "one":
+            numba.set_num_threads(1)
+        for buf in cpu._WORKSPACE.values():
+            buf[...] = np.nan
+        gw = cpu.conv2d_grad_weight(x, gy, w.shape, *args, version=6)
+    finally:
+        numba.set_num_threads(numba_threads)
+    assert ran, "v6's own kernel did not run for this shape"
+    assert gw.dtype == dtype
+    assert_close(gw, ref.conv2d_grad_weight(x, gy, w.shape, *args), *conv_tol(dtype, case), name="gw")
+
+
+def test_cpu_v6_falls_back_to_v5_where_it_does_not_apply(monkeypatch):
+    """Strides, dilations, other kernel sizes, Og or Wo not whole vectors, Cg < 8: v5's result, v6's kernel not run."""
+    cpu = pytest.importorskip("kernels.conv2d.cpu")
+    monkeypatch.setattr(cpu, "_grad_weight_outer_kernel", lambda *args: pytest.fail("v6's kernel ran"))
+    rng = np.random.default_rng(4)
+    for x_shape, w_shape, args in [
+        ((2, 8, 6, 17), (16, 8, 3, 3), ((2, 1), ((1, 1), (1, 1)), (1, 1), 1)),   # stride 2
+        ((2, 8, 6, 18), (16, 8, 3, 3), ((1, 1), ((2, 2), (2, 2)), (2, 2), 1)),   # dilation 2
+        ((2, 8, 6, 16), (16, 8, 1, 1), ((1, 1), ((0, 0), (0, 0)), (1, 1), 1)),   # 1x1
+        ((2, 8, 6, 16), (12, 8, 3, 3), ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)),   # Og = 12
+        ((2, 8, 6, 12), (16, 8, 3, 3), ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)),   # Wo = 12
+        ((2, 3, 6, 16), (16, 3, 3, 3), ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)),   # Cg = 3
+    ]:
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        y_shape = ref.conv2d_forward(x, np.zeros(w_shape, np.float32), None, *args).shape
+        gy = rng.standard_normal(y_shape).astype(np.float32)
+        np.testing.assert_array_equal(cpu.conv2d_grad_weight(x, gy, w_shape, *args, version=6),
+                                      cpu.conv2d_grad_weight(x, gy, w_shape, *args, version=5))
