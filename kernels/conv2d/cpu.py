@@ -727,7 +727,7 @@ def _forward_v2(x, w, b, stride, padding, dilation, groups):
     return _forward_im2col(x, w, b, _out_hw(x, w, stride, padding, dilation), stride, padding, dilation, groups)
 
 
-def _stride_one_version(stride_one_forward):
+def _stride_one_version(stride_one_forward, flips=False):
     """(forward, grad_input) of a version whose own kernel ``stride_one_forward`` serves stride 1.
 
     Other strides go through im2col / col2im (v2). At stride 1 grad_input is the same forward
@@ -742,7 +742,7 @@ def _stride_one_version(stride_one_forward):
 
     def grad_input(gy, w, x_shape, stride, padding, dilation, groups):
         if stride == (1, 1):
-            return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, stride_one_forward)
+            return _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, stride_one_forward, flips)
         return _grad_input_col2im(gy, w, x_shape, stride, padding, dilation, groups)
 
     return forward, grad_input
@@ -751,14 +751,17 @@ def _stride_one_version(stride_one_forward):
 _forward_v3, _grad_input_v3 = _stride_one_version(_forward_taps)
 
 
-def _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, forward):
-    """Stride 1 only: gx = conv2d(gy, w_flip) by ``forward`` (``_forward_taps`` or ``_forward_tiles``),
-    w_flip[g*Cg + c, o, p, q] = w[g*Og + o, c, kh-1-p, kw-1-q]."""
+def _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, forward, flips=False):
+    """Stride 1 only: gx = conv2d(gy, w_flip) by ``forward`` (``_forward_taps``, ``_forward_tiles`` or
+    ``_forward_vector``), w_flip[g*Cg + c, o, p, q] = w[g*Og + o, c, kh-1-p, kw-1-q]. ``flips``: the
+    forward takes w itself and flips it as it packs it (``flip=True``)."""
     c_out, cg, kh, kw = w.shape
     og = c_out // groups
+    pad = tuple(((k - 1) * d - p[0], 0) for k, d, p in zip((kh, kw), dilation, padding))
+    if flips:
+        return forward(gy, w, None, tuple(x_shape[2:]), pad, dilation, groups, flip=True)
     w_flip = w.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
     w_flip = np.ascontiguousarray(w_flip).reshape(groups * cg, og, kh, kw)
-    pad = tuple(((k - 1) * d - p[0], 0) for k, d, p in zip((kh, kw), dilation, padding))
     return forward(gy, w_flip, None, tuple(x_shape[2:]), pad, dilation, groups)
 
 
@@ -1133,8 +1136,39 @@ def _direct_band(x, kernel_hw, out_hw, padding):
     return tuple(kernel_hw) == (1, 1) and padding[0][0] == padding[1][0] == 0 and tuple(x.shape[2:]) == tuple(out_hw)
 
 
+@njit(cache=True)
+def _pack_panel(w, b, groups, ogp, flip):
+    """The weight panel wp[g, (c, p, q), o] = W[g*Og + o, c, p, q] (Og rounded up to ``ogp`` with zeros) and
+    the bias bp[g, o] (zeros where ``b`` is empty) of the convolution whose kernel W is ``w``, or with
+    ``flip``, grad_input's: w's taps flipped and its two channel axes swapped (``_grad_input_flipped``),
+    read from w in place instead of copied to a flipped array first."""
+    if flip:
+        og_w, cg_w, kh, kw = w.shape  # the forward's (Og, Cg): here they are (Cg, Og)
+        og, cg = cg_w, og_w // groups
+    else:
+        og, cg, kh, kw = w.shape[0] // groups, w.shape[1], w.shape[2], w.shape[3]
+    wp = np.zeros((groups, cg * kh * kw, ogp), w.dtype)
+    for g in range(groups):  # wp's rows in order (its writes are consecutive, w's reads are strided)
+        for c in range(cg):
+            for p in range(kh):
+                for q in range(kw):
+                    k = (c * kh + p) * kw + q
+                    if flip:
+                        for o in range(og):
+                            wp[g, k, o] = w[g * cg + c, o, kh - 1 - p, kw - 1 - q]
+                    else:
+                        for o in range(og):
+                            wp[g, k, o] = w[g * og + o, c, p, q]
+    bp = np.zeros((groups, ogp), w.dtype)
+    if b.size:
+        for g in range(groups):
+            for o in range(og):
+                bp[g, o] = b[g * og + o]
+    return wp, bp
+
+
 @njit(parallel=True, cache=True)
-def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, dw, groups, wide, mr, direct):
+def _forward_vector_kernel(x, w, b, flip, y, ws, ogp, table_len, step, kh, kw, pt, pl, dh, dw, groups, wide, mr, direct):
     """Stride 1: the taps product of ``_forward_taps_kernel``, MR5 channels x NV5 vectors at a time in registers.
 
     Per work item (image, band of output rows): pad the band (``_pad_band``), then for each
@@ -1145,14 +1179,20 @@ def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, d
     (its overlap is computed twice, to the same values). ``wide``: the blocks fill a wide buffer
     yw (Og_pad rows of ``npad`` pixels) copied to y without its garbage columns afterwards.
     ``direct`` (a 1x1 kernel, no padding): the band is x's own rows, nothing is copied.
+    Before the parallel loop, one thread packs wp and bp from w and b (``_pack_panel``, ``flip`` for
+    grad_input) and allocates the threads' offset tables (``table_len`` entries each): work that
+    compiled costs less than the NumPy calls that did it from Python, each of which pays Python's
+    way back into the caches after the previous kernel.
     """
     n, c_in = x.shape[0], x.shape[1]
     c_out, ho, wo = y.shape[1], y.shape[2], y.shape[3]
     og, cg = c_out // groups, c_in // groups
-    ogp, kk = wp.shape[2], wp.shape[1]
+    wp, bp = _pack_panel(w, b, groups, ogp, flip)
+    kk = wp.shape[1]
     lanes, wq, npad_max, xb_size, bands = _vector_band(x, ho, wo, step, 1, kh, kw, dh, dw)
     isz = x.itemsize
     nt = ws.shape[0]
+    tables = np.empty((nt, 3, table_len), np.int64)
     for t in prange(nt):
         xb, yw = ws[t, :xb_size], ws[t, xb_size : xb_size + ogp * npad_max]
         offs, xoffs, yoffs = tables[t, 0, :kk], tables[t, 1], tables[t, 2]
@@ -1184,18 +1224,14 @@ def _forward_vector_kernel(x, wp, bp, y, ws, tables, step, kh, kw, pt, pl, dh, d
                             y[i, g * og + o, i0 + ii, :] = yw[o * npad + ii * wq : o * npad + ii * wq + wo]
 
 
-def _forward_vector(x, w, b, out_hw, padding, dilation, groups):
-    """Stride 1: y by explicit-vector micro-tiles over padded bands (``_forward_vector_kernel``)."""
+def _forward_vector(x, w, b, out_hw, padding, dilation, groups, flip=False):
+    """Stride 1: y by explicit-vector micro-tiles over padded bands (``_forward_vector_kernel``).
+    ``flip``: the convolution with w's taps flipped and channel axes swapped (grad_input's)."""
     x = np.ascontiguousarray(x)
-    y = empty_aligned((x.shape[0], w.shape[0], *out_hw), x.dtype)  # whole-vector rows start on cache lines
-    c_out, cg, kh, kw = w.shape
+    c_out, cg, kh, kw = (w.shape[1] * groups, w.shape[0] // groups, *w.shape[2:]) if flip else w.shape
+    y = empty_aligned((x.shape[0], c_out, *out_hw), x.dtype)  # whole-vector rows start on cache lines
     og = c_out // groups
     ogp = -(-og // MR5) * MR5
-    wp = np.zeros((groups, cg * kh * kw, ogp), x.dtype)  # wp[g, (c, p, q), o]: the packed weight panel
-    wp[:, :, :og] = w.reshape(groups, og, cg * kh * kw).transpose(0, 2, 1)
-    bp = np.zeros((groups, ogp), x.dtype)
-    if b is not None:
-        bp[:, :og] = b.reshape(groups, og)
     lanes = lanes_of(x.dtype)
     mr = MR5 if og >= MR5 else 4
     wide = og < mr or out_hw[1] % lanes != 0
@@ -1204,13 +1240,16 @@ def _forward_vector(x, w, b, out_hw, padding, dilation, groups):
     npad_max = -(-step * wq // lanes) * lanes
     nt = numba.get_num_threads()
     ws = _workspace(nt * (0 if direct else xb_size + lanes) + nt * (ogp * npad_max if wide else 0), x.dtype)
-    tables = np.empty((nt, 3, max(cg * kh * kw, npad_max // lanes) + NV5), np.int64)
-    _forward_vector_kernel(x, wp, bp, y, ws.reshape(nt, -1), tables, step, kh, kw, padding[0][0], padding[1][0], *dilation,
-                           groups, wide, mr, direct)
+    table_len = max(cg * kh * kw, npad_max // lanes) + NV5
+    _forward_vector_kernel(x, w, _NO_BIAS[x.dtype.char] if b is None else b, flip, y, ws.reshape(nt, -1), ogp, table_len, step,
+                           kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide, mr, direct)
     return y
 
 
-_forward_v5, _grad_input_v5 = _stride_one_version(_forward_vector)
+_NO_BIAS = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}  # what the kernels get for bias=None
+
+
+_forward_v5, _grad_input_v5 = _stride_one_version(_forward_vector, flips=True)
 
 
 @njit(parallel=True, cache=True)
@@ -1339,9 +1378,11 @@ def _outer_block(xb, gt_at, ldg_row, ldg_pix, x_at, cs, wq, rows, wo, out_at, ld
 
 
 @njit(parallel=True, cache=True)
-def _grad_weight_outer_kernel(x, gy, part, ws, xb_len, step, chunk, pt, pl, groups):
-    """3x3, stride 1, dilation 1: part[t, g, (c, p, q), o] = thread t's share of gw[g*Og + o, c, p, q]
-    = sum over its items' pixels of gy[i, g*Og + o, pixel] * x_pad[i, g*Cg + c, pixel shifted by (p, q)].
+def _grad_weight_outer_kernel(x, gy, ws, xb_len, step, chunk, pt, pl, groups):
+    """3x3, stride 1, dilation 1: gw (C_out, Cg*9) = the sum over threads t of part[t, g, (c, p, q), o], thread
+    t's share of gw[g*Og + o, (c, p, q)] = sum over its items' pixels of gy[i, g*Og + o, pixel] *
+    x_pad[i, g*Cg + c, pixel shifted by (p, q)] (added in a fixed order after the parallel loop: the
+    result does not depend on scheduling).
 
     Per work item (image, band of output rows): pad the band of x (``_pad_band``, rows of Wq = Wo + 2),
     and transpose the band of gy, one group at a time, to ``gt`` = gy^T (pixel-major: a pixel's Og
@@ -1358,6 +1399,7 @@ def _grad_weight_outer_kernel(x, gy, part, ws, xb_len, step, chunk, pt, pl, grou
     wq = wo + 2
     bands = (ho + step - 1) // step
     nt = ws.shape[0]
+    part = np.zeros((nt, groups, cg * 9, og), x.dtype)
     for t in prange(nt):
         xb, gt = ws[t, :xb_len], ws[t, xb_len:]
         lo, hi = _share(t, nt, n * bands)
@@ -1379,6 +1421,15 @@ def _grad_weight_outer_kernel(x, gy, part, ws, xb_len, step, chunk, pt, pl, grou
                         for c0 in range(0, cg, cb_max):
                             _outer_block(xb, _at(gt, r0 * wo * og + o0), wo * og, og, _at(xb, (g * cg + c0) * cs + r0 * wq), cs, wq,
                                          nr, wo, _at(part[t, g], c0 * 9 * og + o0), og, mo, min(cb_max, cg - c0))
+    gw = np.empty((c_out, cg * 9), x.dtype)
+    for g in range(groups):
+        for k in range(cg * 9):
+            for o in range(og):
+                total = part[0, g, k, o]
+                for t in range(1, nt):
+                    total += part[t, g, k, o]
+                gw[g * og + o, k] = total
+    return gw
 
 
 def _aligned_workspace(size: int, dtype) -> np.ndarray:
@@ -1404,12 +1455,7 @@ def _grad_weight_v6(x, gy, w_shape, stride, padding, dilation, groups):
     chunk = max(1, min(step, _OUTER_BYTES // (wo * MO6 * lanes * x.dtype.itemsize)))
     xb_len = -(-x.shape[1] * (step + 2) * wq // lanes) * lanes  # whole vectors: gy^T's rows start on a cache line
     ws = _aligned_workspace(nt * (xb_len + step * wo * og), x.dtype).reshape(nt, -1)
-    part = np.zeros((nt, groups, cg * 9, og), x.dtype)
-    _grad_weight_outer_kernel(x, gy, part, ws, xb_len, step, chunk, padding[0][0], padding[1][0], groups)
-    gw = part[0].copy()
-    for t in range(1, nt):  # the threads' partial sums in a fixed order: the result does not depend on scheduling
-        gw += part[t]
-    return np.ascontiguousarray(gw.transpose(0, 2, 1)).reshape(w_shape)
+    return _grad_weight_outer_kernel(x, gy, ws, xb_len, step, chunk, padding[0][0], padding[1][0], groups).reshape(w_shape)
 
 
 # ----------------------------------------------------------------------- versions
