@@ -10,7 +10,7 @@ each step of the reduction then loads 3 vectors of inputs and 8 weights and does
 
 Numba has no vector type, and LLVM's auto-vectoriser picks 256-bit registers on
 AVX-512 CPUs (their "prefer-256-bit" tuning), which halves the peak -- conv2d v4
-in ``cpu.py`` is the measured consequence. So the two micro-kernels here are
+in ``cpu.py`` is the measured consequence. So the micro-kernels here are
 Numba *intrinsics*: Python functions that emit the LLVM IR of the loop directly,
 with vectors of 64 bytes (``<16 x float>``, ``<8 x double>``) as values. LLVM
 keeps each accumulator in a register (they are SSA values carried by phi nodes:
@@ -18,7 +18,8 @@ there is no memory to spill them to unless registers run out) and lowers every
 ``llvm.fma`` to one ``vfmadd`` on a zmm register. On a CPU without AVX-512 the
 same IR is split into 256- or 128-bit halves: slower, equally correct.
 
-Both read their operands through tables of offsets. ``offs``: row k of the
+``tile_product`` and ``tile_dots`` read their operands through tables of offsets
+(``tile_outer`` computes its own: its taps are a fixed 3x3 pattern). ``offs``: row k of the
 (implicit) K x pixels matrix B starts at ``x[offs[k]]``; for a convolution at
 stride 1, row k = (c, p, q) of B is the padded input band shifted to tap (p, q)
 of channel c (see ``cpu.py``, *Taps*), so B is read in place: no im2col copy.
@@ -35,8 +36,17 @@ in B's rows and in the output (or gy), so a block can span image rows.
   and summed across its lanes at the end (a fixed tree of adds: the result does
   not depend on anything but the data).
 
-Every call names its block shape (MR, NV or MW, KT) as compile-time constants, so
-the loops over it are unrolled into straight-line code.
+* ``tile_outer`` (grad_weight, v6): the block ``out[t*ldo + a*lanes + l] += sum over
+  pixels of gt[pixel, a*lanes + l] * x[tap t's row + pixel]`` for a < MO vectors of
+  output channels and t < the 3x3 taps of a few input channels: outer products of a
+  vector of gy^T (``gt``, pixel-major) and one value of x broadcast to every lane,
+  so no sum crosses lanes and x needs no alignment (a broadcast reads one value).
+* ``transpose_block``: a lanes x lanes block transposed in registers (log2(lanes)
+  rounds of shuffles), which is how v6 makes gy^T.
+* ``copy_values``: a ``memcpy`` of a row of values, for the padded bands.
+
+Every call names its block shape (MR, NV or MW, KT or MO, CB) as compile-time
+constants, so the loops over it are unrolled into straight-line code.
 """
 from __future__ import annotations
 
