@@ -19,7 +19,7 @@ there is no memory to spill them to unless registers run out) and lowers every
 same IR is split into 256- or 128-bit halves: slower, equally correct.
 
 ``tile_product`` and ``tile_dots`` read their operands through tables of offsets
-(``tile_outer`` computes its own: its taps are a fixed 3x3 pattern). ``offs``: row k of the
+(``tile_outer`` computes its own: its taps are a kh x kw pattern of compile-time constants). ``offs``: row k of the
 (implicit) K x pixels matrix B starts at ``x[offs[k]]``; for a convolution at
 stride 1, row k = (c, p, q) of B is the padded input band shifted to tap (p, q)
 of channel c (see ``cpu.py``, *Taps*), so B is read in place: no im2col copy.
