@@ -84,16 +84,16 @@ class CpuConvVersionLib(MinsegLib):
 
 def conv_version_libs(libs: list, versions=None) -> list:
     """One CpuConvVersionLib per numbered CPU conv version in ``versions`` (default: every one
-    other than the defaults, which the 'cpu' library runs), when 'cpu' is among ``libs``;
-    placed right after it. An unknown version is a ValueError listing the known ones."""
+    that runs some function other than the defaults, which the 'cpu' library runs), when 'cpu'
+    is among ``libs``; placed right after it. An unknown version is a ValueError listing the known ones."""
     if not any(isinstance(lib, MinsegLib) and lib.label == "cpu" for lib in libs):
         return libs
     from kernels.conv2d import cpu
 
-    defaults = {cpu.DEFAULT_FORWARD_VERSION, cpu.DEFAULT_GRAD_INPUT_VERSION, cpu.DEFAULT_GRAD_WEIGHT_VERSION}
-    known = sorted(set(cpu.FORWARD_VERSIONS) | set(cpu.GRAD_INPUT_VERSIONS) | set(cpu.GRAD_WEIGHT_VERSIONS))
-    if versions is None:
-        versions = [v for v in known if not (len(defaults) == 1 and v in defaults)]
+    tables = {table: getattr(cpu, "DEFAULT_" + table.replace("VERSIONS", "VERSION")) for table in CpuConvVersionLib.FUNCTIONS.values()}
+    known = sorted(set().union(*(getattr(cpu, table) for table in tables)))
+    if versions is None:  # 'cpu vK' runs version K of each function that has one, the default of the others
+        versions = [v for v in known if any(v in getattr(cpu, table) and v != default for table, default in tables.items())]
     elif not set(versions) <= set(known):
         raise ValueError(f"--conv-versions: the CPU conv versions are {known}, got {sorted(versions)}")
     extra = [CpuConvVersionLib(v) for v in versions]

@@ -93,16 +93,19 @@ def test_ops_quick(tmp_path):
 
 
 def test_ops_quick_times_every_cpu_conv_version(tmp_path):
-    """``--only conv2d`` with the cpu backend: a row per numbered CPU conv version beside the
-    default, each computing torch's result (rel err), through minseg.functional."""
+    """``--only conv2d`` with the cpu backend: a row per numbered CPU conv version that runs some
+    function other than the defaults (the 'cpu' row), each computing torch's result (rel err),
+    through minseg.functional."""
     cpu = pytest.importorskip("kernels.conv2d.cpu")
     path = tmp_path / "conv.json"
     stdout = run_bench("ops", "--quick", "--only", "conv2d", "--repeat", str(REPEAT), "--threads", "1", "--backends",
                        "cpu", "--no-cache-check", "--json", str(path), timeout=600)
     report = json.loads(path.read_text())
-    versions = set(cpu.FORWARD_VERSIONS) | set(cpu.GRAD_INPUT_VERSIONS) | set(cpu.GRAD_WEIGHT_VERSIONS)
+    tables = [(cpu.DEFAULT_FORWARD_VERSION, cpu.FORWARD_VERSIONS), (cpu.DEFAULT_GRAD_INPUT_VERSION, cpu.GRAD_INPUT_VERSIONS),
+              (cpu.DEFAULT_GRAD_WEIGHT_VERSION, cpu.GRAD_WEIGHT_VERSIONS)]
+    versions = set().union(*(table for _, table in tables))
     assert len(versions) >= 3
-    extra = [f"cpu v{v}" for v in sorted(versions) if v != cpu.DEFAULT_FORWARD_VERSION]
+    extra = [f"cpu v{v}" for v in sorted(versions) if any(v in table and v != default for default, table in tables)]
     impls = ["cpu", *extra] + (["torch"] if HAS_TORCH else [])
     check_report(report, stdout, [s.name for s in op_specs("quick") if s.name.startswith("conv2d")], impls)
     assert "conv2d 'cpu' = defaults forward v" in stdout
