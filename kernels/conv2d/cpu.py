@@ -82,8 +82,8 @@ times every one against torch. The defaults are the fastest measured so far (v5;
   of a few rows (``tile_outer``: 2 vectors x 9 taps, or 1 vector x the taps of
   3 channels, 18 or 27 zmm accumulators). gy^T (each pixel's channels
   consecutive) is made per band by 16 x 16 transposes in registers
-  (``transpose_block``). For 3x3 kernels at stride 1, dilation 1, when Og and Wo
-  are whole vectors and Cg >= 8; else v5. On the U-Net's 3x3 layers, 2 threads
+  (``transpose_block``). For float32 3x3 kernels at stride 1, dilation 1, when Og
+  and Wo are whole vectors and Cg >= 8; else v5. On the U-Net's 3x3 layers, 2 threads
   (interleaved medians, under load): 262-342 GFLOP/s where v5 does 250-275.
 
 Measured by ``python -m benchmarks ops`` (fwd+bwd = forward + grad_input +
@@ -1440,13 +1440,14 @@ def _aligned_workspace(size: int, dtype) -> np.ndarray:
 
 
 def _grad_weight_v6(x, gy, w_shape, stride, padding, dilation, groups):
-    """3x3, stride 1, dilation 1, Og and Wo whole vectors, Cg >= ``_OUTER_MIN_CG``: gw by outer products
-    (``_grad_weight_outer_kernel``); else v5."""
+    """float32, 3x3, stride 1, dilation 1, Og and Wo whole vectors, Cg >= ``_OUTER_MIN_CG``: gw by outer
+    products (``_grad_weight_outer_kernel``); else v5. (float64 -- gradient checks, reference precision
+    -- keeps v5: one compiled kernel fewer, ~15 s of compilation on a fresh machine.)"""
     c_out, cg, kh, kw = w_shape
     og = c_out // groups
     lanes = lanes_of(x.dtype)
-    if (stride != (1, 1) or tuple(dilation) != (1, 1) or (kh, kw) != (3, 3) or og % lanes or gy.shape[3] % lanes
-            or cg < _OUTER_MIN_CG):
+    if (x.dtype != np.float32 or stride != (1, 1) or tuple(dilation) != (1, 1) or (kh, kw) != (3, 3) or og % lanes
+            or gy.shape[3] % lanes or cg < _OUTER_MIN_CG):
         return _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups)
     x, gy = np.ascontiguousarray(x), np.ascontiguousarray(gy)
     ho, wo = gy.shape[2:]

@@ -465,14 +465,13 @@ def test_cpu_v6_outer_products_keep_their_accumulators_in_registers(call):
     test_cpu_micro_kernels_keep_their_accumulators_in_registers(call)
 
 
-# v6 (grad_weight of a 3x3 stride-1 conv as outer products) runs when Og and Wo are whole vectors (16
-# float32, 8 float64) and Cg >= 8. float32, Og = 48: a block of MO6 = 2 vectors and one of 1, which
-# takes the taps of CB6 = 3 channels at a time: Cg = 10 is 3 + 3 + 3 + 1. float64, Og = 24, Cg = 8,
-# two groups: 2 + 1 vectors, channels 3 + 3 + 2. Padding (1, 0) on top, 2 left and 0 right crops the
-# input's last column (Wo = W + 2 - 2 = 16). _TAPS_BAND_BYTES = 1 gives bands of one row (items split
-# mid-image between threads), 5000 bytes bands of 1-2 rows (float64) and a ragged last band;
-# _OUTER_BYTES = 1 makes each tile_outer call one row, the default several.
-@pytest.mark.parametrize("dtype, c_out, cg, groups", [(np.float32, 48, 10, 1), (np.float64, 48, 8, 2)])
+# v6 (grad_weight of a float32 3x3 stride-1 conv as outer products) runs when Og and Wo are whole
+# vectors (16 values) and Cg >= 8. Og = 48: a block of MO6 = 2 vectors and one of 1, which takes the
+# taps of CB6 = 3 channels at a time: Cg = 10 is 3 + 3 + 3 + 1; two groups of Og = 48 and Cg = 8 (3 + 3 + 2).
+# Padding (1, 0) on top, 2 left and 0 right crops the input's last column (Wo = W + 2 - 2 = 16).
+# _TAPS_BAND_BYTES = 1 gives bands of one row (items split mid-image between threads), 5000 bytes bands
+# of 1-2 rows and a ragged last band; _OUTER_BYTES = 1 makes each tile_outer call one row, the default several.
+@pytest.mark.parametrize("dtype, c_out, cg, groups", [(np.float32, 48, 10, 1), (np.float32, 96, 8, 2)])
 @pytest.mark.parametrize("band_bytes, outer_bytes", [(1, 1), (5000, 16 << 10)])
 @pytest.mark.parametrize("threads", ["all", "one"])
 def test_cpu_v6_grad_weight_covers_every_block(monkeypatch, dtype, c_out, cg, groups, band_bytes, outer_bytes, threads):
@@ -503,20 +502,22 @@ def test_cpu_v6_grad_weight_covers_every_block(monkeypatch, dtype, c_out, cg, gr
 
 
 def test_cpu_v6_falls_back_to_v5_where_it_does_not_apply(monkeypatch):
-    """Strides, dilations, other kernel sizes, Og or Wo not whole vectors, Cg < 8: v5's result, v6's kernel not run."""
+    """Strides, dilations, other kernel sizes, Og or Wo not whole vectors, Cg < 8, float64: v5's result, v6's kernel not run."""
     cpu = pytest.importorskip("kernels.conv2d.cpu")
     monkeypatch.setattr(cpu, "_grad_weight_outer_kernel", lambda *args: pytest.fail("v6's kernel ran"))
     rng = np.random.default_rng(4)
-    for x_shape, w_shape, args in [
-        ((2, 8, 6, 17), (16, 8, 3, 3), ((2, 1), ((1, 1), (1, 1)), (1, 1), 1)),   # stride 2
-        ((2, 8, 6, 18), (16, 8, 3, 3), ((1, 1), ((2, 2), (2, 2)), (2, 2), 1)),   # dilation 2
-        ((2, 8, 6, 16), (16, 8, 1, 1), ((1, 1), ((0, 0), (0, 0)), (1, 1), 1)),   # 1x1
-        ((2, 8, 6, 16), (12, 8, 3, 3), ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)),   # Og = 12
-        ((2, 8, 6, 12), (16, 8, 3, 3), ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)),   # Wo = 12
-        ((2, 3, 6, 16), (16, 3, 3, 3), ((1, 1), ((1, 1), (1, 1)), (1, 1), 1)),   # Cg = 3
+    f32, f64 = np.float32, np.float64
+    for x_shape, w_shape, args, dtype in [
+        ((2, 8, 6, 17), (16, 8, 3, 3), ((2, 1), ((1, 1), (1, 1)), (1, 1), 1), f32),   # stride 2
+        ((2, 8, 6, 18), (16, 8, 3, 3), ((1, 1), ((2, 2), (2, 2)), (2, 2), 1), f32),   # dilation 2
+        ((2, 8, 6, 16), (16, 8, 1, 1), ((1, 1), ((0, 0), (0, 0)), (1, 1), 1), f32),   # 1x1
+        ((2, 8, 6, 16), (12, 8, 3, 3), ((1, 1), ((1, 1), (1, 1)), (1, 1), 1), f32),   # Og = 12
+        ((2, 8, 6, 12), (16, 8, 3, 3), ((1, 1), ((1, 1), (1, 1)), (1, 1), 1), f32),   # Wo = 12
+        ((2, 3, 6, 16), (16, 3, 3, 3), ((1, 1), ((1, 1), (1, 1)), (1, 1), 1), f32),   # Cg = 3
+        ((2, 8, 6, 16), (16, 8, 3, 3), ((1, 1), ((1, 1), (1, 1)), (1, 1), 1), f64),   # float64
     ]:
-        x = rng.standard_normal(x_shape).astype(np.float32)
-        y_shape = ref.conv2d_forward(x, np.zeros(w_shape, np.float32), None, *args).shape
-        gy = rng.standard_normal(y_shape).astype(np.float32)
+        x = rng.standard_normal(x_shape).astype(dtype)
+        y_shape = ref.conv2d_forward(x, np.zeros(w_shape, dtype), None, *args).shape
+        gy = rng.standard_normal(y_shape).astype(dtype)
         np.testing.assert_array_equal(cpu.conv2d_grad_weight(x, gy, w_shape, *args, version=6),
                                       cpu.conv2d_grad_weight(x, gy, w_shape, *args, version=5))
