@@ -7,6 +7,7 @@ smaller problems still.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -277,6 +278,23 @@ def test_cpu_kernels_agree_across_bands_and_threads(monkeypatch, band_bytes, thr
         assert cpu._OPENBLAS[0]() == openblas_threads
 
 
+@contextlib.contextmanager
+def threads_on_poisoned_workspace(cpu, threads):
+    """Numba at one thread (``threads == "one"``) or all of them for the block, with every workspace
+    buffer of cpu.py filled with NaN first: a kernel that reads scratch it did not write fails."""
+    import numba
+
+    before = numba.get_num_threads()
+    try:
+        if threads == "one":
+            numba.set_num_threads(1)
+        for buf in cpu._WORKSPACE.values():
+            buf[...] = np.nan
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 # v4's micro-tiles: the forward's are MR = 6 channels x NR = 16 (or 32) wide pixels, grad_weight's
 # MW = 4 channels x KT = 3 weights. Og = 13 is two full forward channel blocks and a partial one
 # (three and a partial for grad_weight); Cg*kh*kw = 5*2*2 = 20 weights are six blocks of 3 and a
@@ -300,7 +318,6 @@ def test_cpu_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads, ver
     """All three functions of v4 and v5 vs the reference where the micro-tiles' edges matter: partial
     channel and weight blocks, strips across band rows, ragged bands, two groups, dilation, asymmetric
     and cropping (grad_input's negative) padding, a workspace full of NaN, and v5's in-place blocks."""
-    import numba
 
     cpu = pytest.importorskip("kernels.conv2d.cpu")
     monkeypatch.setattr(cpu, "_TAPS_BAND_BYTES", band_bytes)
@@ -315,19 +332,12 @@ def test_cpu_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads, ver
         assert cpu._dots_band(3, 2, 9, 2) == ((2, 1) if band_bytes == 600 else (9, 2))
     x, w, b, gy = arrays(case, np.float64, 1)
     args = case["args"]
-    numba_threads = numba.get_num_threads()
-    try:
-        if threads == "one":
-            numba.set_num_threads(1)
-        for buf in cpu._WORKSPACE.values():
-            buf[...] = np.nan
+    with threads_on_poisoned_workspace(cpu, threads):
         assert_close(cpu.conv2d_forward(x, w, b, *args, version=version), ref.conv2d_forward(x, w, b, *args), 1e-10, 1e-12, name="y")
         assert_close(cpu.conv2d_grad_input(gy, w, x.shape, *args, version=version), ref.conv2d_grad_input(gy, w, x.shape, *args),
                      1e-10, 1e-12, name="gx")
         assert_close(cpu.conv2d_grad_weight(x, gy, w.shape, *args, version=version), ref.conv2d_grad_weight(x, gy, w.shape, *args),
                      1e-10, 1e-12, name="gw")
-    finally:
-        numba.set_num_threads(numba_threads)
 
 
 # v5's narrow and 1x1 paths: Og < MR5 writes y in place with blocks of 4 channels (Og = 5: two
@@ -475,7 +485,6 @@ def test_cpu_v6_outer_products_keep_their_accumulators_in_registers(call):
 @pytest.mark.parametrize("band_bytes, outer_bytes", [(1, 1), (5000, 16 << 10)])
 @pytest.mark.parametrize("threads", ["all", "one"])
 def test_cpu_v6_grad_weight_covers_every_block(monkeypatch, dtype, c_out, cg, groups, band_bytes, outer_bytes, threads):
-    import numba
 
     cpu = pytest.importorskip("kernels.conv2d.cpu")
     monkeypatch.setattr(cpu, "_TAPS_BAND_BYTES", band_bytes)
@@ -487,15 +496,8 @@ def test_cpu_v6_grad_weight_covers_every_block(monkeypatch, dtype, c_out, cg, gr
     case["y_shape"] = (3, c_out, 4, 16)
     x, w, _, gy = arrays(case, dtype, 3)
     args = case["args"]
-    numba_threads = numba.get_num_threads()
-    try:
-        if threads == "one":
-            numba.set_num_threads(1)
-        for buf in cpu._WORKSPACE.values():
-            buf[...] = np.nan
+    with threads_on_poisoned_workspace(cpu, threads):
         gw = cpu.conv2d_grad_weight(x, gy, w.shape, *args, version=6)
-    finally:
-        numba.set_num_threads(numba_threads)
     assert ran, "v6's own kernel did not run for this shape"
     assert gw.dtype == dtype
     assert_close(gw, ref.conv2d_grad_weight(x, gy, w.shape, *args), *conv_tol(dtype, case), name="gw")
