@@ -44,9 +44,12 @@ the cpu backend times every numbered CPU conv version (``cpu vK`` rows,
 benchmark U-Net as its training step runs it (forward + the gradients it needs); ``train --conv-versions 4`` adds a step with the
 conv kernels at version 4. ``train`` also reports each side's peak RSS of
 training (in a fresh process each) and minseg's time outside the backend's
-kernels (graph walk, ``Function.apply``, checks, allocation, optimizer), then
-where the time inside goes: each kernel function's ms per step, slowest first.
-``--plot FILE.png`` draws the ratios to torch and the % of the limits (Pillow).
+kernels (graph walk, ``Function.apply``, checks, allocation, optimizer), how much
+of the time inside is compiled (Numba) code and how much the kernel functions'
+own Python and NumPy host code, then where the time inside goes: each kernel
+function's ms per step, slowest first. ``--plot FILE.png`` draws the ratios to
+torch and the % of the limits (Pillow), and for ``train`` a bar of where a
+step's time goes.
 
 Environment: the header prints the CPU, the BLAS libraries with the kernels
 they picked (threadpoolctl), torch's MKL/oneDNN and every thread count.

@@ -8,6 +8,8 @@ the implementation comes to the machine's limit that bounds the case, both
 measured by the benchmark itself (``machine.limits``): % of the FP32 peak for
 cases with a FLOP count (convolutions, the training step), % of the copy
 bandwidth for memory-bound cases with a byte count. Values are written on the bars.
+With a training step's profile (``train``), a stacked bar per implementation below:
+where its step's time goes (compiled kernels, their Python host code, outside them).
 """
 from __future__ import annotations
 
@@ -121,6 +123,44 @@ def _panel(draw, font, x0, y0, rows, values, title, fmt, colors):
     draw.line([(x0, y0 - 4), (x0, bottom)], fill=INK)
 
 
+# the parts of a step, in colours none of the implementations' bars use
+SPLIT_COLORS = {"kernels": (23, 190, 207), "compiled kernels": (23, 190, 207), "kernels' Python host code": (188, 189, 34),
+                "outside kernels": (227, 26, 28)}
+
+
+def _step_parts(p):
+    """[(part, seconds)] of one step (``train.kernel_time_split``): compiled code, the kernel functions'
+    host code and the rest (graph walk, Function.apply, checks) where the backend has compiled code;
+    else kernel functions and the rest."""
+    if "compiled_s" in p:
+        return [("compiled kernels", p["compiled_s"]), ("kernels' Python host code", p["host_s"]), ("outside kernels", p["outside_s"])]
+    return [("kernels", p["kernel_s"]), ("outside kernels", p["outside_s"])]
+
+
+def _split_bars(draw, font, x0, y0, label_w, width, splits):
+    """One stacked bar per implementation: where its step's time goes, in % of the step."""
+    draw.text((x0, y0 + ROW // 2), "where a training step's time goes (% of the step; ms)", fill=INK, font=font, anchor="lm")
+    for i, (name, parts) in enumerate(splits):
+        y = y0 + (i + 1) * ROW
+        draw.text((x0, y + ROW // 2), f"step [{name}]", fill=INK, font=font, anchor="lm")
+        total = sum(seconds for _, seconds in parts) or 1.0
+        x = x0 + label_w
+        for part, seconds in parts:
+            w = width * seconds / total
+            draw.rectangle([x, y + 4, x + w, y + ROW - 4], fill=SPLIT_COLORS[part])
+            if w > 60:
+                draw.text((x + 4, y + ROW // 2), f"{100 * seconds / total:.0f}% {seconds * 1e3:.1f}", fill="white", font=font, anchor="lm")
+            x += w
+    names = list(dict.fromkeys(part for _, parts in splits for part, _ in parts))  # every part, in order, once
+    legend = "   ".join(names)
+    draw.text((x0 + label_w, y0 + (len(splits) + 1) * ROW + ROW // 2), "colours: " + legend, fill=INK, font=font, anchor="lm")
+    x = x0 + label_w + draw.textlength("colours: ", font=font)
+    for part in names:  # a swatch under each name
+        w = draw.textlength(part, font=font)
+        draw.rectangle([x, y0 + (len(splits) + 2) * ROW - 5, x + w, y0 + (len(splits) + 2) * ROW - 2], fill=SPLIT_COLORS[part])
+        x += w + draw.textlength("   ", font=font)
+
+
 def draw(entries, limits, path, title, profile=None):
     """Write the two charts of ``entries`` (``timing.measure`` results) to ``path`` (PNG)."""
     font, big = _font(14), _font(18)
@@ -135,6 +175,7 @@ def draw(entries, limits, path, title, profile=None):
         if "outside_pct" in p:
             line += f"; {p['outside_net_pct']:.1f}% of the step outside backend kernels (timing wrappers' cost taken off)"
         notes.append(line)
+    splits = [(name, _step_parts(p)) for name, p in (profile or {}).items() if "outside_s" in p]
 
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     labels = [f"{case} [{impl}]" for case, impl, *_ in rows]
@@ -142,7 +183,8 @@ def draw(entries, limits, path, title, profile=None):
     notes_w = int(max([probe.textlength(t, font=font) for t in notes] + [0]))
     width = max(PAD + label_w + 2 * (PANEL + PAD) + UNIT + PAD, notes_w + 2 * PAD)
     top = PAD + 2 * ROW + 2 * ROW  # title, panel titles
-    height = top + len(rows) * ROW + 2 * ROW + len(notes) * ROW + PAD
+    split_h = (2 + len(splits)) * ROW if splits else 0
+    height = top + len(rows) * ROW + 2 * ROW + split_h + len(notes) * ROW + PAD
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     d.text((PAD, PAD), title, fill=INK, font=big)
@@ -170,6 +212,9 @@ def draw(entries, limits, path, title, profile=None):
         if r[3] is not None:
             d.text((width - PAD, top + i * ROW + ROW // 2), r[4], fill=INK, font=font, anchor="rm")
     y = top + len(rows) * ROW + 2 * ROW
+    if splits:
+        _split_bars(d, font, PAD, y, label_w, 2 * PANEL + PAD, splits)
+        y += split_h
     for note in notes:
         d.text((PAD, y), note, fill=INK, font=font)
         y += ROW

@@ -167,7 +167,15 @@ def test_train_quick(tmp_path):
     impls = ["numpy"] + (["cpu", "cpu v1"] if cpu else []) + (["torch"] if HAS_TORCH else [])
     (entry,) = report["cases"]
     check_report(report, stdout, [entry["case"]], impls)
-    check_plot(png, len(impls))
+    check_plot(png, len(impls) + 3)  # the table's rows, and the split of minseg's steps below them
+    from PIL import Image
+
+    from benchmarks.plot import SPLIT_COLORS
+
+    with Image.open(png) as img:  # the split bars are drawn: every part's colour is there
+        drawn = {color for _, color in img.convert("RGB").getcolors(maxcolors=1 << 20)}
+    parts = ["kernels", "outside kernels"] + (["compiled kernels", "kernels' Python host code"] if cpu else [])
+    assert all(SPLIT_COLORS[part] in drawn for part in parts), [part for part in parts if SPLIT_COLORS[part] not in drawn]
     # memory of every implementation (each in its own process), and minseg's time outside kernels
     profile = report["step_profile"]
     assert sorted(profile) == sorted(impls)
