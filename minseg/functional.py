@@ -136,12 +136,15 @@ class Conv2dFunction(Function):
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        kernels, need = ctx.kernels, ctx.needs_input_grad
-        gy = _contiguous(gy)
-        gx = kernels.conv2d_grad_input(gy, w, x.shape, *ctx.args) if need[0] else None
-        gw = kernels.conv2d_grad_weight(x, gy, w.shape, *ctx.args) if need[1] else None
-        gb = kernels.conv2d_grad_bias(gy) if need[2] else None
-        return gx, gw, gb
+        return _conv2d_grads(ctx.kernels, _contiguous(gy), x, w, ctx.args, ctx.needs_input_grad)
+
+
+def _conv2d_grads(kernels, gy, x, w, args, need):
+    """(gx, gw, gb) of y = conv2d(x, w, b; ``args``) for dL/dy = gy; None where ``need`` says no."""
+    gx = kernels.conv2d_grad_input(gy, w, x.shape, *args) if need[0] else None
+    gw = kernels.conv2d_grad_weight(x, gy, w.shape, *args) if need[1] else None
+    gb = kernels.conv2d_grad_bias(gy) if need[2] else None
+    return gx, gw, gb
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Tensor:
@@ -636,6 +639,35 @@ class BatchNormFunction(Function):
         return gx, gw if need[1] else None, gb if need[2] else None
 
 
+class Conv2dBatchNormFunction(Function):
+    """batch_norm(conv2d(x, w, b), ..., bn_weight, bn_bias) [and its ReLU] as one Function: in training,
+    one kernel call for both forwards (``kernels/conv2d_batch_norm``); the backward is the batch
+    norm's, then the convolution's, as the two Functions would run them (the same kernels, in the
+    same order). What it saves is the Python between the two forward kernels."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, bn_weight, bn_bias, stride, padding, dilation, groups, running_mean, running_var, momentum, eps,
+                training, relu):
+        kernels = ctx.kernels = backend.current()
+        ctx.training, ctx.args = training, (stride, padding, dilation, groups)
+        if training:
+            y, xhat, invstd = kernels.conv2d_batch_norm_training(x, w, b, stride, padding, dilation, groups, bn_weight, bn_bias,
+                                                                 running_mean, running_var, momentum, eps, relu)
+        else:
+            z = kernels.conv2d_forward(x, w, b, stride, padding, dilation, groups)
+            y, xhat, invstd = kernels.batch_norm_forward(z, running_mean, running_var, bn_weight, bn_bias, eps, relu)
+        ctx.save_for_backward(x, w, xhat, invstd, bn_weight, y if relu else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, xhat, invstd, bn_weight, relu_output = ctx.saved_tensors
+        kernels, need = ctx.kernels, ctx.needs_input_grad
+        gz, g_bn_weight, g_bn_bias = kernels.batch_norm_backward(_contiguous(gy), xhat, invstd, bn_weight, ctx.training, relu_output)
+        gx, gw, gb = _conv2d_grads(kernels, gz, x, w, ctx.args, need) if any(need[:3]) else (None, None, None)
+        return gx, gw, gb, g_bn_weight if need[3] else None, g_bn_bias if need[4] else None
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5) -> Tensor:
     """Batch normalisation over (N, H, W) per channel, as ``torch.nn.functional.batch_norm``.
 
@@ -715,7 +747,8 @@ def conv2d_batch_norm_layers(input, layers) -> Tensor:
     ``layers``: one tuple per layer of ``conv2d_batch_norm``'s arguments after ``input``, in order
     (weight, bias, stride, padding, dilation, groups, running_mean, running_var, bn_weight, bn_bias,
     training, momentum, eps, relu). Each layer's arguments are checked against the shape its input
-    will have; then one ``autograd.Chain`` runs the conv and batch-norm Functions of every layer.
+    will have; then one ``autograd.Chain`` runs a ``Conv2dBatchNormFunction`` per layer (in training, one
+    kernel call for the conv and the batch norm).
     ``nn.Sequential`` runs a run of Conv2d, BatchNorm2d[, ReLU] modules (a double conv) through it:
     between two kernels of the block there is then only the chain's loop, not a module call, its
     checks and a graph node each.
@@ -727,8 +760,8 @@ def conv2d_batch_norm_layers(input, layers) -> Tensor:
     for weight, bias, stride, padding, dilation, groups, rm, rv, bn_weight, bn_bias, training, momentum, eps, relu in layers:
         w, b, conv_kwargs, shape = _conv2d_layer(shape, dtype, weight, bias, stride, padding, dilation, groups)
         bn_kwargs = _batch_norm_arguments(shape, dtype, rm, rv, bn_weight, bn_bias, training, momentum, eps, relu)
-        # the first conv step takes the input too; every later step takes the previous output first
-        steps += [(Conv2dFunction, 3 if not steps else 2, conv_kwargs), (BatchNormFunction, 2, bn_kwargs)]
+        # the first layer takes the input too; every later one takes the previous output first
+        steps.append((Conv2dBatchNormFunction, 5 if not steps else 4, {**conv_kwargs, **bn_kwargs}))
         tensors += [w, b, bn_weight, bn_bias]
     return Chain.apply(*tensors, steps=steps)
 

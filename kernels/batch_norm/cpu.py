@@ -298,12 +298,21 @@ def batch_norm_forward(x, mean, var, weight, bias, eps, relu=False):
 def batch_norm_training(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
     """(y, xhat, invstd) normalised with the batch's statistics, which also update the running ones
     in place (either may be None): ``batch_norm_stats``, the update and ``batch_norm_forward`` in one Numba call."""
+    outputs, args = training_kernel_call(x, weight, bias, running_mean, running_var, momentum, eps, relu)
+    _training_kernel(*args)
+    return outputs
+
+
+def training_kernel_call(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
+    """((y, xhat, invstd), the arguments of ``_training_kernel``): ``batch_norm_training`` up to its
+    compiled call, which fills the outputs. ``x`` need only have its shape yet: a fused op
+    (``kernels/conv2d_batch_norm``) fills it in the same compiled call, just before."""
     c = x.shape[1]
     mean, var, invstd = np.empty(c, x.dtype), np.empty(c, x.dtype), np.empty(c, x.dtype)
     y, xhat = np.empty_like(x), np.empty_like(x)
-    _training_kernel(_planes(x), CHUNK, weight, bias, running_mean, running_var, float(momentum), float(eps), bool(relu),
-                     mean, var, _planes(y), _planes(xhat), invstd)
-    return y, xhat, invstd
+    args = (_planes(x), CHUNK, weight, bias, running_mean, running_var, float(momentum), float(eps), bool(relu),
+            mean, var, _planes(y), _planes(xhat), invstd)
+    return (y, xhat, invstd), args
 
 
 def batch_norm_backward(gy, xhat, invstd, weight, training, relu_output=None):

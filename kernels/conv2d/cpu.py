@@ -1227,6 +1227,15 @@ def _forward_vector_kernel(x, w, b, flip, y, ws, ogp, table_len, step, kh, kw, p
 def _forward_vector(x, w, b, out_hw, padding, dilation, groups, flip=False):
     """Stride 1: y by explicit-vector micro-tiles over padded bands (``_forward_vector_kernel``).
     ``flip``: the convolution with w's taps flipped and channel axes swapped (grad_input's)."""
+    y, args = _forward_vector_call(x, w, b, out_hw, padding, dilation, groups, flip)
+    _forward_vector_kernel(*args)
+    return y
+
+
+def _forward_vector_call(x, w, b, out_hw, padding, dilation, groups, flip=False):
+    """(y, the arguments of ``_forward_vector_kernel``): ``_forward_vector`` up to its compiled call,
+    which fills y. Split so that a fused op (``kernels/conv2d_batch_norm``) can run the kernel and
+    what follows it in one compiled call."""
     x = np.ascontiguousarray(x)
     c_out, cg, kh, kw = (w.shape[1] * groups, w.shape[0] // groups, *w.shape[2:]) if flip else w.shape
     y = empty_aligned((x.shape[0], c_out, *out_hw), x.dtype)  # whole-vector rows start on cache lines
@@ -1241,9 +1250,17 @@ def _forward_vector(x, w, b, out_hw, padding, dilation, groups, flip=False):
     nt = numba.get_num_threads()
     ws = _workspace(nt * (0 if direct else xb_size + lanes) + nt * (ogp * npad_max if wide else 0), x.dtype)
     table_len = max(cg * kh * kw, npad_max // lanes) + NV5
-    _forward_vector_kernel(x, w, _NO_BIAS[x.dtype.char] if b is None else b, flip, y, ws.reshape(nt, -1), ogp, table_len, step,
-                           kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide, mr, direct)
-    return y
+    return y, (x, w, _NO_BIAS[x.dtype.char] if b is None else b, flip, y, ws.reshape(nt, -1), ogp, table_len, step,
+               kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide, mr, direct)
+
+
+def forward_kernel_call(x, w, b, stride, padding, dilation, groups):
+    """(y, arguments) of ``_forward_vector_kernel`` for ``conv2d_forward`` at its default version, or None
+    where that is not v5's compiled stride-1 path (the caller then calls ``conv2d_forward``). For
+    ``kernels/conv2d_batch_norm``, which runs this kernel and the batch norm in one compiled call."""
+    if DEFAULT_FORWARD_VERSION != 5 or stride != (1, 1):
+        return None
+    return _forward_vector_call(x, w, b, _out_hw(x, w, stride, padding, dilation), padding, dilation, groups)
 
 
 _NO_BIAS = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}  # what the kernels get for bias=None
