@@ -136,15 +136,12 @@ class Conv2dFunction(Function):
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        return _conv2d_grads(ctx.kernels, _contiguous(gy), x, w, ctx.args, ctx.needs_input_grad)
-
-
-def _conv2d_grads(kernels, gy, x, w, args, need):
-    """(gx, gw, gb) of y = conv2d(x, w, b; ``args``) for dL/dy = gy; None where ``need`` says no."""
-    gx = kernels.conv2d_grad_input(gy, w, x.shape, *args) if need[0] else None
-    gw = kernels.conv2d_grad_weight(x, gy, w.shape, *args) if need[1] else None
-    gb = kernels.conv2d_grad_bias(gy) if need[2] else None
-    return gx, gw, gb
+        kernels, need = ctx.kernels, ctx.needs_input_grad
+        gy = _contiguous(gy)
+        gx = kernels.conv2d_grad_input(gy, w, x.shape, *ctx.args) if need[0] else None
+        gw = kernels.conv2d_grad_weight(x, gy, w.shape, *ctx.args) if need[1] else None
+        gb = kernels.conv2d_grad_bias(gy) if need[2] else None
+        return gx, gw, gb
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Tensor:
@@ -641,9 +638,9 @@ class BatchNormFunction(Function):
 
 class Conv2dBatchNormFunction(Function):
     """batch_norm(conv2d(x, w, b), ..., bn_weight, bn_bias) [and its ReLU] as one Function: in training,
-    one kernel call for both forwards (``kernels/conv2d_batch_norm``); the backward is the batch
-    norm's, then the convolution's, as the two Functions would run them (the same kernels, in the
-    same order). What it saves is the Python between the two forward kernels."""
+    one kernel call for both forwards, and one for the batch norm's backward and the conv's
+    gradients after it (``kernels/conv2d_batch_norm``): the same kernels, in the same order, as the
+    two Functions run, without the Python between them."""
 
     @staticmethod
     def forward(ctx, x, w, b, bn_weight, bn_bias, stride, padding, dilation, groups, running_mean, running_var, momentum, eps,
@@ -662,9 +659,9 @@ class Conv2dBatchNormFunction(Function):
     @staticmethod
     def backward(ctx, gy):
         x, w, xhat, invstd, bn_weight, relu_output = ctx.saved_tensors
-        kernels, need = ctx.kernels, ctx.needs_input_grad
-        gz, g_bn_weight, g_bn_bias = kernels.batch_norm_backward(_contiguous(gy), xhat, invstd, bn_weight, ctx.training, relu_output)
-        gx, gw, gb = _conv2d_grads(kernels, gz, x, w, ctx.args, need) if any(need[:3]) else (None, None, None)
+        need = ctx.needs_input_grad
+        gx, gw, gb, g_bn_weight, g_bn_bias = ctx.kernels.conv2d_batch_norm_backward(
+            _contiguous(gy), x, w, xhat, invstd, bn_weight, *ctx.args, ctx.training, relu_output, need[:3])
         return gx, gw, gb, g_bn_weight if need[3] else None, g_bn_bias if need[4] else None
 
 

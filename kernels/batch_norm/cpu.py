@@ -320,9 +320,17 @@ def batch_norm_backward(gy, xhat, invstd, weight, training, relu_output=None):
 
     relu_output: the fused forward's y; the gradient then flows only where y > 0.
     """
+    outputs, by_channel, args = backward_kernel_call(gy, xhat, invstd, weight, training, relu_output)
+    (_backward_by_channel if by_channel else _backward_by_plane)(*args)
+    return outputs
+
+
+def backward_kernel_call(gy, xhat, invstd, weight, training, relu_output=None):
+    """((gx, gweight, gbias), by_channel, the kernel's arguments): ``batch_norm_backward`` up to its
+    compiled call (``_backward_by_channel`` when ``by_channel``, else ``_backward_by_plane``), which
+    fills the outputs. For ``kernels/conv2d_batch_norm``, which runs it with the conv's gradients."""
     c = gy.shape[1]
     gx, gweight, gbias = empty_aligned(gy.shape, gy.dtype), np.empty(c, gy.dtype), np.empty(c, gy.dtype)
     mask = None if relu_output is None else _planes(relu_output)
-    kernel = _backward_by_channel if c >= numba.get_num_threads() else _backward_by_plane
-    kernel(_planes(gy), _planes(xhat), mask, invstd, weight, bool(training), _planes(gx), gweight, gbias)
-    return gx, gweight, gbias
+    args = (_planes(gy), _planes(xhat), mask, invstd, weight, bool(training), _planes(gx), gweight, gbias)
+    return (gx, gweight, gbias), c >= numba.get_num_threads(), args

@@ -1254,6 +1254,26 @@ def _forward_vector_call(x, w, b, out_hw, padding, dilation, groups, flip=False)
                kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide, mr, direct)
 
 
+def grad_input_kernel_call(gy, w, x_shape, stride, padding, dilation, groups):
+    """(gx, arguments) of ``_forward_vector_kernel`` for ``conv2d_grad_input`` at its default version (a
+    forward of gy with the kernel flipped), or None where that is not v5's compiled stride-1 path.
+    gy need only have its shape yet: ``kernels/conv2d_batch_norm`` fills it in the same compiled call."""
+    if DEFAULT_GRAD_INPUT_VERSION != 5 or stride != (1, 1):
+        return None
+    kh, kw = w.shape[2:]
+    pad = tuple(((k - 1) * d - p[0], 0) for k, d, p in zip((kh, kw), dilation, padding))
+    return _forward_vector_call(gy, w, None, tuple(x_shape[2:]), pad, dilation, groups, flip=True)
+
+
+def grad_weight_kernel_call(x, gy, w_shape, stride, padding, dilation, groups):
+    """The arguments of ``_grad_weight_outer_kernel`` (which returns gw as (C_out, Cg*kh*kw)) for
+    ``conv2d_grad_weight`` at its default version, or None where v6 does not apply (see
+    ``_grad_weight_v6``). gy need only have its shape yet (as above)."""
+    if DEFAULT_GRAD_WEIGHT_VERSION != 6 or not _outer_applies(x, gy, w_shape, stride, dilation, groups):
+        return None
+    return _grad_weight_outer_args(x, gy, w_shape, padding, groups)
+
+
 def forward_kernel_call(x, w, b, stride, padding, dilation, groups):
     """(y, arguments) of ``_forward_vector_kernel`` for ``conv2d_forward`` at its default version, or None
     where that is not v5's compiled stride-1 path (the caller then calls ``conv2d_forward``). For
@@ -1460,20 +1480,31 @@ def _grad_weight_v6(x, gy, w_shape, stride, padding, dilation, groups):
     """float32, 3x3, stride 1, dilation 1, Og and Wo whole vectors, Cg >= ``_OUTER_MIN_CG``: gw by outer
     products (``_grad_weight_outer_kernel``); else v5. (float64 -- gradient checks, reference precision
     -- keeps v5: one compiled kernel fewer, ~15 s of compilation on a fresh machine.)"""
-    c_out, cg, kh, kw = w_shape
-    og = c_out // groups
-    lanes = lanes_of(x.dtype)
-    if (x.dtype != np.float32 or stride != (1, 1) or tuple(dilation) != (1, 1) or (kh, kw) != (3, 3) or og % lanes
-            or gy.shape[3] % lanes or cg < _OUTER_MIN_CG):
+    if not _outer_applies(x, gy, w_shape, stride, dilation, groups):
         return _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups)
     x, gy = np.ascontiguousarray(x), np.ascontiguousarray(gy)
+    return _grad_weight_outer_kernel(*_grad_weight_outer_args(x, gy, w_shape, padding, groups)).reshape(w_shape)
+
+
+def _outer_applies(x, gy, w_shape, stride, dilation, groups):
+    """v6's conditions (see ``_grad_weight_v6``)."""
+    c_out, cg, kh, kw = w_shape
+    lanes = lanes_of(x.dtype)
+    return (x.dtype == np.float32 and stride == (1, 1) and tuple(dilation) == (1, 1) and (kh, kw) == (3, 3)
+            and (c_out // groups) % lanes == 0 and gy.shape[3] % lanes == 0 and cg >= _OUTER_MIN_CG)
+
+
+def _grad_weight_outer_args(x, gy, w_shape, padding, groups):
+    """The arguments of ``_grad_weight_outer_kernel`` for C-contiguous x and gy (band geometry, workspace)."""
+    c_out = w_shape[0]
+    lanes = lanes_of(x.dtype)
     ho, wo = gy.shape[2:]
     nt = numba.get_num_threads()
     step, _, wq = _taps_band(x.shape[1], c_out, (ho, wo), (3, 3), (1, 1), x.dtype.itemsize)
     chunk = max(1, min(step, _OUTER_BYTES // (wo * MO6 * lanes * x.dtype.itemsize)))
     xb_len = -(-x.shape[1] * (step + 2) * wq // lanes) * lanes  # whole vectors: gy^T's rows start on a cache line
-    ws = _aligned_workspace(nt * (xb_len + step * wo * og), x.dtype).reshape(nt, -1)
-    return _grad_weight_outer_kernel(x, gy, ws, xb_len, step, chunk, padding[0][0], padding[1][0], groups).reshape(w_shape)
+    ws = _aligned_workspace(nt * (xb_len + step * wo * (c_out // groups)), x.dtype).reshape(nt, -1)
+    return x, gy, ws, xb_len, step, chunk, padding[0][0], padding[1][0], groups
 
 
 # ----------------------------------------------------------------------- versions

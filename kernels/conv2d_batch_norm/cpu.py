@@ -1,24 +1,27 @@
-"""conv2d_batch_norm on the CPU: the convolution's kernel and the batch norm's in one compiled call.
+"""conv2d_batch_norm on the CPU: the convolution's kernels and the batch norm's in one compiled call each way.
 
 ``conv2d_forward`` and ``batch_norm_training`` each prepare their arrays in Python, then make
 one Numba call. Here both preparations run first (``conv2d.cpu.forward_kernel_call``,
 ``batch_norm.cpu.training_kernel_call``: the batch norm's input is the convolution's output
 array, not yet filled), then ``_conv_then_batch_norm`` runs the two kernels back to back: no
 return to Python between them, when the convolution has just filled the caches with its data
-and Python would run slowest. The kernels and their arguments are the ones the two calls use,
-so the results are the same, bit for bit. Where the convolution's default is not one compiled
-call (strides other than 1: im2col with BLAS), the two calls run one after the other.
+and Python would run slowest. The backward likewise prepares the batch norm's backward, the
+conv's grad_input and grad_weight (``backward_kernel_call``, ``grad_input_kernel_call``,
+``grad_weight_kernel_call``) and runs the three kernels in one call (``_batch_norm_then_conv``).
+The kernels and their arguments are the ones the separate calls use, so the results are the
+same, bit for bit. Where a conv function's default is not one compiled call (strides other than
+1: im2col with BLAS; grad_weight where v6 does not apply), the separate calls run.
 """
 from __future__ import annotations
 
 from numba import njit
 
 from kernels.batch_norm import cpu as batch_norm
-from kernels.batch_norm.cpu import _training_kernel
+from kernels.batch_norm.cpu import _backward_by_channel, _backward_by_plane, _training_kernel
 from kernels.conv2d import cpu as conv2d
-from kernels.conv2d.cpu import _forward_vector_kernel
+from kernels.conv2d.cpu import _forward_vector_kernel, _grad_weight_outer_kernel
 
-__all__ = ["conv2d_batch_norm_training"]
+__all__ = ["conv2d_batch_norm_training", "conv2d_batch_norm_backward"]
 
 
 @njit(cache=True)  # the two kernels it calls run their own parallel loops
@@ -38,3 +41,33 @@ def conv2d_batch_norm_training(x, w, b, stride, padding, dilation, groups, bn_we
     outputs, batch_norm_args = batch_norm.training_kernel_call(z, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu)
     _conv_then_batch_norm(conv_args, batch_norm_args)
     return outputs
+
+
+@njit(cache=True)  # each kernel runs its own parallel loop
+def _batch_norm_then_conv(batch_norm_args, by_channel, grad_input_args, grad_weight_args):
+    """The batch norm's backward (it fills gz), then the conv's grad_input (if its arguments are given)
+    and grad_weight of gz; returns grad_weight's (C_out, Cg*kh*kw) result."""
+    if by_channel:
+        _backward_by_channel(*batch_norm_args)
+    else:
+        _backward_by_plane(*batch_norm_args)
+    if grad_input_args is not None:
+        _forward_vector_kernel(*grad_input_args)
+    return _grad_weight_outer_kernel(*grad_weight_args)
+
+
+def conv2d_batch_norm_backward(gy, x, w, xhat, invstd, bn_weight, stride, padding, dilation, groups, training, relu_output, needs):
+    """(gx, gw, gb, gbn_weight, gbn_bias); see the reference. One compiled call when grad_weight is wanted
+    and its default (v6) applies, and grad_input, if wanted, is v5's stride-1 path; else the separate calls."""
+    (gz, gbn_weight, gbn_bias), by_channel, bn_args = batch_norm.backward_kernel_call(gy, xhat, invstd, bn_weight, training, relu_output)
+    gw_args = conv2d.grad_weight_kernel_call(x, gz, w.shape, stride, padding, dilation, groups) if needs[1] else None
+    gi_call = conv2d.grad_input_kernel_call(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] else None
+    if gw_args is None or (needs[0] and gi_call is None):
+        (_backward_by_channel if by_channel else _backward_by_plane)(*bn_args)
+        gx = conv2d.conv2d_grad_input(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] else None
+        gw = conv2d.conv2d_grad_weight(x, gz, w.shape, stride, padding, dilation, groups) if needs[1] else None
+    else:
+        gx, gi_args = gi_call if gi_call is not None else (None, None)
+        gw = _batch_norm_then_conv(bn_args, by_channel, gi_args, gw_args).reshape(w.shape)
+    gb = conv2d.conv2d_grad_bias(gz) if needs[2] else None
+    return gx, gw, gb, gbn_weight, gbn_bias

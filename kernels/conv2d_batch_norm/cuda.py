@@ -6,10 +6,10 @@ GPU is the slower side; one call here keeps the interface (see ``reference.py``)
 """
 from __future__ import annotations
 
-from kernels.batch_norm.cuda import batch_norm_training
-from kernels.conv2d.cuda import conv2d_forward
+from kernels.batch_norm.cuda import batch_norm_backward, batch_norm_training
+from kernels.conv2d.cuda import conv2d_forward, conv2d_grad_bias, conv2d_grad_input, conv2d_grad_weight
 
-__all__ = ["conv2d_batch_norm_training"]
+__all__ = ["conv2d_batch_norm_training", "conv2d_batch_norm_backward"]
 
 PTX_SIGNATURES: list = []  # no kernels of its own
 
@@ -19,3 +19,12 @@ def conv2d_batch_norm_training(x, w, b, stride, padding, dilation, groups, bn_we
     """(y, xhat, invstd): ``conv2d_forward`` then ``batch_norm_training`` (see the reference)."""
     z = conv2d_forward(x, w, b, stride, padding, dilation, groups)
     return batch_norm_training(z, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu)
+
+
+def conv2d_batch_norm_backward(gy, x, w, xhat, invstd, bn_weight, stride, padding, dilation, groups, training, relu_output, needs):
+    """(gx, gw, gb, gbn_weight, gbn_bias): ``batch_norm_backward``, then the conv's gradients (see the reference)."""
+    gz, gbn_weight, gbn_bias = batch_norm_backward(gy, xhat, invstd, bn_weight, training, relu_output)
+    gx = conv2d_grad_input(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] else None
+    gw = conv2d_grad_weight(x, gz, w.shape, stride, padding, dilation, groups) if needs[1] else None
+    gb = conv2d_grad_bias(gz) if needs[2] else None
+    return gx, gw, gb, gbn_weight, gbn_bias

@@ -8,22 +8,25 @@ Nothing new to derive: the op is the composition of two others, and each keeps i
     y = w_bn (z - mean) / sqrt(var + eps) + b_bn,  and max(y, 0) with ``relu``
 
 with the running statistics updated in place, as ``batch_norm_training`` does. Backward is the
-chain rule through the two, in reverse: ``batch_norm_backward`` gives dL/dz from dL/dy, then
-conv2d's ``conv2d_grad_input`` / ``conv2d_grad_weight`` / ``conv2d_grad_bias`` take dL/dz. So no
-backward function lives here; ``minseg.functional`` calls those.
+chain rule through the two, in reverse, with each op's own derivation::
 
-Why a fused op at all: a training step runs this pair for every layer of a double conv. As two
-calls, Python runs between the two kernels -- the end of one Function, the start of the next --
-right after the convolution has filled the caches with its data, when Python is slowest. As one
-call, a backend can run both kernels back to back (the cpu backend: one compiled call), with the
+    dL/dz, dL/dw_bn, dL/db_bn = batch_norm_backward(dL/dy, ...)
+    dL/dx, dL/dw, dL/db       = conv2d_grad_input / conv2d_grad_weight / conv2d_grad_bias (dL/dz, ...)
+
+``conv2d_batch_norm_backward`` returns all five.
+
+Why a fused op at all: a training step runs this pair for every layer of a double conv. As
+separate calls, Python runs between the kernels -- the end of one Function, the start of the next --
+right after a kernel has filled the caches with its data, when Python is slowest. As one call, a
+backend can run the kernels back to back (the cpu backend: one compiled call each way), with the
 same arithmetic, so the same numbers, bit for bit.
 """
 from __future__ import annotations
 
-from kernels.batch_norm.reference import batch_norm_training
-from kernels.conv2d.reference import conv2d_forward
+from kernels.batch_norm.reference import batch_norm_backward, batch_norm_training
+from kernels.conv2d.reference import conv2d_forward, conv2d_grad_bias, conv2d_grad_input, conv2d_grad_weight
 
-__all__ = ["conv2d_batch_norm_training"]
+__all__ = ["conv2d_batch_norm_training", "conv2d_batch_norm_backward"]
 
 
 def conv2d_batch_norm_training(x, w, b, stride, padding, dilation, groups, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
@@ -33,3 +36,14 @@ def conv2d_batch_norm_training(x, w, b, stride, padding, dilation, groups, bn_we
     also update the running ones in place (either may be None)."""
     z = conv2d_forward(x, w, b, stride, padding, dilation, groups)
     return batch_norm_training(z, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu)
+
+
+def conv2d_batch_norm_backward(gy, x, w, xhat, invstd, bn_weight, stride, padding, dilation, groups, training, relu_output, needs):
+    """(gx, gw, gb, gbn_weight, gbn_bias): ``batch_norm_backward(gy, xhat, invstd, bn_weight, training,
+    relu_output)`` gives gz (and the batch norm's two gradients, always returned), then the conv's
+    gradients of gz; ``needs`` = (gx, gw, gb) wanted, None where not."""
+    gz, gbn_weight, gbn_bias = batch_norm_backward(gy, xhat, invstd, bn_weight, training, relu_output)
+    gx = conv2d_grad_input(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] else None
+    gw = conv2d_grad_weight(x, gz, w.shape, stride, padding, dilation, groups) if needs[1] else None
+    gb = conv2d_grad_bias(gz) if needs[2] else None
+    return gx, gw, gb, gbn_weight, gbn_bias

@@ -84,3 +84,59 @@ def test_cpu_fused_call_runs_both_kernels_in_one_compiled_call(monkeypatch):
         x, (w, b, *args), bn_w, bn_b, (rm, rv) = _problem(np.float32, stride, True, True)
         cpu.conv2d_batch_norm_training(x, w, b, *args, bn_w, bn_b, rm, rv, 0.1, 1e-5, False)
         assert len(calls) == expected, stride
+
+
+def _backward_problem(dtype, stride, c_in, relu, seed=2):
+    """gy and the saved arrays of a conv -> batch norm layer (training), from the backend's own forward."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, c_in, 5, 16)).astype(dtype)
+    w = rng.standard_normal((16, c_in, 3, 3)).astype(dtype)
+    args = (stride, ((1, 1), (1, 1)), (1, 1), 1)
+    bn_w = rng.uniform(0.5, 1.5, 16).astype(dtype)
+    return x, w, args, bn_w, relu
+
+
+# The cpu backend's one compiled call needs grad_weight's default (v6: float32, Og and Wo whole vectors
+# of 16, Cg >= 8) and, when gx is wanted, grad_input's stride-1 path: Cg = 8 at stride 1 has both; gx
+# not wanted (a first layer); Cg = 3 (v6 does not apply), stride (2, 1) and float64 take the separate calls.
+# The CUDA simulator runs the Cg = 3 float32 case only (its cost; its backward is the composition).
+BACKWARD_CASES = [(np.float32, (1, 1), 8, True, (True, True, False)), (np.float32, (1, 1), 8, False, (False, True, True)),
+                  (np.float32, (1, 1), 3, True, (True, True, True)), (np.float32, (2, 1), 8, False, (True, True, False)),
+                  (np.float64, (1, 1), 8, True, (True, True, True))]
+BACKWARD_PARAMS = [pytest.param(m.values[0], *case, id=f"{m.id}-{np.dtype(case[0]).name}-stride{case[1][0]}-cg{case[2]}-{case[4]}")
+                   for m in MODULES for case in BACKWARD_CASES if not (m.id == "cuda" and (case[0] == np.float64 or case[2] == 8))]
+
+
+@pytest.mark.parametrize("modname, dtype, stride, c_in, relu, needs", BACKWARD_PARAMS)
+def test_fused_backward_is_the_separate_calls_bit_for_bit(modname, dtype, stride, c_in, relu, needs):
+    fused, conv, batch_norm = _module(modname)
+    x, w, args, bn_w, relu = _backward_problem(dtype, stride, c_in, relu)
+    y, xhat, invstd = batch_norm.batch_norm_training(conv.conv2d_forward(x, w, None, *args), bn_w, None, None, None, 0.1, 1e-5, relu)
+    gy = np.random.default_rng(3).standard_normal(np.asarray(y).shape).astype(dtype)
+    relu_output = y if relu else None
+    got = fused.conv2d_batch_norm_backward(gy, x, w, xhat, invstd, bn_w, *args, True, relu_output, needs)
+    gz, g_bn_w, g_bn_b = batch_norm.batch_norm_backward(gy, xhat, invstd, bn_w, True, relu_output)
+    expected = (conv.conv2d_grad_input(gz, w, x.shape, *args) if needs[0] else None,
+                conv.conv2d_grad_weight(x, gz, w.shape, *args) if needs[1] else None,
+                conv.conv2d_grad_bias(gz) if needs[2] else None, g_bn_w, g_bn_b)
+    for name, a, e in zip(("gx", "gw", "gb", "gbn_weight", "gbn_bias"), got, expected):
+        assert (a is None) == (e is None), name
+        if e is not None:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=name)
+
+
+def test_cpu_fused_backward_is_one_compiled_call_where_the_conv_defaults_allow(monkeypatch):
+    cpu = pytest.importorskip("kernels.conv2d_batch_norm.cpu")
+    from kernels.batch_norm import cpu as batch_norm
+    from kernels.conv2d import cpu as conv
+
+    calls = []
+    fused = cpu._batch_norm_then_conv
+    monkeypatch.setattr(cpu, "_batch_norm_then_conv", lambda *args: calls.append(1) or fused(*args))
+    for dtype, stride, c_in, relu, needs in BACKWARD_CASES:
+        calls.clear()
+        x, w, args, bn_w, relu = _backward_problem(dtype, stride, c_in, relu)
+        y, xhat, invstd = batch_norm.batch_norm_training(conv.conv2d_forward(x, w, None, *args), bn_w, None, None, None, 0.1, 1e-5, relu)
+        cpu.conv2d_batch_norm_backward(np.ones_like(y), x, w, xhat, invstd, bn_w, *args, True, y if relu else None, needs)
+        one_call = dtype == np.float32 and stride == (1, 1) and c_in >= 8
+        assert len(calls) == int(one_call), (dtype, stride, c_in, needs)
