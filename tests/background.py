@@ -2,9 +2,12 @@
 
 The suite runs serially on one core; a subprocess that only produces a report (the PTX
 compile of every CUDA kernel, the simulated GPU command) can run on the machine's other
-core meanwhile. ``tests/conftest.py`` starts the jobs whose tests were collected (not
-under pytest-xdist, where every worker would start its own copy); the fixture that needs
-a job's output calls :func:`result`, which starts it if nobody did and waits for it.
+core meanwhile. The jobs run at the lowest CPU priority (nice 19), so they use only what
+the tests leave: the PTX compile alone starts a process per compute capability, which at
+equal priority took half of the tests' core too. ``tests/conftest.py`` starts the jobs
+whose tests were collected (not under pytest-xdist, where every worker would start its own
+copy); the fixture that needs a job's output calls :func:`result`, which starts it if
+nobody did and waits for it.
 """
 from __future__ import annotations
 
@@ -56,8 +59,13 @@ def start(name: str) -> None:
     argv = [sys.executable, *(a.replace("{outdir}", str(outdir)) for a in job.argv)]
     # a session of its own: ending the job ends the subprocesses it starts too (ptx_report's workers)
     proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, **dict(job.env)), stdout=out, stderr=err, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_lowest_priority)
     _running[name] = (proc, out, err, outdir)
+
+
+def _lowest_priority() -> None:
+    """Run in the job's process before it starts: nice 19, inherited by its subprocesses."""
+    os.nice(19)
 
 
 def result(name: str) -> Finished:
