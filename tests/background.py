@@ -1,13 +1,17 @@
 """Long subprocesses that some tests check, started as soon as pytest knows they will be needed.
 
 The suite runs serially on one core; a subprocess that only produces a report (the PTX
-compile of every CUDA kernel, the simulated GPU command) can run on the machine's other
-core meanwhile. ``tests/conftest.py`` starts the jobs whose tests were collected (not
-under pytest-xdist, where every worker would start its own copy); the fixture that needs
-a job's output calls :func:`result`, which starts it if nobody did and waits for it.
+compile of every CUDA kernel, the simulated GPU command, the training-step benchmark) can
+run on the machine's other core meanwhile. The jobs run at the lowest CPU priority (nice
+19), so they use only what the tests leave: the PTX compile alone starts a process per
+compute capability, which at equal priority took half of the tests' core too.
+``tests/conftest.py`` starts the jobs whose tests were collected (not under pytest-xdist,
+where every worker would start its own copy); the fixture that needs a job's output calls
+:func:`result`, which starts it if nobody did and waits for it.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -27,11 +31,18 @@ class Job:
     timeout: float
 
 
+# ``train --quick`` also steps with the cpu backend (and its conv kernels at version 1) where Numba is installed
+TRAIN_BACKENDS = ("numpy,cpu", "--conv-versions", "1") if importlib.util.find_spec("numba") else ("numpy",)
+
 JOBS = {
     "ptx": Job(("-m", "benchmarks.ptx_report", "--json", "--cc", "80", "90"), (("NUMBA_ENABLE_CUDASIM", "0"),),
                "tests/cuda/test_ptx.py", 900),
     "gpu-simulate": Job(("-m", "benchmarks", "gpu", "--simulate", "--all", "{outdir}"), (("PYTHONPATH", str(ROOT)),),
                         "tests/test_gpu_command.py", 900),
+    # one thread: the benchmark times, and a second thread would compete with the tests
+    "train-quick": Job(("-m", "benchmarks", "train", "--quick", "--repeat", "2", "--threads", "1", "--backends", *TRAIN_BACKENDS,
+                        "--no-cache-check", "--json", "{outdir}/train.json", "--plot", "{outdir}/train.png"),
+                       (("PYTHONPATH", str(ROOT)),), "tests/test_benchmarks_smoke.py::test_train_quick", 600),
 }
 
 
@@ -56,8 +67,13 @@ def start(name: str) -> None:
     argv = [sys.executable, *(a.replace("{outdir}", str(outdir)) for a in job.argv)]
     # a session of its own: ending the job ends the subprocesses it starts too (ptx_report's workers)
     proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, **dict(job.env)), stdout=out, stderr=err, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_lowest_priority)
     _running[name] = (proc, out, err, outdir)
+
+
+def _lowest_priority() -> None:
+    """Run in the job's process before it starts: nice 19, inherited by its subprocesses."""
+    os.nice(19)
 
 
 def result(name: str) -> Finished:

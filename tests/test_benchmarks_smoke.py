@@ -17,6 +17,7 @@ import pytest
 import minseg
 from benchmarks.cases import layer_specs, op_specs, unet_conv_layers
 from benchmarks.train import TRAIN_SIZES
+from tests import background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -154,15 +155,15 @@ def test_ops_layers_quick(tmp_path):
     assert all(entry["flops"] for entry in report["cases"])
 
 
-def test_train_quick(tmp_path):
+def test_train_quick():
     """``train --quick`` on the numpy backend, and (one run: each run measures the machine first) with
     ``--conv-versions 1`` on the cpu backend: the step also runs with every conv kernel at version 1
-    ('cpu v1'), computing torch's loss, with its own memory (a child process) and kernel-time split."""
+    ('cpu v1'), computing torch's loss, with its own memory (a child process) and kernel-time split.
+    The command runs in the background from the start of the suite (tests/background.py)."""
     cpu = importlib.util.find_spec("numba") is not None
-    path, png = tmp_path / "train.json", tmp_path / "train.png"
-    extra = ["--backends", "numpy,cpu", "--conv-versions", "1"] if cpu else ["--backends", "numpy"]
-    stdout = run_bench("train", "--quick", "--repeat", str(REPEAT), "--threads", "1", *extra,
-                       "--no-cache-check", "--json", str(path), "--plot", str(png), timeout=600)
+    run = background.result("train-quick")
+    assert run.returncode == 0, f"exit {run.returncode}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    stdout, path, png = run.stdout, run.outdir / "train.json", run.outdir / "train.png"
     report = json.loads(path.read_text())
     impls = ["numpy"] + (["cpu", "cpu v1"] if cpu else []) + (["torch"] if HAS_TORCH else [])
     (entry,) = report["cases"]
