@@ -296,7 +296,11 @@ def _topological_order(root: Tensor) -> list[Tensor]:
         if node._ctx is not None:
             for parent in node._ctx.inputs:
                 if parent is not None and parent.requires_grad and id(parent) not in seen:
-                    stack.append((parent, False))
+                    if parent._ctx is None:  # a leaf has no parents of its own: it is placed at once (before
+                        seen.add(id(parent))  # the node being expanded, as every node that uses it comes later)
+                        order.append(parent)
+                    else:
+                        stack.append((parent, False))
     return order
 
 
@@ -398,7 +402,8 @@ class GradBuffers:
 
     def accumulate(self, current, g, dtype):
         """The new ``.grad``: ``current + g``, or ``g`` itself (as a Tensor) when it is safe to keep."""
-        g = g.astype(dtype, copy=False)
+        if g.dtype != dtype:
+            g = g.astype(dtype)
         if current is not None:
             current.data += g
             return current
