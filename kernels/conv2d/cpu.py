@@ -83,30 +83,34 @@ times every one against torch. The defaults are the fastest measured so far (v5;
   3 channels, 18 or 27 zmm accumulators). gy^T (each pixel's channels
   consecutive) is made per band by 16 x 16 transposes in registers
   (``transpose_block``). For float32 3x3 kernels at stride 1, dilation 1, when Og
-  and Wo are whole vectors and Cg >= 8; else v5. On the U-Net's 3x3 layers, 2 threads
-  (interleaved medians, under load): 262-342 GFLOP/s where v5 does 250-275.
+  and Wo are whole vectors and Cg >= 8; else v5. The table below has its effect.
 
 Measured by ``python -m benchmarks ops`` (fwd+bwd = forward + grad_input +
 grad_weight + grad_bias through ``minseg.functional``; % of peak against the
-FP32 peak the benchmark measures on the same machine; ``cpu`` = the defaults, v5)::
+FP32 peak the benchmark measures on the same machine; ``cpu`` = the defaults:
+forward and grad_input v5, grad_weight v6; ``vK`` = every function at version K)::
 
-    case (2026-11-27, 2 cores, Xeon AVX-512,     | ms    | GFLOP/s | % of peak | x torch
-    peak 335 GFLOP/s measured, torch 2.13 oneDNN)|       |         |           |
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v1        | 428.7 |   4.2   |   1.3     | 32.4
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v2        |  27.3 |  66.5   |  19.9     |  2.06
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v3        |  14.1 | 128     |  38.3     |  1.07
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v4        |  24.9 |  72.8   |  21.7     |  1.88
-    conv2d 3x3 fwd+bwd 8x32x64x64->32  v5        |   9.6 | 189     |  56.5     |  0.72
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v1        | 404.5 |   4.5   |   1.3     | 42.3
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v2        |  16.9 | 107     |  32.1     |  1.77
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v3        |  12.6 | 144     |  42.9     |  1.32
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v4        |  25.7 |  70.6   |  21.1     |  2.69
-    conv2d 3x3 fwd+bwd 8x64x32x32->64  v5        |   8.6 | 211     |  63.0     |  0.90
-    (torch: 13.2 and 9.6 ms, 41-57% of the peak; medians of 20; benchmarks/RESULTS.md, which
-    also has every conv layer of the benchmark U-Net: ``ops --layers``)
+    case (2026-11-27 16:35 UTC, 2 cores, Xeon    | ms    | GFLOP/s | % of peak | x torch
+    AVX-512, peak 387 GFLOP/s measured, 2 threads)|      |         |           |
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v1        | 389.2 |   4.7   |   1.2     | 45.1
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v2        |  20.0 |  90.5   |  23.4     |  2.32
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v3        |   9.7 | 187     |  48.4     |  1.12
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v4        |  21.3 |  85.2   |  22.0     |  2.46
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  v5        |   7.1 | 253     |  65.5     |  0.83
+    conv2d 3x3 fwd+bwd 8x32x64x64->32  cpu (v6)  |   6.7 | 270     |  69.8     |  0.78
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v1        | 365.6 |   5.0   |   1.3     | 51.1
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v2        |  14.1 | 128     |  33.1     |  1.98
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v3        |  10.1 | 179     |  46.4     |  1.41
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v4        |  21.8 |  83.0   |  21.5     |  3.05
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  v5        |   7.1 | 256     |  66.2     |  0.99
+    conv2d 3x3 fwd+bwd 8x64x32x32->64  cpu (v6)  |   6.4 | 284     |  73.5     |  0.89
+    (torch 2.13 oneDNN: 8.6 and 7.2 ms, 54-66% of the peak; medians of 20; benchmarks/RESULTS.md,
+    which also has every conv layer of the benchmark U-Net: ``ops --layers``)
 
-v5 is the default: 1.47x faster than v3's BLAS GEMMs on both shapes; v4, the
-same plan left to the auto-vectoriser (256-bit registers), is about half of v3.
+v5 (and v6 for grad_weight) are the defaults: v5 is 1.36-1.43x faster than v3's BLAS GEMMs on
+both shapes, v6's grad_weight takes another 6-10% off the whole fwd+bwd; v4, v5's plan left to
+the auto-vectoriser (256-bit registers), is about half of v3. (Earlier the same day v5 ran at
+56-63% of the peak: its padded-band copy was a slice assignment per row, now one memcpy.)
 
 The products of v2 and v3 are GEMMs of two kinds.
 
