@@ -586,6 +586,42 @@ def _conv_case(kind):
     return "conv", build
 
 
+def _conv_batch_norm_case(kind):
+    """conv2d (3x3, 'same', bias) then batch norm in training (kernels/conv2d_batch_norm): the fused forward
+    against torch's conv2d + batch_norm, and the fused backward (the batch norm's, then the conv's grad_input
+    and grad_weight) against native_batch_norm_backward + convolution_backward."""
+    def build(shape, rng):
+        n, c, h, w, co = shape
+        data = _conv_problem(shape, rng)
+        data.update(bn_weight=rng.uniform(0.5, 1.5, co).astype(np.float32), bn_bias=_normal(rng, co))
+        flops, label = conv_flops(n, c, h, w, co), f"{_name(shape[:4])}->{co}"
+        if kind == "training":
+            return (f"conv2d 3x3 + batch_norm forward {label}", data,
+                    lambda fn, d: [fn(d["x"], d["w"], d["b"], *CONV_ARGS, d["bn_weight"], d["bn_bias"], None, None, 0.1, 1e-5)[0]],
+                    lambda peer, d: [peer.F.batch_norm(peer.F.conv2d(d["x"], d["w"], d["b"], padding=1), None, None,
+                                                       d["bn_weight"], d["bn_bias"], training=True, eps=1e-5)], flops, None, True)
+        # the backward's saved arrays, from the conv's output (NumPy reference, float64 statistics)
+        z = importlib.import_module("kernels.conv2d.reference").conv2d_forward(data["x"], data["w"], data["b"], *CONV_ARGS)
+        mean, var = z.mean((0, 2, 3), dtype=np.float64), z.var((0, 2, 3), dtype=np.float64)
+        invstd = 1 / np.sqrt(var + 1e-5)
+        data.update(z=z, mean=mean.astype(np.float32), invstd=invstd.astype(np.float32),
+                    xhat=((z - mean[:, None, None]) * invstd[:, None, None]).astype(np.float32))
+
+        def torch_call(peer, d):
+            gz = peer.torch.ops.aten.native_batch_norm_backward(d["gy"], d["z"], d["bn_weight"], None, None, d["mean"], d["invstd"],
+                                                                True, 1e-5, [True, False, False])[0]
+            gx, gw, _ = peer.torch.ops.aten.convolution_backward(gz, d["x"], d["w"], [d["w"].shape[0]], [1, 1], [1, 1], [1, 1], False,
+                                                                 [0, 0], 1, [True, True, False])
+            return [gx, gw]
+
+        return (f"batch_norm + conv2d 3x3 backward {label}", data,
+                lambda fn, d: list(fn(d["gy"], d["x"], d["w"], d["xhat"], d["invstd"], d["bn_weight"], *CONV_ARGS, True, None,
+                                      (True, True, False))[:2]),
+                torch_call, 2 * flops, None, True)
+
+    return "conv", build
+
+
 def _activation_case(kind):
     def build(shape, rng):
         n, c, h, w = shape
@@ -749,6 +785,10 @@ KERNEL_CASES = {
         "conv2d_grad_input": _conv_case("grad_input"),
         "conv2d_grad_weight": _conv_case("grad_weight"),
         "conv2d_grad_bias": _conv_case("grad_bias"),
+    },
+    "kernels.conv2d_batch_norm.cuda": {
+        "conv2d_batch_norm_training": _conv_batch_norm_case("training"),
+        "conv2d_batch_norm_backward": _conv_batch_norm_case("backward"),
     },
     "kernels.relu.cuda": {k: _activation_case(k) for k in ("relu_forward", "relu_backward")},
     "kernels.cat.cuda": {k: _activation_case(k) for k in ("cat_forward", "cat_backward")},
