@@ -27,8 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 class Job:
     argv: tuple  # after ``python``; "{outdir}" is replaced by a fresh temporary folder
     env: tuple  # (name, value) pairs added to the environment
-    tests: str  # node-id prefix of the tests that read the result
+    tests: str  # node-id prefix of the tests that read the result (or, for a job no test reads, that it serves)
     timeout: float
+    read: bool = True  # tests read its result: they run last, when it has had the whole run to finish
+    min_tests: int = 0  # start it only for a run of at least this many tests
+
+
+# Set in the jobs' environment: a pytest run that is itself a job starts no jobs of its own.
+NO_JOBS = "MINSEG_TEST_NO_BACKGROUND_JOBS"
 
 
 # ``train --quick`` also steps with the cpu backend (and its conv kernels at version 1) where Numba is installed
@@ -43,6 +49,14 @@ JOBS = {
     "train-quick": Job(("-m", "benchmarks", "train", "--quick", "--repeat", "2", "--threads", "1", "--backends", *TRAIN_BACKENDS,
                         "--no-cache-check", "--json", "{outdir}/train.json", "--plot", "{outdir}/train.png"),
                        (("PYTHONPATH", str(ROOT)),), "tests/test_benchmarks_smoke.py::test_train_quick", 600),
+    # Compiles the cpu kernels ahead of the tests that use them: on a fresh clone (CI) their first calls
+    # compile for 5-15 s each. It runs those same tests (the same argument types, so the same compiled
+    # signatures) in a pytest of its own on the other core, while this run does the CUDA simulator's
+    # tests first, and Numba's on-disk cache hands the results over. Nothing reads its outcome: the
+    # tests themselves run here as always (on a warm cache, the same tests take a fraction of the time).
+    # Only for a run of most of the suite: a run of a few files gives it no head start.
+    "numba-warm": Job(("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "tests/grad", "tests/nn", "-k", "cpu"),
+                      (("PYTHONPATH", str(ROOT)), (NO_JOBS, "1")), "tests/kernels/", 900, read=False, min_tests=500),
 }
 
 

@@ -67,7 +67,7 @@ def _background_readers_last(items):
     core) has had the whole run to finish instead of being waited for."""
     from tests import background
 
-    readers = tuple(job.tests for job in background.JOBS.values())
+    readers = tuple(job.tests for job in background.JOBS.values() if job.read)
     # stable: within each group the tests keep their order
     items.sort(key=lambda item: 2 if item.nodeid.startswith(readers) else int(item.nodeid.startswith(SUBPROCESS_TESTS)))
 
@@ -93,9 +93,10 @@ def _start_background_jobs(config, items):
     """Start the background jobs (tests/background.py) whose tests are about to run."""
     from tests import background
 
-    if hasattr(config, "workerinput"):  # a pytest-xdist worker: each would start its own copy
+    if hasattr(config, "workerinput") or os.environ.get(background.NO_JOBS):  # an xdist worker, or a job's own pytest
         return
-    wanted = {name for name, job in background.JOBS.items() for item in items if item.nodeid.startswith(job.tests)}
+    wanted = {name for name, job in background.JOBS.items() for item in items
+              if item.nodeid.startswith(job.tests) and len(items) >= job.min_tests}
     for name in sorted(wanted):
         background.start(name)
 

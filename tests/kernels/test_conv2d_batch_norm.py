@@ -86,20 +86,24 @@ def test_cpu_fused_call_runs_both_kernels_in_one_compiled_call(monkeypatch):
         assert len(calls) == expected, stride
 
 
-def _backward_problem(dtype, stride, c_in, relu, seed=2):
-    """gy and the saved arrays of a conv -> batch norm layer (training), from the backend's own forward."""
+def _backward_problem(dtype, stride, c_in, relu, seed=2, small=False):
+    """The input, weights and batch-norm weight of a conv -> batch norm layer; ``small`` for the CUDA
+    simulator (4 output channels of 4x6 pixels: every simulated thread is a Python thread), else 16
+    output channels 16 pixels wide (whole vectors: the cpu backend's v6 grad_weight applies)."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((2, c_in, 5, 16)).astype(dtype)
-    w = rng.standard_normal((16, c_in, 3, 3)).astype(dtype)
+    c_out, width = (4, 6) if small else (16, 16)
+    x = rng.standard_normal((2, c_in, 4 if small else 5, width)).astype(dtype)
+    w = rng.standard_normal((c_out, c_in, 3, 3)).astype(dtype)
     args = (stride, ((1, 1), (1, 1)), (1, 1), 1)
-    bn_w = rng.uniform(0.5, 1.5, 16).astype(dtype)
+    bn_w = rng.uniform(0.5, 1.5, c_out).astype(dtype)
     return x, w, args, bn_w, relu
 
 
 # The cpu backend's one compiled call needs grad_weight's default (v6: float32, Og and Wo whole vectors
 # of 16, Cg >= 8) and, when gx is wanted, grad_input's stride-1 path: Cg = 8 at stride 1 has both; gx
 # not wanted (a first layer); Cg = 3 (v6 does not apply), stride (2, 1) and float64 take the separate calls.
-# The CUDA simulator runs the Cg = 3 float32 case only (its cost; its backward is the composition).
+# The CUDA simulator runs the Cg = 3 float32 case only, on a smaller problem (its cost; its backward is
+# the composition of kernels tests/cuda checks on their own).
 BACKWARD_CASES = [(np.float32, (1, 1), 8, True, (True, True, False)), (np.float32, (1, 1), 8, False, (False, True, True)),
                   (np.float32, (1, 1), 3, True, (True, True, True)), (np.float32, (2, 1), 8, False, (True, True, False)),
                   (np.float64, (1, 1), 8, True, (True, True, True))]
@@ -110,7 +114,7 @@ BACKWARD_PARAMS = [pytest.param(m.values[0], *case, id=f"{m.id}-{np.dtype(case[0
 @pytest.mark.parametrize("modname, dtype, stride, c_in, relu, needs", BACKWARD_PARAMS)
 def test_fused_backward_is_the_separate_calls_bit_for_bit(modname, dtype, stride, c_in, relu, needs):
     fused, conv, batch_norm = _module(modname)
-    x, w, args, bn_w, relu = _backward_problem(dtype, stride, c_in, relu)
+    x, w, args, bn_w, relu = _backward_problem(dtype, stride, c_in, relu, small=modname.endswith("cuda"))
     y, xhat, invstd = batch_norm.batch_norm_training(conv.conv2d_forward(x, w, None, *args), bn_w, None, None, None, 0.1, 1e-5, relu)
     gy = np.random.default_rng(3).standard_normal(np.asarray(y).shape).astype(dtype)
     relu_output = y if relu else None
