@@ -37,6 +37,10 @@ class Job:
 NO_JOBS = "MINSEG_TEST_NO_BACKGROUND_JOBS"
 
 
+# the test files with cpu rows, last first (pytest runs files in the order given)
+WARM_FILES = tuple(str(p.relative_to(ROOT)) for p in sorted(
+    f for d in ("grad", "kernels", "nn", "oracle") for f in (ROOT / "tests" / d).glob("test_*.py"))[::-1])
+
 # ``train --quick`` also steps with the cpu backend (and its conv kernels at version 1) where Numba is installed
 TRAIN_BACKENDS = ("numpy,cpu", "--conv-versions", "1") if importlib.util.find_spec("numba") else ("numpy",)
 
@@ -50,12 +54,13 @@ JOBS = {
                         "--no-cache-check", "--json", "{outdir}/train.json", "--plot", "{outdir}/train.png"),
                        (("PYTHONPATH", str(ROOT)),), "tests/test_benchmarks_smoke.py::test_train_quick", 600),
     # Compiles the cpu kernels ahead of the tests that use them: on a fresh clone (CI) their first calls
-    # compile for 5-15 s each. It runs those same tests (the same argument types, so the same compiled
-    # signatures) in a pytest of its own on the other core, while this run does the CUDA simulator's
-    # tests first, and Numba's on-disk cache hands the results over. Nothing reads its outcome: the
+    # compile for 5-20 s each. It runs those same tests (the same argument types, so the same compiled
+    # signatures) in a pytest of its own on the other core, and Numba's on-disk cache hands the results
+    # over. It takes the files in the reverse of this run's order (WARM_FILES), so the two meet in the
+    # middle instead of compiling the same kernels at the same time. Nothing reads its outcome: the
     # tests themselves run here as always (on a warm cache, the same tests take a fraction of the time).
     # Only for a run of most of the suite: a run of a few files gives it no head start.
-    "numba-warm": Job(("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "tests/grad", "tests/nn", "-k", "cpu"),
+    "numba-warm": Job(("-m", "pytest", "-q", "-p", "no:cacheprovider", *WARM_FILES, "-k", "cpu"),
                       (("PYTHONPATH", str(ROOT)), (NO_JOBS, "1")), "tests/kernels/", 900, read=False, min_tests=500),
 }
 
