@@ -37,9 +37,12 @@ class Job:
 NO_JOBS = "MINSEG_TEST_NO_BACKGROUND_JOBS"
 
 
-# the test files with cpu rows, last first (pytest runs files in the order given)
-WARM_FILES = tuple(str(p.relative_to(ROOT)) for p in sorted(
-    f for d in ("grad", "kernels", "nn", "oracle") for f in (ROOT / "tests" / d).glob("test_*.py"))[::-1])
+# The test files with cpu rows, in the order the numba-warm job runs them (pytest keeps the order given):
+# first those this run reaches first after the CUDA simulator's tests (tests/grad) and the costliest
+# (tests/kernels/test_conv2d.py: six versions in two dtypes), then the rest last first.
+_FIRST = [*sorted((ROOT / "tests" / "grad").glob("test_*.py")), ROOT / "tests" / "kernels" / "test_conv2d.py"]
+WARM_FILES = tuple(str(p.relative_to(ROOT)) for p in _FIRST + sorted(
+    (f for d in ("kernels", "nn", "oracle") for f in (ROOT / "tests" / d).glob("test_*.py") if f not in _FIRST), reverse=True))
 
 # ``train --quick`` also steps with the cpu backend (and its conv kernels at version 1) where Numba is installed
 TRAIN_BACKENDS = ("numpy,cpu", "--conv-versions", "1") if importlib.util.find_spec("numba") else ("numpy",)
@@ -56,8 +59,8 @@ JOBS = {
     # Compiles the cpu kernels ahead of the tests that use them: on a fresh clone (CI) their first calls
     # compile for 5-20 s each. It runs those same tests (the same argument types, so the same compiled
     # signatures) in a pytest of its own on the other core, and Numba's on-disk cache hands the results
-    # over. It takes the files in the reverse of this run's order (WARM_FILES), so the two meet in the
-    # middle instead of compiling the same kernels at the same time. Nothing reads its outcome: the
+    # over. It takes the files in an order of its own (WARM_FILES): ahead of this run where it has the
+    # time, then from the end, so that the two do not compile the same kernels at the same time. Nothing reads its outcome: the
     # tests themselves run here as always (on a warm cache, the same tests take a fraction of the time).
     # Only for a run of most of the suite: a run of a few files gives it no head start.
     "numba-warm": Job(("-m", "pytest", "-q", "-p", "no:cacheprovider", *WARM_FILES, "-k", "cpu"),
