@@ -231,9 +231,9 @@ def test_gradients_take_ho_wo_from_gy(modname, version, case, seed):
 
 # stride (2, 1), im2col: a band's column matrix has C_in*kh*kw = 24 rows of 8-byte values per output
 # row of Wo = 6 columns (1152 bytes): 1 byte forces bands of one row, 4700 bytes bands of 4 rows out of
-# Ho = 6; 3 images x 6 bands = 18 (image, band) items split over 2 threads as 9 + 9, mid-image.
+# Ho = 7 (4 + 3); 3 images x 7 bands = 21 (image, band) items split over 2 threads as 11 + 10, mid-image.
 # stride 1, taps: a band row holds C_in + C_out = 10 rows of Wq = Wo + (kw-1)*dw = 8 values (640 bytes):
-# bands of 1 row, or of 7 rows out of Ho = 12 (ragged last band)
+# bands of 1 row, or 4700 bytes (7 rows at most) two bands of 7 out of Ho = 13 (7 + a ragged 6)
 @pytest.mark.parametrize("band_bytes", [1, 4700])
 @pytest.mark.parametrize("threads", ["all", "one", "no-openblas"])
 @pytest.mark.parametrize("stride", [(2, 1), (1, 1)])
@@ -250,12 +250,13 @@ def test_cpu_kernels_agree_across_bands_and_threads(monkeypatch, band_bytes, thr
     cpu = pytest.importorskip("kernels.conv2d.cpu")
     monkeypatch.setattr(cpu, "_BAND_BYTES", band_bytes)
     monkeypatch.setattr(cpu, "_TAPS_BAND_BYTES", band_bytes)
-    assert cpu._band_rows(24, 6, 6, 8) == (1 if band_bytes == 1 else 4)
-    assert cpu._taps_band(4, 6, (12, 6), (3, 2), (1, 2), 8)[0] == (1 if band_bytes == 1 else 7)
+    assert cpu._band_rows(24, 7, 6, 8) == (1 if band_bytes == 1 else 4)
+    assert cpu._taps_band(4, 6, (13, 6), (3, 2), (1, 2), 8)[0] == (1 if band_bytes == 1 else 7)
     if threads == "no-openblas":
         monkeypatch.setattr(cpu, "_OPENBLAS", None)
-    case = dict(x_shape=(3, 4, 11, 7), w_shape=(6, 2, 3, 2), args=(stride, ((1, 2), (0, 1)), (1, 2), 2))
-    case["y_shape"] = (3, 6, conv_out(11, (1, 2), 1, 3, stride[0]), conv_out(7, (0, 1), 2, 2, 1))
+    case = dict(x_shape=(3, 4, 12, 7), w_shape=(6, 2, 3, 2), args=(stride, ((1, 2), (0, 1)), (1, 2), 2))
+    case["y_shape"] = (3, 6, conv_out(12, (1, 2), 1, 3, stride[0]), conv_out(7, (0, 1), 2, 2, 1))
+    assert case["y_shape"][2] == (7 if stride == (2, 1) else 13)
     x, w, b, gy = arrays(case, np.float64, 0)
     args = case["args"]
     openblas_threads = cpu._OPENBLAS[0]() if cpu._OPENBLAS is not None else None
@@ -301,7 +302,7 @@ def threads_on_poisoned_workspace(cpu, threads):
 # partial one. With Wq = Wo + (kw-1)*dw = 13 + 2 = 15 columns per band row, strips of NR wide pixels
 # straddle rows, the last strip of a band is partial, and grad_weight's dot products over 15*rows
 # pixels end with a partial vector. A band row takes (10 + 26) * 15 * 8 = 4320 bytes: 600 bytes give
-# bands of 1 row, 17300 bytes bands of 4 rows out of Ho = 9 (4, 4 and a ragged 1).
+# bands of 1 row, 21600 bytes (5 rows at most) two bands out of Ho = 9 (5 and a ragged 4).
 # v5's blocks are MR5 = 8 channels x up to NV5 = 3 vectors (8 float64 each), and MW5 = 4 channels x KT5 =
 # 5 weights: Og = 13 leaves partial channel blocks (20 weights are four whole blocks of 5: the property tests
 # above cover partial ones), and a band's
@@ -311,7 +312,7 @@ def threads_on_poisoned_workspace(cpu, threads):
 # grad_weight reads gy in place only when Og is a multiple of MW5 (12, not 13), in bands of
 # _DOTS_VECTORS vectors: 4 gives bands of 2 rows (ragged), 64 whole images in runs of two of the 3
 # images on two threads (a ragged last run of one), all three on one.
-@pytest.mark.parametrize("band_bytes", [600, 17300])
+@pytest.mark.parametrize("band_bytes", [600, 21600])
 @pytest.mark.parametrize("threads", ["all", "one"])
 @pytest.mark.parametrize("version, width, c_out", [(4, 13, 26), (5, 13, 26), (5, 16, 26), (5, 16, 24)])
 def test_cpu_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads, version, width, c_out):
@@ -326,7 +327,7 @@ def test_cpu_micro_tiles_cover_every_block(monkeypatch, band_bytes, threads, ver
     case["y_shape"] = (3, c_out, conv_out(9, (1, 0), 1, 2, 1), conv_out(width, (2, 0), 2, 2, 1))
     assert case["y_shape"][2:] == (9, width)
     if (width, c_out) == (13, 26):
-        assert cpu._taps_band(10, 26, (9, 13), (2, 2), (1, 2), 8)[0] == (1 if band_bytes == 600 else 4)
+        assert cpu._taps_band(10, 26, (9, 13), (2, 2), (1, 2), 8)[0] == (1 if band_bytes == 600 else 5)
     if (width, c_out) == (16, 24):
         assert cpu._dots_band(3, 1, 9, 2) == ((2, 1) if band_bytes == 600 else (9, 3))
         assert cpu._dots_band(3, 2, 9, 2) == ((2, 1) if band_bytes == 600 else (9, 2))
@@ -479,10 +480,11 @@ def test_cpu_v6_outer_products_keep_their_accumulators_in_registers(call):
 # vectors (16 values) and Cg >= 8. Og = 48: a block of MO6 = 2 vectors and one of 1, which takes the
 # taps of CB6 = 3 channels at a time: Cg = 10 is 3 + 3 + 3 + 1; two groups of Og = 48 and Cg = 8 (3 + 3 + 2).
 # Padding (1, 0) on top, 2 left and 0 right crops the input's last column (Wo = W + 2 - 2 = 16).
-# _TAPS_BAND_BYTES = 1 gives bands of one row (items split mid-image between threads), 5000 bytes bands
-# of 1-2 rows and a ragged last band; _OUTER_BYTES = 1 makes each tile_outer call one row, the default several.
+# _TAPS_BAND_BYTES = 1 gives bands of one row (items split mid-image between threads); 24192 bytes are
+# 3 band rows of the two-group case ((16 + 96) * 18 * 4 bytes each): bands of 3 and a ragged 2 out of
+# Ho = 5, and one band of 5 for the other; _OUTER_BYTES = 1 makes each tile_outer call one row, the default several.
 @pytest.mark.parametrize("dtype, c_out, cg, groups", [(np.float32, 48, 10, 1), (np.float32, 96, 8, 2)])
-@pytest.mark.parametrize("band_bytes, outer_bytes", [(1, 1), (5000, 16 << 10)])
+@pytest.mark.parametrize("band_bytes, outer_bytes", [(1, 1), (24192, 16 << 10)])
 @pytest.mark.parametrize("threads", ["all", "one"])
 def test_cpu_v6_grad_weight_covers_every_block(monkeypatch, dtype, c_out, cg, groups, band_bytes, outer_bytes, threads):
 
@@ -492,8 +494,10 @@ def test_cpu_v6_grad_weight_covers_every_block(monkeypatch, dtype, c_out, cg, gr
     ran = []
     kernel = cpu._grad_weight_outer_kernel
     monkeypatch.setattr(cpu, "_grad_weight_outer_kernel", lambda *args: ran.append(1) or kernel(*args))
-    case = dict(x_shape=(3, cg * groups, 5, 16), w_shape=(c_out, cg, 3, 3), args=((1, 1), ((1, 0), (2, 0)), (1, 1), groups))
-    case["y_shape"] = (3, c_out, 4, 16)
+    case = dict(x_shape=(3, cg * groups, 6, 16), w_shape=(c_out, cg, 3, 3), args=((1, 1), ((1, 0), (2, 0)), (1, 1), groups))
+    case["y_shape"] = (3, c_out, 5, 16)
+    if band_bytes > 1:
+        assert cpu._taps_band(cg * groups, c_out, (5, 16), (3, 3), (1, 1), 4)[0] == (3 if groups == 2 else 5)
     x, w, _, gy = arrays(case, dtype, 3)
     args = case["args"]
     with threads_on_poisoned_workspace(cpu, threads):
