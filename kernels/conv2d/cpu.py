@@ -566,9 +566,9 @@ def _taps_band(c_in, c_out, out_hw, kernel_hw, dilation, itemsize):
     wq = out_hw[1] + (kw - 1) * dw
     most = max(1, min(out_hw[0], _TAPS_BAND_BYTES // ((c_in + c_out) * wq * itemsize)))
     # as many bands as the budget needs, ceil(Ho / bands) rows each (the last one may be a little
-    # shorter): full bands and a short remainder would pay a band's fixed costs -- its (kh-1)*dh extra padded rows, its
-    # tables -- for a few rows (32 rows in bands of 16 + 16, not 29 + 3: the U-Net's 16->32 layer
-    # at 32x32, 2 threads, took 0.93x the time; interleaved A/B, one run)
+    # shorter): full bands and a short remainder would pay a band's fixed costs -- its (kh-1)*dh
+    # extra padded rows, its tables -- for a few rows (32 rows in bands of 16 + 16, not 29 + 3: the
+    # U-Net's 16->32 layer at 32x32, 2 threads, took 0.93x the time; interleaved A/B, one run)
     step = -(-out_hw[0] // -(-out_hw[0] // most))
     return step, c_in * (step + (kh - 1) * dh) * wq + (kw - 1) * dw, wq
 
@@ -761,13 +761,18 @@ def _stride_one_version(stride_one_forward, flips=False):
 _forward_v3, _grad_input_v3 = _stride_one_version(_forward_taps)
 
 
+def _flipped_padding(kernel_hw, dilation, padding):
+    """grad_input's padding as a forward of gy: (k-1)*d - pad_top (or left) before, 0 after (negative: a crop)."""
+    return tuple(((k - 1) * d - p[0], 0) for k, d, p in zip(kernel_hw, dilation, padding))
+
+
 def _grad_input_flipped(gy, w, x_shape, padding, dilation, groups, forward, flips=False):
     """Stride 1 only: gx = conv2d(gy, w_flip) by ``forward`` (``_forward_taps``, ``_forward_tiles`` or
     ``_forward_vector``), w_flip[g*Cg + c, o, p, q] = w[g*Og + o, c, kh-1-p, kw-1-q]. ``flips``: the
     forward takes w itself and flips it as it packs it (``flip=True``)."""
     c_out, cg, kh, kw = w.shape
     og = c_out // groups
-    pad = tuple(((k - 1) * d - p[0], 0) for k, d, p in zip((kh, kw), dilation, padding))
+    pad = _flipped_padding((kh, kw), dilation, padding)
     if flips:
         return forward(gy, w, None, tuple(x_shape[2:]), pad, dilation, groups, flip=True)
     w_flip = w.reshape(groups, og, cg, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
@@ -1270,8 +1275,7 @@ def grad_input_kernel_call(gy, w, x_shape, stride, padding, dilation, groups):
     gy need only have its shape yet: ``kernels/conv2d_batch_norm`` fills it in the same compiled call."""
     if DEFAULT_GRAD_INPUT_VERSION != 5 or stride != (1, 1):
         return None
-    kh, kw = w.shape[2:]
-    pad = tuple(((k - 1) * d - p[0], 0) for k, d, p in zip((kh, kw), dilation, padding))
+    pad = _flipped_padding(w.shape[2:], dilation, padding)
     return _forward_vector_call(gy, w, None, tuple(x_shape[2:]), pad, dilation, groups, flip=True)
 
 

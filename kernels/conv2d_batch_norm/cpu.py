@@ -61,7 +61,8 @@ def conv2d_batch_norm_backward(gy, x, w, xhat, invstd, bn_weight, stride, paddin
     and its default (v6) applies, and grad_input, if wanted, is v5's stride-1 path; else the separate calls."""
     (gz, gbn_weight, gbn_bias), by_channel, bn_args = batch_norm.backward_kernel_call(gy, xhat, invstd, bn_weight, training, relu_output)
     gw_args = conv2d.grad_weight_kernel_call(x, gz, w.shape, stride, padding, dilation, groups) if needs[1] else None
-    gi_call = conv2d.grad_input_kernel_call(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] else None
+    # grad_input's arguments (and its gx) only when the fused call will run
+    gi_call = conv2d.grad_input_kernel_call(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] and gw_args else None
     if gw_args is None or (needs[0] and gi_call is None):
         (_backward_by_channel if by_channel else _backward_by_plane)(*bn_args)
         gx = conv2d.conv2d_grad_input(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] else None
