@@ -665,6 +665,49 @@ class Conv2dBatchNormFunction(Function):
         return gx, gw, gb, g_bn_weight if need[3] else None, g_bn_bias if need[4] else None
 
 
+class Conv2dBatchNormLayersFunction(Function):
+    """Conv2dBatchNormFunction's layers one after another in training (a double conv), as one Function:
+    one kernel call each way for all of them (``kernels/conv2d_batch_norm``'s layers functions), the
+    same kernels in the same order as the layers' own calls, so the same numbers. Its inputs are x,
+    then (w, b, bn_weight, bn_bias) per layer; ``layers`` holds the rest of each layer's arguments.
+
+    Backward hands each layer's dL/dx to the layer before as its dL/dy (the chain rule along the
+    path, as ``autograd.Chain`` does), and starts at the first layer that wants a gradient: the
+    layers before it (frozen, under an input that wants none) are left out."""
+
+    @staticmethod
+    def forward(ctx, x, *params, layers):
+        ctx.kernels = backend.current()
+        calls = [(*params[4 * k : 4 * k + 2], *args[:4], *params[4 * k + 2 : 4 * k + 4], *args[4:]) for k, args in enumerate(layers)]
+        saved = []
+        for call, (y, xhat, invstd) in zip(calls, ctx.kernels.conv2d_batch_norm_layers_training(x, calls)):
+            # what conv2d_batch_norm_layers_backward takes per layer; relu_output is y (relu is the last argument)
+            saved.append((x, call[0], xhat, invstd, call[6], *call[2:6], True, y if call[-1] else None))
+            x = y
+        ctx.save_for_backward(*saved)
+        return x
+
+    @staticmethod
+    def backward(ctx, gy):
+        layers, need = ctx.saved_tensors, ctx.needs_input_grad
+        conv_needs, first, upstream = [], None, need[0]
+        for k in range(len(layers)):
+            own = need[1 + 4 * k : 5 + 4 * k]  # w, b, bn_weight, bn_bias
+            conv_needs.append((upstream, own[0], own[1]))
+            if first is None and (upstream or any(own)):
+                first = k
+            upstream = upstream or any(own)
+        grads = [None] * (1 + 4 * len(layers))
+        if first is None:
+            return tuple(grads)
+        per_layer = ctx.kernels.conv2d_batch_norm_layers_backward(_contiguous(gy), layers[first:], conv_needs[first:])
+        for k, (gx, gw, gb, g_bn_weight, g_bn_bias) in enumerate(per_layer, first):
+            if k == 0:
+                grads[0] = gx
+            grads[1 + 4 * k : 5 + 4 * k] = gw, gb, g_bn_weight, g_bn_bias
+        return tuple(g if wanted else None for g, wanted in zip(grads, need))
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5) -> Tensor:
     """Batch normalisation over (N, H, W) per channel, as ``torch.nn.functional.batch_norm``.
 
@@ -744,22 +787,27 @@ def conv2d_batch_norm_layers(input, layers) -> Tensor:
     ``layers``: one tuple per layer of ``conv2d_batch_norm``'s arguments after ``input``, in order
     (weight, bias, stride, padding, dilation, groups, running_mean, running_var, bn_weight, bn_bias,
     training, momentum, eps, relu). Each layer's arguments are checked against the shape its input
-    will have; then one ``autograd.Chain`` runs a ``Conv2dBatchNormFunction`` per layer (in training, one
-    kernel call for the conv and the batch norm).
+    will have. In training, one ``Conv2dBatchNormLayersFunction`` runs them all (one kernel call each
+    way for the whole run); else one ``autograd.Chain`` runs a ``Conv2dBatchNormFunction`` per layer.
     ``nn.Sequential`` runs a run of Conv2d, BatchNorm2d[, ReLU] modules (a double conv) through it:
-    between two kernels of the block there is then only the chain's loop, not a module call, its
-    checks and a graph node each.
+    between two kernels of the block there is then no module call, no checks and no graph node, and
+    in training (on the cpu backend) no Python at all.
     """
     x = _float_tensor(input, "input")
     _ndim(x, 4, "input", "(N, C_in, H, W)")
     shape, dtype = x.shape, x.dtype
-    tensors, steps = [_contig_tensor(x)], []
-    for weight, bias, stride, padding, dilation, groups, rm, rv, bn_weight, bn_bias, training, momentum, eps, relu in layers:
+    tensors, steps, args, training = [_contig_tensor(x)], [], [], True
+    for weight, bias, stride, padding, dilation, groups, rm, rv, bn_weight, bn_bias, training_k, momentum, eps, relu in layers:
         w, b, conv_kwargs, shape = _conv2d_layer(shape, dtype, weight, bias, stride, padding, dilation, groups)
-        bn_kwargs = _batch_norm_arguments(shape, dtype, rm, rv, bn_weight, bn_bias, training, momentum, eps, relu)
+        bn_kwargs = _batch_norm_arguments(shape, dtype, rm, rv, bn_weight, bn_bias, training_k, momentum, eps, relu)
         # the first layer takes the input too; every later one takes the previous output first
         steps.append((Conv2dBatchNormFunction, 5 if not steps else 4, {**conv_kwargs, **bn_kwargs}))
+        args.append((*conv_kwargs.values(), bn_kwargs["running_mean"], bn_kwargs["running_var"], bn_kwargs["momentum"],
+                     bn_kwargs["eps"], relu))
         tensors += [w, b, bn_weight, bn_bias]
+        training = training and bn_kwargs["training"]
+    if training:  # every layer's kernels in one call each way
+        return Conv2dBatchNormLayersFunction.apply(*tensors, layers=args)
     return Chain.apply(*tensors, steps=steps)
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from kernels.batch_norm.cuda import batch_norm_backward, batch_norm_training
 from kernels.conv2d.cuda import conv2d_forward, conv2d_grad_bias, conv2d_grad_input, conv2d_grad_weight
+from kernels.conv2d_batch_norm.reference import layers_backward, layers_training
 
-__all__ = ["conv2d_batch_norm_training", "conv2d_batch_norm_backward"]
+__all__ = ["conv2d_batch_norm_training", "conv2d_batch_norm_backward", "conv2d_batch_norm_layers_training",
+           "conv2d_batch_norm_layers_backward"]
 
 PTX_SIGNATURES: list = []  # no kernels of its own
 
@@ -28,3 +30,13 @@ def conv2d_batch_norm_backward(gy, x, w, xhat, invstd, bn_weight, stride, paddin
     gw = conv2d_grad_weight(x, gz, w.shape, stride, padding, dilation, groups) if needs[1] else None
     gb = conv2d_grad_bias(gz) if needs[2] else None
     return gx, gw, gb, gbn_weight, gbn_bias
+
+
+def conv2d_batch_norm_layers_training(x, layers):
+    """[(y, xhat, invstd) of each layer]: the layers one after another (see the reference)."""
+    return layers_training(conv2d_batch_norm_training, x, layers)
+
+
+def conv2d_batch_norm_layers_backward(gy, layers, needs):
+    """[(gx, gw, gb, gbn_weight, gbn_bias) of each layer], the last layer first (see the reference)."""
+    return layers_backward(conv2d_batch_norm_backward, gy, layers, needs)

@@ -144,3 +144,113 @@ def test_cpu_fused_backward_is_one_compiled_call_where_the_conv_defaults_allow(m
         cpu.conv2d_batch_norm_backward(np.ones_like(y), x, w, xhat, invstd, bn_w, *args, True, y if relu else None, needs)
         one_call = dtype == np.float32 and stride == (1, 1) and c_in >= 8
         assert len(calls) == int(one_call), (dtype, stride, c_in, needs)
+
+
+def _layers_problem(dtype, stride, c_in, relu, count, small=False, seed=5):
+    """``count`` conv -> batch norm layers (the first from c_in channels, then c_out -> c_out), the first at
+    ``stride``, with their batch-norm state: each a tuple of conv2d_batch_norm_training's arguments after x."""
+    rng = np.random.default_rng(seed)
+    c_out, width = (4, 6) if small else (16, 16)
+    x = (rng.standard_normal((2, c_in, 4 if small else 5, width)) * 2 + 1).astype(dtype)
+    layers = []
+    for k in range(count):
+        w = rng.standard_normal((c_out, c_in if k == 0 else c_out, 3, 3)).astype(dtype)
+        conv = (w, None, stride if k == 0 else (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+        bn = (rng.uniform(0.5, 1.5, c_out).astype(dtype), rng.standard_normal(c_out).astype(dtype),
+              rng.standard_normal(c_out).astype(dtype), rng.uniform(0.5, 2, c_out).astype(dtype), 0.1, 1e-5, relu)
+        layers.append((*conv, *bn))
+    return x, layers
+
+
+# (dtype, first layer's stride, C_in, relu, layers, needs of the first layer): Cg = 8, stride 1, float32
+# and 2 or 3 layers is the cpu backend's fused path (one compiled call per two layers, then one for the
+# third); C_in = 3 (v6's grad_weight does not apply to the first layer) and stride 2 (no one-call forward)
+# take its layer-by-layer fallback, as float64 does. The CUDA simulator runs the small C_in = 3 case.
+LAYERS_CASES = [(np.float32, (1, 1), 8, True, 2, (True, True, False)), (np.float32, (1, 1), 8, False, 3, (False, True, False)),
+                (np.float32, (1, 1), 3, True, 2, (False, True, False)), (np.float32, (2, 1), 8, True, 2, (True, True, False)),
+                (np.float64, (1, 1), 8, True, 2, (True, True, True))]
+LAYERS_PARAMS = [pytest.param(m.values[0], *case, id=f"{m.id}-{np.dtype(case[0]).name}-stride{case[1][0]}-cg{case[2]}-x{case[4]}")
+                 for m in MODULES for case in LAYERS_CASES if not (m.id == "cuda" and (case[0] == np.float64 or case[2] == 8))]
+
+
+@pytest.mark.parametrize("modname, dtype, stride, c_in, relu, count, needs", LAYERS_PARAMS)
+def test_layers_are_the_one_layer_calls_one_after_another_bit_for_bit(modname, dtype, stride, c_in, relu, count, needs):
+    """Forward: every layer's (y, xhat, invstd) and running statistics; backward: every layer's five
+    gradients, each layer's gx the gy of the one before: the one-layer calls of the same backend."""
+    fused = load(modname)
+    small = modname.endswith("cuda")
+    results = []
+    for call in ("layers", "one by one"):
+        x, layers = _layers_problem(dtype, stride, c_in, relu, count, small)
+        if call == "layers":
+            outputs = fused.conv2d_batch_norm_layers_training(x, layers)
+        else:
+            outputs, h = [], x
+            for layer in layers:
+                outputs.append(fused.conv2d_batch_norm_training(h, *layer))
+                h = outputs[-1][0]
+        assert len(outputs) == count
+        saved, h = [], x
+        for (w, _, stride_k, padding, dilation, groups, bn_w, *_), (y, xhat, invstd) in zip(layers, outputs):
+            saved.append((h, w, xhat, invstd, bn_w, stride_k, padding, dilation, groups, True, y if relu else None))
+            h = y
+        all_needs = [needs] + [(True, True, False)] * (count - 1)  # every later layer hands a gradient on
+        gy = np.random.default_rng(7).standard_normal(np.asarray(h).shape).astype(dtype)
+        if call == "layers":
+            grads = fused.conv2d_batch_norm_layers_backward(gy, saved, all_needs)
+        else:
+            grads = [None] * count
+            for k in range(count - 1, -1, -1):
+                grads[k] = fused.conv2d_batch_norm_backward(gy, *saved[k], all_needs[k])
+                gy = grads[k][0]
+        flat = [np.asarray(a) for out in outputs for a in out] + [np.asarray(a) for layer in layers for a in layer[8:10]]
+        results.append((flat, grads))
+    (flat, grads), (flat_expected, grads_expected) = results
+    for k, (a, e) in enumerate(zip(flat, flat_expected)):
+        np.testing.assert_array_equal(a, e, err_msg=f"forward output {k}")
+    for k, (layer, expected) in enumerate(zip(grads, grads_expected)):
+        for name, a, e in zip(("gx", "gw", "gb", "gbn_weight", "gbn_bias"), layer, expected):
+            assert (a is None) == (e is None), (k, name)
+            if e is not None:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=f"layer {k} {name}")
+
+
+def test_layers_reference_runs_the_reference_layer_by_layer():
+    x, layers = _layers_problem(np.float64, (1, 1), 3, True, 2, small=True)
+    expected = REF.conv2d_batch_norm_training(x, *[a.copy() if hasattr(a, "copy") else a for a in layers[0]])
+    expected = [expected, REF.conv2d_batch_norm_training(expected[0], *[a.copy() if hasattr(a, "copy") else a for a in layers[1]])]
+    got = REF.conv2d_batch_norm_layers_training(x, layers)
+    for out, exp in zip(got, expected):
+        for a, e in zip(out, exp):
+            np.testing.assert_array_equal(a, e)
+    assert not np.array_equal(got[0][0], got[1][0])
+
+
+def test_cpu_layers_make_one_compiled_call_per_two_layers(monkeypatch):
+    """The point of the layers functions: a double conv's kernels in one compiled call each way (three
+    layers: one call for two, one for the third); the one-by-one fallback otherwise."""
+    cpu = pytest.importorskip("kernels.conv2d_batch_norm.cpu")
+    calls = []
+    for name in ("_two_layers_forward", "_two_layers_backward", "_conv_then_batch_norm", "_batch_norm_then_conv"):
+        original = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
+    for dtype, stride, c_in, relu, count, needs in LAYERS_CASES:
+        calls.clear()
+        x, layers = _layers_problem(dtype, stride, c_in, relu, count)
+        outputs = cpu.conv2d_batch_norm_layers_training(x, layers)
+        saved, h = [], x
+        for (w, _, stride_k, padding, dilation, groups, bn_w, *_), (y, xhat, invstd) in zip(layers, outputs):
+            saved.append((h, w, xhat, invstd, bn_w, stride_k, padding, dilation, groups, True, y if relu else None))
+            h = y
+        cpu.conv2d_batch_norm_layers_backward(np.ones_like(h), saved, [needs] + [(True, True, False)] * (count - 1))
+        case = (dtype, stride, c_in, count)
+        if stride != (1, 1):  # the first layer has no one-call forward or backward: layer by layer, the second in one call each way
+            assert calls == ["_conv_then_batch_norm", "_batch_norm_then_conv"], case
+        elif dtype == np.float64:  # v5's forward runs float64, v6's grad_weight does not: the backward is separate calls
+            assert calls == ["_two_layers_forward"], case
+        elif c_in == 3:  # the first layer's grad_weight is not v6: the backward layer by layer, the second in one call
+            assert calls == ["_two_layers_forward", "_batch_norm_then_conv"], case
+        else:
+            expected = ["_two_layers_forward"] + ["_conv_then_batch_norm"] * (count - 2)
+            expected += ["_two_layers_backward"] + ["_batch_norm_then_conv"] * (count - 2)
+            assert calls == expected, case

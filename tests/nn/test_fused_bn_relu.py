@@ -112,21 +112,27 @@ def test_unet_fused_and_unfused_train_alike(backend_name):
         assert_close(a, b, 1e-4, 1e-4, name=name)
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "cpu"])  # the chain is backend-agnostic: it runs the same Functions
-def test_conv_batch_norm_chain_is_the_unfused_calls_bit_for_bit(backend_name):
-    """Conv2d, BatchNorm2d[, ReLU] layers in a row in a Sequential run as one graph node (autograd.Chain
-    of one Conv2dBatchNormFunction per layer: the same kernels, in training one call for the conv and
-    the batch norm): outputs, gradients and running statistics equal the separate calls exactly."""
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend_name", ["numpy", "cpu"])
+def test_conv_batch_norm_chain_is_the_unfused_calls_bit_for_bit(backend_name, training):
+    """Conv2d, BatchNorm2d[, ReLU] layers in a row in a Sequential run as one graph node (in training a
+    Conv2dBatchNormLayersFunction: one kernel call each way for all the layers; in eval an
+    autograd.Chain of one Conv2dBatchNormFunction per layer): the same kernels, so outputs, gradients
+    and running statistics equal the separate calls exactly."""
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((2, 3, 6, 6)) * 2 + 1).astype(np.float32)
     gy = rng.standard_normal((2, 4, 2, 2)).astype(np.float32)
 
     def make():
         minseg.manual_seed(1)
-        return nn.Sequential(
+        model = nn.Sequential(
             nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
             nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False), nn.MaxPool2d(2),
         )
+        for bn in (model[1], model[4]):  # running statistics other than the initial 0 and 1 (eval normalises with them)
+            bn.running_mean.data[...] = np.linspace(-0.5, 0.5, 4, dtype=np.float32)
+            bn.running_var.data[...] = np.linspace(0.5, 2.0, 4, dtype=np.float32)
+        return model.train(training)
 
     def separate(model, xt):
         c0, bn0, _, c1, bn1, pool = model
@@ -138,10 +144,14 @@ def test_conv_batch_norm_chain_is_the_unfused_calls_bit_for_bit(backend_name):
         for run in (lambda m, xt: m(xt), separate):
             model, xt = make(), minseg.Tensor(x, requires_grad=True)
             y = run(model, xt)
-            if run is not separate:  # the pool's input is one chain node: (conv, bn) twice, made from x itself
+            if run is not separate:  # the pool's input is one node for (conv, bn) twice, made from x itself
                 chained = y._ctx.inputs[0]._ctx
-                assert chained.function is minseg.autograd.Chain
-                assert [part.function for part in chained.parts] == [F.Conv2dBatchNormFunction] * 2
+                if training:
+                    assert chained.function is F.Conv2dBatchNormLayersFunction
+                    assert len(chained.saved_tensors) == 2
+                else:
+                    assert chained.function is minseg.autograd.Chain
+                    assert [part.function for part in chained.parts] == [F.Conv2dBatchNormFunction] * 2
                 assert chained.inputs[0] is xt
             y.backward(minseg.Tensor(gy))
             out = [("y", y.numpy()), ("gx", xt.grad.numpy())]
@@ -168,3 +178,26 @@ def test_chain_gradients_are_the_derivatives_of_its_steps():
         # only the conv weight wants a gradient: the chain still reaches it through the batch norm
         x.requires_grad, b.requires_grad, g.requires_grad, beta.requires_grad = False, False, False, False
         minseg.gradcheck(lambda x, w: F.conv2d_batch_norm(x, w, None, 1, 0, 1, 1, None, None, training=True), [x, w])
+
+
+def test_layers_gradients_when_only_a_later_layer_wants_one():
+    """Two layers as one node, where the input and the first layer are frozen: backward starts at the
+    second layer (the first is left out) and its gradients are still the derivatives (float64 gradcheck);
+    then every input wants one."""
+    rng = np.random.default_rng(8)
+    x = minseg.Tensor(rng.standard_normal((2, 2, 4, 4)))
+    w0, w1 = (minseg.Tensor(rng.standard_normal((3, c, 3, 3)) * 0.5) for c in (2, 3))
+    g1 = minseg.Tensor(rng.uniform(0.5, 1.5, 3), requires_grad=True)
+
+    def two_layers(x, w0, w1, g1):
+        layers = [(w0, None, 1, 1, 1, 1, None, None, None, None, True, 0.1, 1e-5, True),
+                  (w1, None, 1, 1, 1, 1, None, None, g1, None, True, 0.1, 1e-5, False)]
+        return F.conv2d_batch_norm_layers(x, layers)
+
+    with backend.using("numpy"):
+        assert two_layers(x, w0, w1, g1)._ctx.function is F.Conv2dBatchNormLayersFunction
+        w1.requires_grad = True
+        minseg.gradcheck(two_layers, [x, w0, w1, g1])
+        assert w0.grad is None and x.grad is None  # frozen: no gradient reached them
+        x.requires_grad = w0.requires_grad = True
+        minseg.gradcheck(two_layers, [x, w0, w1, g1])
