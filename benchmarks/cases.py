@@ -141,7 +141,7 @@ class OpSpec:
     """One op at one size: its inputs (NumPy, float32), the call, and its cost."""
 
     name: str
-    inputs: dict[str, np.ndarray]  # keyword arguments of ``op``, in order
+    inputs: dict[str, np.ndarray | None]  # keyword arguments of ``op``, in order (None: passed as None)
     op: Callable  # op(F, **tensors) -> output tensor, F = the library's functional module
     backward: bool  # time forward + backward (else forward under no_grad)
     differentiable: tuple[str, ...] = ()  # inputs whose gradients the backward computes
@@ -153,7 +153,7 @@ class OpSpec:
 def op_impl(spec: OpSpec, lib) -> Impl:
     """``spec`` run through ``lib``: one call = the op (and its backward), returning output and gradients."""
     need_grad = set(spec.differentiable) if spec.backward else set()
-    tensors = {k: lib.tensor(v, requires_grad=k in need_grad) for k, v in spec.inputs.items()}
+    tensors = {k: None if v is None else lib.tensor(v, requires_grad=k in need_grad) for k, v in spec.inputs.items()}
     leaves = [tensors[k] for k in spec.inputs if k in need_grad]
     gy = None if spec.grad_output is None else lib.tensor(spec.grad_output)
 
@@ -211,6 +211,15 @@ def unet_conv_layers(size: str = "full") -> list[tuple]:
 def conv_flops(n, c_in, h, w, c_out, k=3) -> float:
     """2*N*C_out*Ho*Wo*C_in*kh*kw for one forward (stride 1, 'same' padding: Ho, Wo = H, W)."""
     return 2.0 * n * c_out * h * w * c_in * k * k
+
+
+def conv_layer_bytes(n, c_in, h, w, c_out, k, grad_input, bias, itemsize=4) -> float:
+    """Fewest bytes of a conv layer's forward + backward (stride 1, 'same' padding): every tensor
+    read or written once -- x, w (and b) read, y written; gy read, gw (and gb) and, if asked, gx
+    written. Real kernels move more (x is read again for grad_weight, a written line is first read):
+    this is the bound no implementation can beat, the roofline's memory side."""
+    x, y, weights = n * c_in * h * w, n * c_out * h * w, c_out * c_in * k * k + (c_out if bias else 0)
+    return float(itemsize * (x + 2 * weights + 2 * y + (x if grad_input else 0)))
 
 
 def bilinear_x2_bytes(n, c, h, w, itemsize=4) -> float:
@@ -312,17 +321,22 @@ def op_specs(size: str = "full", seed: int = 0) -> list[OpSpec]:
 
 def layer_specs(size: str = "full", seed: int = 0) -> list[OpSpec]:
     """Every conv layer of the benchmark U-Net as the training step runs it: forward + the gradients
-    it needs (the first layer's input is the image: no grad_input). ``ops --layers``."""
+    it needs (the first layer's input is the image: no grad_input), with a bias only where the model
+    has one (the 1x1 head; the 3x3 convs feed batch norms, whose shift replaces it). ``ops --layers``.
+    Each case has its fewest bytes too (``conv_layer_bytes``): the table's '% bound' is then the share
+    of the roofline, min(peak, FLOPs / fewest bytes x bandwidth)."""
     rng = np.random.default_rng(seed)
     normal = _normal_sampler(rng)
 
     specs = []
     for layer, (n, c, h, w, co, k) in enumerate(unet_conv_layers(size), 1):
-        inputs = dict(x=normal(n, c, h, w), w=normal(co, c, k, k, scale=(c * k * k) ** -0.5), b=normal(co))
-        grads = ("w", "b") if layer == 1 else ("x", "w", "b")
+        bias = k == 1
+        inputs = dict(x=normal(n, c, h, w), w=normal(co, c, k, k, scale=(c * k * k) ** -0.5), b=normal(co) if bias else None)
+        grads = ("w",) if layer == 1 else ("x", "w")
+        grads += ("b",) if bias else ()
         flops = conv_flops(n, c, h, w, co, k) * (3 if "x" in grads else 2)  # forward, grad_weight, grad_input if asked
         specs.append(OpSpec(f"conv2d unet L{layer} {k}x{k} fwd+bwd {_name((n, c, h, w))}->{co}", inputs, _conv, True, grads,
-                            normal(n, co, h, w), flops=flops))
+                            normal(n, co, h, w), flops=flops, nbytes=conv_layer_bytes(n, c, h, w, co, k, layer != 1, bias)))
     return specs
 
 
@@ -341,7 +355,7 @@ def op_cases(libs: list, size: str = "full", layers: bool = False) -> list[Case]
     """Every op case for every library; the conv cases also for every numbered CPU conv version.
     ``layers``: instead, every conv layer of the benchmark U-Net (``layer_specs``), default kernels."""
     if layers:
-        return [build_case(s.name, libs, lambda lib, s=s: op_impl(s, lib), s.flops) for s in layer_specs(size)]
+        return [build_case(s.name, libs, lambda lib, s=s: op_impl(s, lib), s.flops, s.nbytes) for s in layer_specs(size)]
     conv_libs = conv_version_libs(libs)
     return [build_case(s.name, conv_libs if s.name.startswith("conv2d") else libs, lambda lib, s=s: op_impl(s, lib),
                        s.flops, s.nbytes) for s in op_specs(size)]

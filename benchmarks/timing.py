@@ -182,6 +182,7 @@ COLUMNS = (
     ("GB/s", lambda r: "-" if r["gbytes_per_s"] is None else f"{r['gbytes_per_s']:.3g}"),
     ("% peak", lambda r: "-" if r.get("pct_peak") is None else f"{r['pct_peak']:.1f}"),
     ("% bw", lambda r: "-" if r.get("pct_bandwidth") is None else f"{r['pct_bandwidth']:.1f}"),
+    ("% bound", lambda r: "-" if r.get("pct_bound") is None else f"{r['pct_bound']:.1f}"),
     ("first-median ms", lambda r: f"{r['first_minus_median_s'] * 1e3:.1f}"),
     ("jit s (fns)", lambda r: f"{r['numba_compile_s']:.2f} ({r['numba_compiles']})" if r["numba_compiles"] else "-"),
     ("faults/call", lambda r: "-" if r["page_faults_per_call"] is None else f"{r['page_faults_per_call']:.0f}"),
@@ -191,11 +192,17 @@ COLUMNS = (
 
 def add_limits(entries: list[dict], lim: dict | None) -> None:
     """Set each result's 'pct_peak' (GFLOP/s over the measured FP32 peak) and 'pct_bandwidth'
-    (GB/s over the measured copy bandwidth), where the case has flops or bytes."""
+    (GB/s over the measured copy bandwidth), where the case has flops or bytes; where it has both,
+    'pct_bound': GFLOP/s over the roofline's bound, min(peak, FLOPs per byte x bandwidth) -- the
+    share of what the machine allows for that much arithmetic on that much memory."""
     for entry in entries:
         for r in entry["results"].values():
             r["pct_peak"] = 100 * r["gflops"] / lim["fp32_peak"]["gflops"] if lim and r.get("gflops") else None
             r["pct_bandwidth"] = 100 * r["gbytes_per_s"] / lim["bandwidth"]["gbytes_per_s"] if lim and r.get("gbytes_per_s") else None
+            r["pct_bound"] = None
+            if r["pct_peak"] is not None and r["pct_bandwidth"] is not None:
+                bound = min(lim["fp32_peak"]["gflops"], entry["flops"] / entry["nbytes"] * lim["bandwidth"]["gbytes_per_s"])
+                r["pct_bound"] = 100 * r["gflops"] / bound
 
 
 def table(results: list[dict]) -> str:

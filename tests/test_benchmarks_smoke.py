@@ -60,6 +60,12 @@ def check_report(report, stdout, names, impls):
                 assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / limits["fp32_peak"]["gflops"])
             if entry["nbytes"]:
                 assert r["pct_bandwidth"] == pytest.approx(100 * r["gbytes_per_s"] / limits["bandwidth"]["gbytes_per_s"])
+            if entry["flops"] and entry["nbytes"]:  # the roofline: the lower of the two limits for this many FLOPs per byte
+                bound = min(limits["fp32_peak"]["gflops"], entry["flops"] / entry["nbytes"] * limits["bandwidth"]["gbytes_per_s"])
+                assert r["pct_bound"] == pytest.approx(100 * r["gflops"] / bound)
+                assert r["pct_bound"] >= r["pct_peak"]
+            else:
+                assert r["pct_bound"] is None
 
 
 def check_plot(path, rows):
@@ -126,9 +132,9 @@ def test_unet_conv_layers_are_the_models(size):
     seen = []
     checked = minseg.functional._conv2d_layer
 
-    def recording(shape, dtype, w, *args, **kwargs):
-        seen.append((*shape, w.shape[0], w.shape[-1]))
-        return checked(shape, dtype, w, *args, **kwargs)
+    def recording(shape, dtype, w, bias, *args, **kwargs):
+        seen.append((*shape, w.shape[0], w.shape[-1], bias is not None))
+        return checked(shape, dtype, w, bias, *args, **kwargs)
 
     x = minseg.Tensor(np.zeros((s["batch"], s["in_channels"], 8, 8), np.float32))  # small images: only the channels
     mp = pytest.MonkeyPatch()
@@ -139,10 +145,12 @@ def test_unet_conv_layers_are_the_models(size):
     finally:
         mp.undo()
     layers = unet_conv_layers(size)
-    assert [(n, c, co, k) for n, c, _, _, co, k in layers] == [(n, c, co, k) for n, c, _, _, co, k in seen]
+    assert [(n, c, co, k) for n, c, _, _, co, k in layers] == [(n, c, co, k) for n, c, _, _, co, k, _ in seen]
     weights = [v.shape for v in model.state_dict().values() if len(v.shape) == 4]
     assert [(co, c, k, k) for _, c, _, _, co, k in layers] == weights
-    assert [h for _, _, h, _, _, _ in layers] == [s["image"] * h // 8 for _, _, h, _, _, _ in seen]
+    assert [h for _, _, h, _, _, _ in layers] == [s["image"] * h // 8 for _, _, h, _, _, _, _ in seen]
+    # the timed cases have a bias where the model's conv has one (the head), and only there
+    assert [spec.inputs["b"] is not None for spec in layer_specs(size)] == [bias for *_, bias in seen]
 
 
 def test_ops_layers_quick(tmp_path):
@@ -152,7 +160,8 @@ def test_ops_layers_quick(tmp_path):
                        "--no-cache-check", "--json", str(path))
     report = json.loads(path.read_text())
     check_report(report, stdout, [s.name for s in layer_specs("quick")], ["cpu"] + (["torch"] if HAS_TORCH else []))
-    assert all(entry["flops"] for entry in report["cases"])
+    assert all(entry["flops"] and entry["nbytes"] for entry in report["cases"])
+    assert "% bound" in stdout
 
 
 def test_train_quick():

@@ -527,3 +527,21 @@ def test_cpu_v6_falls_back_to_v5_where_it_does_not_apply(monkeypatch):
         gy = rng.standard_normal(y_shape).astype(dtype)
         np.testing.assert_array_equal(cpu.conv2d_grad_weight(x, gy, w_shape, *args, version=6),
                                       cpu.conv2d_grad_weight(x, gy, w_shape, *args, version=5))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(8, 16, 64, 64), (3, 5, 7, 1), (2, 3, 0, 4)], ids=["unet-l2", "odd", "empty"])
+def test_cpu_grad_bias_is_the_sum_over_batch_and_pixels(dtype, shape):
+    """The compiled sum (vector accumulators per plane, float64 across planes) against the float64 sum:
+    within float32's rounding of a sum of up to 32K terms (relative to the sum of |gy|, the bound of any
+    order's error), for a strided gy too (it is made contiguous first)."""
+    cpu = pytest.importorskip("kernels.conv2d.cpu")
+    rng = np.random.default_rng(9)
+    gy = (rng.standard_normal(shape) + 0.5).astype(dtype)
+    for g in (gy, gy.transpose(1, 0, 2, 3).copy().transpose(1, 0, 2, 3)):  # the second is not C-contiguous
+        got = cpu.conv2d_grad_bias(g)
+        assert got.dtype == dtype and got.shape == (shape[1],)
+        exact = g.astype(np.float64).sum(axis=(0, 2, 3))
+        scale = np.abs(g.astype(np.float64)).sum(axis=(0, 2, 3))
+        eps = np.finfo(dtype).eps
+        np.testing.assert_array_less(np.abs(got - exact), 64 * eps * scale + np.finfo(dtype).tiny)
