@@ -149,7 +149,7 @@ def conv2d_batch_norm_layers_backward(gy, layers, needs):
     if k == 0:
         gws[0] = _batch_norm_then_conv(*calls[0][0])
     grads = []
-    for (args, gx, gz, gbn_weight, gbn_bias), gw, layer, need in zip(calls, gws, layers, needs):
+    for (_, gx, gz, gbn_weight, gbn_bias), gw, layer, need in zip(calls, gws, layers, needs):
         gb = conv2d.conv2d_grad_bias(gz) if need[2] else None
         grads.append((gx, gw.reshape(layer[1].shape), gb, gbn_weight, gbn_bias))
     return grads
