@@ -298,6 +298,12 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
     (default False).
     """
     x = _float_tensor(input, "input")
+    kwargs = _interpolate_arguments(x, size, scale_factor, mode, align_corners)
+    return InterpolateFunction.apply(_contig_tensor(x), **kwargs)
+
+
+def _interpolate_arguments(x, size, scale_factor, mode, align_corners) -> dict:
+    """interpolate's checks of the float Tensor ``x`` and the rest: InterpolateFunction's keyword arguments."""
     if mode not in INTERPOLATE_MODES:
         raise ValueError(f"mode must be one of {INTERPOLATE_MODES}, got {mode!r}")
     _ndim(x, 4, "input", "(N, C, H, W)")
@@ -318,7 +324,38 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
         if min(out) <= 0:
             raise ValueError(f"interpolate output size {out} <= 0 for input size {in_hw} and scale_factor {scale_factor}")
         scales = (1.0 / sf[0], 1.0 / sf[1])
-    return InterpolateFunction.apply(_contig_tensor(x), out_size=out, mode=mode, align_corners=align_corners, scales=scales)
+    return dict(out_size=out, mode=mode, align_corners=align_corners, scales=scales)
+
+
+class InterpolateCatFunction(Function):
+    """cat([skip, interpolate(x)], dim=1) as one Function (``kernels/interpolate_cat``): the cpu backend
+    writes the resize straight into its channels of the output, so the resized array never exists."""
+
+    @staticmethod
+    def forward(ctx, skip, x, out_size, mode, align_corners, scales):
+        ctx.kernels = backend.current()
+        ctx.args = (skip.shape[1], x.shape, mode, align_corners, scales)
+        return ctx.kernels.interpolate_cat_forward(skip, x, out_size, mode, align_corners, scales)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return ctx.kernels.interpolate_cat_backward(_contiguous(gy), *ctx.args, ctx.needs_input_grad)
+
+
+def interpolate_cat(skip, input, size=None, scale_factor=None, mode="nearest", align_corners=None) -> Tensor:
+    """``cat([skip, interpolate(input, size, scale_factor, mode, align_corners)], dim=1)`` as one node of the
+    graph: the same checks, values and gradients as the two calls (a U-Net decoder joins its upsampled
+    map to the encoder's this way). ``skip`` (N, C_s, Ho, Wo) must have the resized map's N, Ho, Wo
+    and dtype."""
+    x = _float_tensor(input, "input")
+    kwargs = _interpolate_arguments(x, size, scale_factor, mode, align_corners)
+    s = _float_tensor(skip, "skip")
+    _ndim(s, 4, "skip", "(N, C_s, Ho, Wo)")
+    if s.shape[0] != x.shape[0] or s.shape[2:] != kwargs["out_size"]:
+        raise ValueError(f"skip must have shape ({x.shape[0]}, C_s, {kwargs['out_size'][0]}, {kwargs['out_size'][1]}) "
+                         f"to be joined with the resized input, got {s.shape}")
+    _same_dtype(s, x.dtype, "skip")
+    return InterpolateCatFunction.apply(_contig_tensor(s), _contig_tensor(x), **kwargs)
 
 
 # ---------------------------------------------------------------------- max_pool2d
@@ -1098,6 +1135,7 @@ __all__ = [
     "conv2d",
     "conv_transpose2d",
     "interpolate",
+    "interpolate_cat",
     "max_pool2d",
     "avg_pool2d",
     "adaptive_avg_pool2d",

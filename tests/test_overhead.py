@@ -101,8 +101,9 @@ def test_a_freed_graph_holds_no_arrays():
             if node._ctx is not None and all(node._ctx is not n for n in nodes):
                 nodes.append(node._ctx)
                 stack.extend(i for i in node._ctx.inputs if i is not None)
-        # 3 double convs (one node each, in training), max-pool, interpolate, cat, the head conv, cross-entropy
-        assert len(nodes) == 8 and sum(n.function is F.Conv2dBatchNormLayersFunction for n in nodes) == 3
+        # 3 double convs (one node each, in training), max-pool, interpolate + cat (one node), the head conv, cross-entropy
+        assert len(nodes) == 7 and sum(n.function is F.Conv2dBatchNormLayersFunction for n in nodes) == 3
+        assert sum(n.function is F.InterpolateCatFunction for n in nodes) == 1
         loss.backward()
     for ctx in nodes:
         assert vars(ctx).keys() == {"function", "inputs", "needs_input_grad", "_saved", "freed"}, ctx.function

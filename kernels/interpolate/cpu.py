@@ -151,13 +151,17 @@ def _gather(s, start, out, wt, q):
 
 
 @njit(parallel=True, cache=True)
-def _forward_kernel(x, idx_h, w_h, idx_w, w_w, y, n_chunks):
+def _forward_kernel(x, idx_h, w_h, idx_w, w_w, y, first, n_chunks):
+    """x (N*C, h, w) planes; y (N, C_y, ho, wo): plane (n, c) of x fills y[n, first + c] (first = 0 and
+    C_y = C for interpolate; ``kernels/interpolate_cat`` writes into the channels after a skip's)."""
     planes, h, _ = x.shape
-    ho, wo = y.shape[1], y.shape[2]
+    ho, wo = y.shape[2], y.shape[3]
+    channels = planes // y.shape[0]
     for c in prange(n_chunks):
         t = np.empty((h, wo), x.dtype)  # horizontally interpolated input rows
         done = np.full(h, -1, np.int64)  # plane for which row r of t is valid
         for p in range(c * planes // n_chunks, (c + 1) * planes // n_chunks):
+            yp = y[p // channels, first + p % channels]
             for i in range(ho):
                 for k in range(idx_h.shape[1]):
                     r = idx_h[i, k]
@@ -171,23 +175,26 @@ def _forward_kernel(x, idx_h, w_h, idx_w, w_w, y, n_chunks):
                 a = w_h[i, 0]
                 r = idx_h[i, 0]
                 for j in range(wo):
-                    y[p, i, j] = a * t[r, j]
+                    yp[i, j] = a * t[r, j]
                 for k in range(1, idx_h.shape[1]):
                     a = w_h[i, k]
                     r = idx_h[i, k]
                     for j in range(wo):
-                        y[p, i, j] += a * t[r, j]
+                        yp[i, j] += a * t[r, j]
 
 
 @njit(parallel=True, cache=True)
-def _backward_kernel(gy, start_h, out_h, wt_h, start_w, out_w, wt_w, gx, n_chunks):
-    planes, ho, wo = gy.shape
-    h, w = gx.shape[1], gx.shape[2]
+def _backward_kernel(gy, first, start_h, out_h, wt_h, start_w, out_w, wt_w, gx, n_chunks):
+    """gy (N, C_y, ho, wo); gx (N*C, h, w) planes: plane (n, c) of gx from gy[n, first + c] (as the forward)."""
+    wo = gy.shape[3]
+    planes, h, w = gx.shape
+    channels = planes // gy.shape[0]
     for c in prange(n_chunks):
         s = np.empty(wo, gy.dtype)  # one input row's share of gy, still at output width
         for p in range(c * planes // n_chunks, (c + 1) * planes // n_chunks):
+            gp = gy[p // channels, first + p % channels]
             for r in range(h):
-                _gather_rows(gy[p], start_h, out_h, wt_h, r, s)
+                _gather_rows(gp, start_h, out_h, wt_h, r, s)
                 for q in range(w):
                     gx[p, r, q] = _gather(s, start_w, out_w, wt_w, q)
 
@@ -235,36 +242,42 @@ def _x2_adjoint_rows(s, start, out, wt, pattern, g):
 
 
 @njit(parallel=True, cache=True)
-def _forward_x2_kernel(x, idx_h, w_h, pattern_h, idx_w, w_w, pattern_w, y, n_chunks):
+def _forward_x2_kernel(x, idx_h, w_h, pattern_h, idx_w, w_w, pattern_w, y, first, n_chunks):
+    """As ``_forward_kernel`` (y (N, C_y, 2h, 2w), plane (n, c) into y[n, first + c]), by the x2 pattern."""
     planes, h, w = x.shape
+    channels = planes // y.shape[0]
     e0, e1, o0, o1 = pattern_h[0, 0], pattern_h[0, 1], pattern_h[1, 0], pattern_h[1, 1]
     for c in prange(n_chunks):
         t = np.empty((h, 2 * w), x.dtype)  # every input row, upsampled horizontally
         for p in range(c * planes // n_chunks, (c + 1) * planes // n_chunks):
+            yp = y[p // channels, first + p % channels]
             _x2_rows(x[p], idx_w, w_w, pattern_w, t)
             for k in range(h - 2):  # output rows 2m, 2m+1 for m = k + 1
-                _mix(y[p, 2 * k + 2], e0, t[k], e1, t[k + 1])
-                _mix(y[p, 2 * k + 3], o0, t[k + 1], o1, t[k + 2])
+                _mix(yp[2 * k + 2], e0, t[k], e1, t[k + 1])
+                _mix(yp[2 * k + 3], o0, t[k + 1], o1, t[k + 2])
             for i in (0, 1, 2 * h - 2, 2 * h - 1):
-                _mix(y[p, i], w_h[i, 0], t[idx_h[i, 0]], w_h[i, 1], t[idx_h[i, 1]])
+                _mix(yp[i], w_h[i, 0], t[idx_h[i, 0]], w_h[i, 1], t[idx_h[i, 1]])
 
 
 @njit(parallel=True, cache=True)
-def _backward_x2_kernel(gy, start_h, out_h, wt_h, pattern_h, start_w, out_w, wt_w, pattern_w, gx, n_chunks):
-    planes, ho, wo = gy.shape
-    h = gx.shape[1]
+def _backward_x2_kernel(gy, first, start_h, out_h, wt_h, pattern_h, start_w, out_w, wt_w, pattern_w, gx, n_chunks):
+    """As ``_backward_kernel`` (gx plane (n, c) from gy[n, first + c]), by the adjoint of the x2 pattern."""
+    wo = gy.shape[3]
+    planes, h = gx.shape[0], gx.shape[1]
+    channels = planes // gy.shape[0]
     e0, e1, o0, o1 = pattern_h[0, 0], pattern_h[0, 1], pattern_h[1, 0], pattern_h[1, 1]
     zero = gy.dtype.type(0)
     for c in prange(n_chunks):
         s = np.empty((h, wo), gy.dtype)  # every input row's share of gy, still at output width
         for p in range(c * planes // n_chunks, (c + 1) * planes // n_chunks):
+            gp = gy[p // channels, first + p % channels]
             for r in range(h):
                 if 2 <= r < h - 1:  # rows 2r-1 .. 2r+2 of gy, summed from 0 in CSR order
-                    g0, g1, g2, g3 = gy[p, 2 * r - 1], gy[p, 2 * r], gy[p, 2 * r + 1], gy[p, 2 * r + 2]
+                    g0, g1, g2, g3 = gp[2 * r - 1], gp[2 * r], gp[2 * r + 1], gp[2 * r + 2]
                     for j in range(wo):
                         s[r, j] = (((zero + o1 * g0[j]) + e1 * g1[j]) + o0 * g2[j]) + e0 * g3[j]
                 else:
-                    _gather_rows(gy[p], start_h, out_h, wt_h, r, s[r])
+                    _gather_rows(gp, start_h, out_h, wt_h, r, s[r])
             _x2_adjoint_rows(s, start_w, out_w, wt_w, pattern_w, gx[p])
 
 
@@ -285,29 +298,42 @@ def interpolate_path(dtype, in_hw, out_hw, mode, align_corners, scales):
 
 
 def interpolate_forward(x, out_size, mode, align_corners, scales):
-    n, c, h, w = x.shape
+    n, c = x.shape[:2]
     y = np.empty((n, c, *out_size), x.dtype)
-    args = (x.dtype, (h, w), out_size, mode, align_corners, scales)
-    (idx_h, w_h), (idx_w, w_w) = _tables(*args, axis_taps)
-    x_planes, y_planes = x.reshape(n * c, h, w), y.reshape(n * c, *out_size)
-    patterns = _x2_patterns(*args)
-    if patterns is None:
-        _forward_kernel(x_planes, idx_h, w_h, idx_w, w_w, y_planes, _chunks(n * c))
-    else:
-        _forward_x2_kernel(x_planes, idx_h, w_h, patterns[0], idx_w, w_w, patterns[1], y_planes, _chunks(n * c))
+    interpolate_into(y, 0, x, mode, align_corners, scales)
     return y
 
 
+def interpolate_into(y, first, x, mode, align_corners, scales):
+    """y[:, first : first + C] = the resize of x (N, C, h, w) to y's (ho, wo), in place: y (N, C_y, ho, wo) is
+    C-contiguous, and only those channels are written (``interpolate_forward``: all of a fresh y)."""
+    n, c, h, w = x.shape
+    args = (x.dtype, (h, w), tuple(y.shape[2:]), mode, align_corners, scales)
+    (idx_h, w_h), (idx_w, w_w) = _tables(*args, axis_taps)
+    x_planes = x.reshape(n * c, h, w)
+    patterns = _x2_patterns(*args)
+    if patterns is None:
+        _forward_kernel(x_planes, idx_h, w_h, idx_w, w_w, y, first, _chunks(n * c))
+    else:
+        _forward_x2_kernel(x_planes, idx_h, w_h, patterns[0], idx_w, w_w, patterns[1], y, first, _chunks(n * c))
+
+
 def interpolate_backward(gy, in_shape, mode, align_corners, scales):
+    return interpolate_backward_from(gy, 0, in_shape, mode, align_corners, scales)
+
+
+def interpolate_backward_from(gy, first, in_shape, mode, align_corners, scales):
+    """gx (``in_shape``) of the resize whose output gradient is gy[:, first : first + C]: gy (N, C_y, ho, wo) is
+    C-contiguous and only those channels are read (``interpolate_backward``: all of gy)."""
     n, c, h, w = in_shape
     ho, wo = gy.shape[2:]
     gx = np.empty(in_shape, gy.dtype)
     args = (gy.dtype, (h, w), (ho, wo), mode, align_corners, scales)
     lists_h, lists_w = _tables(*args, _adjoint_lists)
-    gy_planes, gx_planes = gy.reshape(n * c, ho, wo), gx.reshape(n * c, h, w)
+    gx_planes = gx.reshape(n * c, h, w)
     patterns = _x2_patterns(*args)
     if patterns is None:
-        _backward_kernel(gy_planes, *lists_h, *lists_w, gx_planes, _chunks(n * c))
+        _backward_kernel(gy, first, *lists_h, *lists_w, gx_planes, _chunks(n * c))
     else:
-        _backward_x2_kernel(gy_planes, *lists_h, patterns[0], *lists_w, patterns[1], gx_planes, _chunks(n * c))
+        _backward_x2_kernel(gy, first, *lists_h, patterns[0], *lists_w, patterns[1], gx_planes, _chunks(n * c))
     return gx

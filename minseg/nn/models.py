@@ -53,7 +53,14 @@ class UNet(Module):
     2x2 stride-2 ``'transpose'`` convolution that also halves the channels),
     concatenates the encoder's feature map of the same size (the skip), and
     applies a double conv. A 1x1 conv gives the class logits.
+
+    With bilinear upsampling the resize and the join run as one op (``F.interpolate_cat``: the
+    resized map is written straight into its channels of the decoder's input); ``fuse = False``
+    runs the ``Upsample`` module and ``F.cat`` instead (the same numbers; for a subclass of
+    Upsample, which may compute something else, they always run).
     """
+
+    fuse = True
 
     def __init__(self, in_channels=3, num_classes=4, base_channels=16, depth=3, upsampling="bilinear"):
         super().__init__()
@@ -88,8 +95,12 @@ class UNet(Module):
             skips.append(getattr(self, f"down{i}")(self.pool(skips[-1])))
         y = skips.pop()
         for i in range(self.depth, 0, -1):
-            y = getattr(self, f"up{i}")(y)
-            y = getattr(self, f"dec{i}")(F.cat([skips.pop(), y], dim=1))
+            up = getattr(self, f"up{i}")
+            if type(up) is Upsample and self.fuse:  # the resize written straight into the joined map (one node)
+                y = F.interpolate_cat(skips.pop(), y, up.size, up.scale_factor, up.mode, up.align_corners)
+            else:
+                y = F.cat([skips.pop(), up(y)], dim=1)
+            y = getattr(self, f"dec{i}")(y)
         y = self.head(y)
         return y if y.shape[2:] == (h, w) else y[:, :, :h, :w]
 

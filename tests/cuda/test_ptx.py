@@ -29,7 +29,7 @@ def report():
 
 
 # CUDA modules that only call other modules' kernels (a fused op's composition on the GPU)
-COMPOSITIONS = ("kernels.conv2d_batch_norm.cuda",)
+COMPOSITIONS = ("kernels.conv2d_batch_norm.cuda", "kernels.interpolate_cat.cuda")
 
 
 def test_there_are_cuda_modules():

@@ -93,7 +93,8 @@ def test_only_exact_batch_norm_and_relu_classes_fuse(monkeypatch):
 
 @pytest.mark.parametrize("backend_name", ["numpy", "cpu"])
 def test_unet_fused_and_unfused_train_alike(backend_name):
-    """The U-Net's double convs fuse by default; switching every Sequential to fuse=False changes nothing."""
+    """The U-Net's double convs and its resize + join fuse by default; switching every Sequential and
+    the U-Net itself to fuse=False changes nothing."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     results = []
@@ -101,7 +102,7 @@ def test_unet_fused_and_unfused_train_alike(backend_name):
         minseg.manual_seed(0)
         model = nn.UNet(base_channels=4, depth=2)
         for m in model.modules():
-            if isinstance(m, nn.Sequential):
+            if isinstance(m, (nn.Sequential, nn.UNet)):
                 m.fuse = fuse
         gy = np.random.default_rng(3).standard_normal((2, model(minseg.Tensor(x)).shape[1], 8, 8)).astype(np.float32)
         with backend.using(backend_name):
@@ -201,3 +202,29 @@ def test_layers_gradients_when_only_a_later_layer_wants_one():
         assert w0.grad is None and x.grad is None  # frozen: no gradient reached them
         x.requires_grad = w0.requires_grad = True
         minseg.gradcheck(two_layers, [x, w0, w1, g1])
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "cpu"])
+def test_unet_resize_and_join_as_one_op_is_the_two_ops_bit_for_bit(backend_name):
+    """With bilinear upsampling each decoder's input is one F.interpolate_cat node (the resize written into
+    the joined map), and its outputs and gradients equal Upsample then F.cat (UNet.fuse = False) exactly;
+    a transpose-conv U-Net never takes it."""
+    x = np.random.default_rng(5).standard_normal((2, 3, 16, 16)).astype(np.float32)  # 4 -> 8 -> 16: the x2 paths
+    results = []
+    with backend.using(backend_name):
+        for fuse in (True, False):
+            minseg.manual_seed(0)
+            model = nn.UNet(base_channels=4, depth=2)
+            model.fuse = fuse
+            xt = minseg.Tensor(x, requires_grad=True)
+            y = model(xt)
+            joined = y._ctx.inputs[0]._ctx.inputs[0]._ctx  # head <- dec1 (one layers node) <- its input
+            assert joined.function is (F.InterpolateCatFunction if fuse else F.CatFunction)
+            y.backward(minseg.Tensor(np.ones(y.shape, np.float32)))
+            results.append([y.numpy(), xt.grad.numpy()] + [p.grad.numpy() for p in model.parameters()])
+        for a, b in zip(*results):
+            np.testing.assert_array_equal(a, b)
+        minseg.manual_seed(0)
+        model = nn.UNet(base_channels=4, depth=1, upsampling="transpose")
+        y = model(minseg.Tensor(x))
+        assert y._ctx.inputs[0]._ctx.inputs[0]._ctx.function is F.CatFunction
