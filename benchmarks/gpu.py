@@ -691,6 +691,19 @@ def _activation_case(kind):
                     lambda fn, d: list(fn(d["g"], (c, c), 1, (True, True))),
                     lambda peer, d: [t.contiguous() for t in peer.torch.split(d["g"], c, 1)], None, 4 * size, False)
         args = ("bilinear", False, (0.5, 0.5))  # scales: input size / output size per axis
+        if kind == "interpolate_cat_forward":  # a U-Net decoder's input: read x and the skip (4x x), write y (8x x)
+            skip = _normal(rng, n, c, 2 * h, 2 * w)
+            return (f"bilinear x2 + cat channels forward {label}", dict(x=x, skip=skip),
+                    lambda fn, d: [fn(d["skip"], d["x"], (2 * h, 2 * w), *args)],
+                    lambda peer, d: [peer.torch.cat([d["skip"], peer.F.interpolate(d["x"], scale_factor=2, mode="bilinear",
+                                                                                   align_corners=False)], 1)],
+                    None, 13 * size, False)
+        if kind == "interpolate_cat_backward":  # read gy (8x x), write the skip's gradient (4x x) and gx
+            g = _normal(rng, n, 2 * c, 2 * h, 2 * w)
+            return (f"bilinear x2 + cat channels backward {label}", dict(x=x, g=g),
+                    lambda fn, d: list(fn(d["g"], c, d["x"].shape, *args, (True, True))),
+                    lambda peer, d: [d["g"][:, :c].contiguous(), peer.torch.ops.aten.upsample_bilinear2d_backward(
+                        d["g"][:, c:], [2 * h, 2 * w], list(d["x"].shape), False, None, None)], None, 13 * size, False)
         if kind == "interpolate_forward":  # read x, write the 4x larger y
             return (f"bilinear x2 forward {label}", dict(x=x), lambda fn, d: [fn(d["x"], (2 * h, 2 * w), *args)],
                     lambda peer, d: [peer.F.interpolate(d["x"], scale_factor=2, mode="bilinear", align_corners=False)],
@@ -795,6 +808,7 @@ KERNEL_CASES = {
     "kernels.batch_norm.cuda": {k: _activation_case(k) for k in ("batch_norm_stats", "batch_norm_forward", "batch_norm_backward")},
     "kernels.max_pool2d.cuda": {k: _activation_case(k) for k in ("max_pool2d_forward", "max_pool2d_backward")},
     "kernels.interpolate.cuda": {k: _activation_case(k) for k in ("interpolate_forward", "interpolate_backward")},
+    "kernels.interpolate_cat.cuda": {k: _activation_case(k) for k in ("interpolate_cat_forward", "interpolate_cat_backward")},
     "kernels.avg_pool2d.cuda": {k: _activation_case(k) for k in ("avg_pool2d_forward", "avg_pool2d_backward",
                                                                  "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward")},
     "kernels.softmax_cross_entropy.cuda": {"cross_entropy_forward": ("cross_entropy", _cross_entropy_case)},
