@@ -24,9 +24,9 @@ AdamW (Loshchilov & Hutter 2019; decay decoupled from the gradient)::
 
     p <- p (1 - lr lambda), then the Adam step with lambda = 0
 
-SGD's step is one kernel per parameter (``kernels/sgd/``, ``sgd_step``): a single
-pass that reads p, g and b and writes p and b, on the kernels of the memory that
-holds p. Adam and AdamW are NumPy (or CuPy) expressions.
+SGD's step is one kernel call for all the parameters (``kernels/sgd/``, ``sgd_steps``): a single
+pass over each that reads p, g and b and writes p and b, on the kernels of the memory that
+holds them. Adam and AdamW are NumPy (or CuPy) expressions.
 
 Schedules set ``optimizer.lr`` from the base rate and the step count; call
 ``scheduler.step()`` once after each ``optimizer.step()``.
@@ -102,20 +102,42 @@ class SGD(Optimizer):
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.nesterov, self.dampening = bool(nesterov), float(dampening)
 
-    def _update(self, p, g, state):
-        # One kernel pass per parameter (kernels/sgd/): read p, g and the buffer, write p and
-        # the buffer, where the same rule in NumPy calls is 2-9 passes and temporaries.
-        if g.shape != p.shape:
-            raise ValueError(f"SGD: a parameter of shape {p.shape} has a gradient of shape {g.shape}")
-        if not p.flags.c_contiguous:  # the kernels write p through a flat view of its memory
-            raise ValueError(f"SGD: a parameter of shape {p.shape} is not C-contiguous (strides {p.strides})")
-        buf, first_step = None, False
-        if self.momentum:
-            buf = state.get("momentum_buffer")
-            if buf is None:  # b = g on the first step: the kernel fills it, so empty is enough
-                buf = state["momentum_buffer"] = backend.array_module(p).empty_like(p)
-                first_step = True
-        backend.kernels_for(p).sgd_step(p, g, buf, self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov, first_step)
+    def step(self) -> None:
+        """One kernel call for all the parameters (``sgd_steps``, kernels/sgd/): read p, g and the buffer,
+        write p and the buffer, where the same rule in NumPy calls is 2-9 passes and temporaries per
+        parameter. Parameters are grouped by the kernels of their memory and by whether their
+        buffer is new (a model's are all alike: one group)."""
+        self.steps += 1
+        groups, kernels_of = {}, {}  # (kernels, first_step) -> (params, grads, buffers); array type -> kernels
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            data, g = p.data, p.grad.data
+            if g.shape != data.shape:
+                raise ValueError(f"SGD: a parameter of shape {data.shape} has a gradient of shape {g.shape}")
+            if not data.flags.c_contiguous:  # the kernels write p through a flat view of its memory
+                raise ValueError(f"SGD: a parameter of shape {data.shape} is not C-contiguous (strides {data.strides})")
+            state = self.state.get(i)
+            if state is None:
+                state = self.state[i] = {}
+            buf, first_step = None, False
+            if self.momentum:
+                buf = state.get("momentum_buffer")
+                if buf is None:  # b = g on the first step: the kernel fills it, so empty is enough
+                    buf = state["momentum_buffer"] = backend.array_module(data).empty_like(data)
+                    first_step = True
+            kernels = kernels_of.get(type(data))
+            if kernels is None:
+                kernels = kernels_of[type(data)] = backend.kernels_for(data)
+            group = groups.get((kernels, first_step))
+            if group is None:
+                group = groups[kernels, first_step] = ([], [], [])
+            group[0].append(data)
+            group[1].append(g)
+            group[2].append(buf)
+        for (kernels, first_step), (params, grads, buffers) in groups.items():
+            kernels.sgd_steps(params, grads, buffers, self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov,
+                              first_step)
 
 
 class Adam(Optimizer):

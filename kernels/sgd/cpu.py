@@ -11,7 +11,7 @@ computes in that dtype, as torch does. No ``fastmath``: LLVM then keeps every ro
 of the reference (no fused multiply-adds), so the result equals the reference's bit
 for bit.
 
-Two entry points share that loop:
+Three entry points share that loop:
 
 * ``_sgd_parallel`` cuts the elements into blocks of ``BLOCK`` and lets ``prange``
   share them between the threads, for large parameters (the big convolution weights);
@@ -21,15 +21,21 @@ Two entry points share that loop:
   time one core takes to update ``PARALLEL_MIN`` elements (an estimate: 32K float32
   elements move ~640 KB, ~10 us at tens of GB/s). Most parameters are far smaller:
   in ``UNet(base_channels=16, depth=2)`` 22 of the 32 have at most 64 elements
-  (batch-norm weights and biases, biases), and one has more than ``PARALLEL_MIN``.
+  (batch-norm weights and biases, biases), and one has more than ``PARALLEL_MIN``;
+* ``_sgd_group`` updates up to ``GROUP`` parameters in one call (``sgd_steps``, an optimizer's
+  whole step), one parameter per ``prange`` iteration: one call and one wake of the threads for
+  a model's parameters, where a call each returns to Python as many times and runs every small
+  one on one core. The parameters arrive as a tuple of ``GROUP`` arrays (padded with
+  empty ones), so the kernel compiles once for any model, not once per number of parameters.
 """
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, prange
 
 from . import update
 
-__all__ = ["sgd_step"]
+__all__ = ["sgd_step", "sgd_steps"]
 
 # Elements per parallel block: 64 KiB of float32 per array, so a block's scheduling
 # cost is small next to its pass over memory and a 10^6-element weight still gives
@@ -37,6 +43,11 @@ __all__ = ["sgd_step"]
 BLOCK = 1 << 14
 # Parameters smaller than this are updated serially (see the module docstring).
 PARALLEL_MIN = 1 << 15
+# _sgd_group: parameters per call (a tuple's length is part of its type: one length, one compilation),
+# and the size from which a parameter gets a call of its own, whose blocks all the threads share (in a
+# group, a parameter is one thread's; a U-Net's largest, 36,864 elements, is well under it).
+GROUP = 32
+GROUP_MAX = 1 << 18
 
 
 # The element update of update.py, inlined into the loop (a call per element would cost more than the update).
@@ -65,6 +76,40 @@ def _sgd_parallel(p, g, b, lr, momentum, dampening, weight_decay, nesterov, firs
     n = p.size
     for k in prange((n + BLOCK - 1) // BLOCK):
         _update_range(p, g, b, k * BLOCK, min((k + 1) * BLOCK, n), lr, momentum, dampening, weight_decay, nesterov, first_step)
+
+
+@njit(parallel=True, cache=True)
+def _sgd_group(ps, gs, bs, count, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """The first ``count`` parameters of the tuples ps, gs, bs (flat arrays, each under GROUP_MAX
+    elements), one parameter per ``prange`` iteration."""
+    for k in prange(count):
+        _update_range(ps[k], gs[k], bs[k], 0, ps[k].size, lr, momentum, dampening, weight_decay, nesterov, first_step)
+
+
+def sgd_steps(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """``sgd_step`` of every parameter (see the reference): up to ``GROUP`` per compiled call
+    (``_sgd_group``); one of ``GROUP_MAX`` elements or more, of another dtype than the first's, or not
+    C-contiguous, on its own (``sgd_step``)."""
+    if not params:
+        return
+    dtype = params[0].dtype
+    flat = []
+    for p, g, b in zip(params, grads, momentum_buffers):
+        # the tuples hold one array type: C-contiguous, writeable, of the first parameter's dtype
+        if (p.size >= GROUP_MAX or p.dtype != dtype or g.dtype != dtype or not p.flags.c_contiguous
+                or not (b is None or b.flags.c_contiguous)):
+            sgd_step(p, g, b, lr, momentum, dampening, weight_decay, nesterov, first_step)
+            continue
+        g = g.ravel()  # a view where g is C-contiguous, else a copy (g is only read)
+        if not (g.flags.c_contiguous and g.flags.writeable):
+            g = g.copy()
+        flat.append((p.ravel(), g, g if b is None else b.ravel()))  # views: p and b are C-contiguous
+    empty = np.empty(0, dtype)
+    for start in range(0, len(flat), GROUP):
+        group = flat[start : start + GROUP]
+        pad = (empty,) * (GROUP - len(group))
+        ps, gs, bs = (tuple(a[i] for a in group) + pad for i in range(3))
+        _sgd_group(ps, gs, bs, len(group), lr, momentum, dampening, weight_decay, nesterov, first_step)
 
 
 def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, first_step):

@@ -23,8 +23,9 @@ from numba import cuda
 from kernels import cuda_common as cc
 
 from . import update
+from .reference import each_step
 
-__all__ = ["sgd_step"]
+__all__ = ["sgd_step", "sgd_steps"]
 
 THREADS = 256
 # An estimate, not a timing: 4 blocks of 256 threads on each SM of a 132-SM H100 (half
@@ -64,3 +65,8 @@ def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay
 PTX_SIGNATURES = [
     (_sgd_kernel, cc.float_signatures("void({t}[::1], {t}[::1], {t}[::1], float64, float64, float64, float64, boolean, boolean)")),
 ]
+
+
+def sgd_steps(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """``sgd_step`` of every parameter (see the reference): one launch each, queued one after the other."""
+    each_step(sgd_step, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, first_step)

@@ -24,7 +24,7 @@ then rounded).
 """
 from __future__ import annotations
 
-__all__ = ["sgd_step"]
+__all__ = ["sgd_step", "sgd_steps"]
 
 
 def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, first_step):
@@ -45,3 +45,17 @@ def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay
             momentum_buffer += t(1 - dampening) * g
         g = g + t(momentum) * momentum_buffer if nesterov else momentum_buffer
     param -= t(lr) * g
+
+
+def each_step(step, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """``sgd_steps`` as one ``step`` (a backend's ``sgd_step``) per parameter: the backends without a
+    grouped kernel use it."""
+    for p, g, b in zip(params, grads, momentum_buffers):
+        step(p, g, b, lr, momentum, dampening, weight_decay, nesterov, first_step)
+
+
+def sgd_steps(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """``sgd_step`` of every parameter of the sequence ``params`` (with the gradient and buffer at the same
+    position of ``grads`` and ``momentum_buffers``, whose entries are None when ``momentum`` == 0), with
+    the same hyper-parameters and ``first_step``: an optimizer's whole step in one call."""
+    each_step(sgd_step, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, first_step)

@@ -161,3 +161,52 @@ def test_sgd_step_values(modname, dtype):
     q, b = p.copy(), np.full_like(p, np.nan)
     mod.sgd_step(q, g, b, 1.0, 0.5, 0.0, 0.0, True, True)
     assert_close(q, p - 1.5 * g, 0, 0, name="nesterov")
+
+
+@pytest.mark.parametrize("modname", [pytest.param("kernels.sgd.reference", id="numpy")] + MODULES)
+@settings(max_examples=8, deadline=None)
+@given(count=st.integers(1, sgd_cpu.GROUP + 3), dtype=st.sampled_from([np.float32, np.float64]), options=sgd_options(),
+       seed=st.integers(0, 2**32 - 1))
+def test_sgd_steps_is_sgd_step_of_each_parameter(modname, count, dtype, options, seed):
+    """``sgd_steps`` (an optimizer's whole step in one call) against the reference's ``sgd_step`` of each
+    parameter: two steps (the buffer's first, then one that reads it), every parameter and buffer compared
+    whole. Up to GROUP + 3 parameters (the cpu kernel's groups and a padded last one), one of them
+    PARALLEL_MIN or GROUP_MAX long (cpu: in a group or on its own), one with a strided gradient."""
+    mod = load(modname)
+    simulated = modname.endswith(".cuda") and config.ENABLE_CUDASIM
+    rng = np.random.default_rng(seed)
+    sizes = [int(n) for n in rng.integers(1, 9 if simulated else 50, count)]
+    if not simulated:  # one parameter in the cpu backend's parallel kernel (a group's, or on its own)
+        sizes[count // 2] = sgd_cpu.PARALLEL_MIN + 5 if count % 2 else sgd_cpu.GROUP_MAX + 5
+    p0 = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    grads = [[rng.standard_normal(n).astype(dtype) for n in sizes] for _ in range(2)]
+    grads[0][0] = rng.standard_normal(2 * sizes[0]).astype(dtype)[::2]  # a strided gradient (only read)
+    rtol, atol = tolerance(modname, dtype)
+    momentum = options["momentum"]
+    want = [p.copy() for p in p0], [np.full_like(p, np.nan) for p in p0] if momentum else [None] * count
+    xp = cc.xp if modname.endswith(".cuda") else np
+    got = [xp.asarray(p).copy() for p in p0], [xp.full(p.shape, np.nan, dtype) for p in p0] if momentum else [None] * count
+    for step, gs in enumerate(grads):
+        for p, b, g in zip(*want, gs):
+            REF.sgd_step(p, g, b, **options, first_step=step == 0)
+        assert mod.sgd_steps(got[0], [xp.asarray(g) for g in gs], got[1], **options, first_step=step == 0) is None
+        for k in range(count):
+            assert_close(to_numpy(got[0][k]), want[0][k], rtol, atol, name=f"param {k} after step {step + 1}")
+            if momentum:
+                assert_close(to_numpy(got[1][k]), want[1][k], rtol, atol, name=f"buffer {k} after step {step + 1}")
+
+
+def test_cpu_sgd_steps_makes_one_call_per_group(monkeypatch):
+    """GROUP small parameters per compiled call; a parameter of another dtype than the first's, or a large
+    one, goes on its own."""
+    calls, alone = [], []
+    group, step = sgd_cpu._sgd_group, sgd_cpu.sgd_step
+    monkeypatch.setattr(sgd_cpu, "_sgd_group", lambda *a: calls.append(a[3]) or group(*a))
+    monkeypatch.setattr(sgd_cpu, "sgd_step", lambda *a: alone.append(a[0].size) or step(*a))
+    params = [np.ones(3, np.float32) for _ in range(sgd_cpu.GROUP + 1)] + [np.ones(2, np.float64)]
+    params.append(np.ones(sgd_cpu.GROUP_MAX, np.float32))
+    grads = [np.full_like(p, 2) for p in params]
+    sgd_cpu.sgd_steps(params, grads, [None] * len(params), 0.5, 0.0, 0.0, 0.0, False, True)
+    assert calls == [sgd_cpu.GROUP, 1] and alone == [2, sgd_cpu.GROUP_MAX]
+    for p in params:
+        np.testing.assert_array_equal(p, np.zeros_like(p))  # 1 - 0.5 * 2

@@ -180,39 +180,39 @@ def test_bad_hyperparameters_raise():
         optim.SGD(p, lr=-1)
 
 
-# --------------------------------------------------------- SGD through the sgd_step kernels
+# --------------------------------------------------------- SGD through the sgd_steps kernels
 
 
-def spy_on_sgd_step(monkeypatch, backend_name):
-    """Record the arguments of every ``sgd_step`` call of backend ``backend_name`` (and still run it)."""
+def spy_on_sgd_steps(monkeypatch, backend_name):
+    """Record the arguments of every ``sgd_steps`` call of backend ``backend_name`` (and still run it)."""
     kernels = backend.load(backend_name)
-    real, calls = kernels.functions["sgd_step"], []
+    real, calls = kernels.functions["sgd_steps"], []
 
     def spy(*args):
         calls.append(args)
         return real(*args)
 
-    monkeypatch.setitem(kernels.functions, "sgd_step", spy)
+    monkeypatch.setitem(kernels.functions, "sgd_steps", spy)
     return calls
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "cpu", "cuda"])
 def test_sgd_steps_with_the_active_backends_kernel(monkeypatch, backend_name):
-    calls = spy_on_sgd_step(monkeypatch, backend_name)
+    calls = spy_on_sgd_steps(monkeypatch, backend_name)
     p = Parameter(np.ones((2, 3), np.float32))
     opt = optim.SGD([p], lr=0.5, momentum=0.9)
     p.grad = minseg.Tensor(np.ones((2, 3), np.float32))
     with backend.using(backend_name):
         opt.step()
         opt.step()
-    assert len(calls) == 2 and calls[0][0] is p.data and calls[0][2] is opt.state[0]["momentum_buffer"]
+    assert len(calls) == 2 and calls[0][0][0] is p.data and calls[0][2][0] is opt.state[0]["momentum_buffer"]
     assert [c[-1] for c in calls] == [True, False]  # first_step: the kernel writes b = g, then mixes
     # b = g = 1, then 0.9 + 1 = 1.9; p = 1 - 0.5 - 0.95
     assert_close(p.data, np.full((2, 3), -0.45, np.float32), rtol=1e-6, atol=1e-7, name="p after two steps")
 
 
 def test_sgd_without_momentum_keeps_no_buffer(monkeypatch):
-    calls = spy_on_sgd_step(monkeypatch, "cpu")
+    calls = spy_on_sgd_steps(monkeypatch, "cpu")
     ps = [Parameter(np.ones(3)), Parameter(np.ones((2, 2)))]
     opt = optim.SGD(ps, lr=0.1, weight_decay=0.1)
     with backend.using("cpu"):
@@ -220,7 +220,9 @@ def test_sgd_without_momentum_keeps_no_buffer(monkeypatch):
             for p in ps:
                 p.grad = minseg.Tensor(np.ones(p.shape))
             opt.step()
-    assert len(calls) == 6 and all(c[2] is None for c in calls), "momentum 0: the kernel gets no buffer"
+    # one call per step for both parameters; momentum 0: the kernel gets no buffer
+    assert len(calls) == 3 and all([q is p.data for q, p in zip(c[0], ps)] == [True, True] for c in calls)
+    assert all(c[2] == [None, None] for c in calls)
     assert opt.state == {0: {}, 1: {}} and opt.state_dict()["state"] == {0: {}, 1: {}}
 
 
@@ -228,7 +230,7 @@ def test_numpy_parameters_step_on_the_cpu_kernels_while_a_gpu_backend_is_active(
     """With the cuda backend of a real GPU active (its arrays are CuPy's), a model left in host memory
     cannot use its kernels: the cpu kernels update it. Here the cuda backend pretends to compute on
     another array module."""
-    cuda_calls, cpu_calls = spy_on_sgd_step(monkeypatch, "cuda"), spy_on_sgd_step(monkeypatch, "cpu")
+    cuda_calls, cpu_calls = spy_on_sgd_steps(monkeypatch, "cuda"), spy_on_sgd_steps(monkeypatch, "cpu")
     monkeypatch.setattr(backend.load("cuda"), "xp", object())
     p = Parameter(np.ones(4))
     p.grad = minseg.Tensor(np.full(4, 2.0))
@@ -261,3 +263,21 @@ def test_loaded_momentum_buffers_take_the_parameters_dtype_and_layout():
     opt.step()  # b = 0.5 * 1 + 1 = 1.5, p = 0 - 1.5
     np.testing.assert_array_equal(p.data, np.full((2, 3), -1.5, np.float32))
     assert opt.state[0]["momentum_buffer"] is buf  # updated in place
+
+
+def test_sgd_groups_parameters_by_kernels_and_first_step(monkeypatch):
+    """A parameter added to the optimizer's list later (its buffer new) steps in a call of its own, with
+    first_step; parameters without a gradient are left out."""
+    calls = spy_on_sgd_steps(monkeypatch, "cpu")
+    ps = [Parameter(np.ones(3, np.float32)) for _ in range(3)]
+    opt = optim.SGD(ps[:2], lr=0.5, momentum=0.9)
+    with backend.using("cpu"):
+        for p in ps:
+            p.grad = minseg.Tensor(np.ones(3, np.float32))
+        opt.step()
+        opt.params.append(ps[2])
+        ps[0].grad = None
+        opt.step()
+    assert [(len(c[0]), c[-1]) for c in calls] == [(2, True), (1, False), (1, True)]
+    assert calls[1][0][0] is ps[1].data and calls[2][0][0] is ps[2].data
+    np.testing.assert_array_equal(ps[0].data, np.full(3, 0.5, np.float32))  # one step: 1 - 0.5
