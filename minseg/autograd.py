@@ -165,7 +165,9 @@ class Chain(Function):
     result is the same; what it saves is the graph's bookkeeping between the steps (a Tensor, a
     node and a visit per intermediate output, the Python between two kernels), which for a
     layer like conv -> batch norm costs as much as a small kernel. ``nn.Sequential`` chains
-    each run of Conv2d, BatchNorm2d[, ReLU] layers (``functional.conv2d_batch_norm_layers``).
+    each run of Conv2d, BatchNorm2d[, ReLU] layers (``functional.conv2d_batch_norm_layers``) in
+    eval mode; in training the same run is one ``Conv2dBatchNormLayersFunction``, which hands
+    all the layers to the kernels at once (one call each way) and walks them the same way.
     """
 
     @staticmethod
