@@ -715,12 +715,15 @@ class Conv2dBatchNormLayersFunction(Function):
     @staticmethod
     def forward(ctx, x, *params, layers):
         ctx.kernels = backend.current()
-        calls = [(*params[4 * k : 4 * k + 2], *args[:4], *params[4 * k + 2 : 4 * k + 4], *args[4:]) for k, args in enumerate(layers)]
-        saved = []
-        for call, (y, xhat, invstd) in zip(calls, ctx.kernels.conv2d_batch_norm_layers_training(x, calls)):
-            # what conv2d_batch_norm_layers_backward takes per layer; relu_output is y (relu is the last argument)
-            saved.append((x, call[0], xhat, invstd, call[6], *call[2:6], True, y if call[-1] else None))
-            x = y
+        calls = []  # conv2d_batch_norm_training's arguments after x, per layer
+        for k, (stride, padding, dilation, groups, running_mean, running_var, momentum, eps, relu) in enumerate(layers):
+            w, b, bn_weight, bn_bias = params[4 * k : 4 * k + 4]
+            calls.append((w, b, stride, padding, dilation, groups, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu))
+        saved = []  # conv2d_batch_norm_backward's arguments between gy and needs, per layer
+        for (w, _, stride, padding, dilation, groups, bn_weight, *_, relu), (y, xhat, invstd) in zip(
+                calls, ctx.kernels.conv2d_batch_norm_layers_training(x, calls)):
+            saved.append((x, w, xhat, invstd, bn_weight, stride, padding, dilation, groups, True, y if relu else None))
+            x = y  # this layer's output is the next one's input
         ctx.save_for_backward(*saved)
         return x
 
@@ -833,18 +836,18 @@ def conv2d_batch_norm_layers(input, layers) -> Tensor:
     x = _float_tensor(input, "input")
     _ndim(x, 4, "input", "(N, C_in, H, W)")
     shape, dtype = x.shape, x.dtype
-    tensors, steps, args, training = [_contig_tensor(x)], [], [], True
-    for weight, bias, stride, padding, dilation, groups, rm, rv, bn_weight, bn_bias, training_k, momentum, eps, relu in layers:
+    tensors, checked = [_contig_tensor(x)], []
+    for weight, bias, stride, padding, dilation, groups, rm, rv, bn_weight, bn_bias, training, momentum, eps, relu in layers:
         w, b, conv_kwargs, shape = _conv2d_layer(shape, dtype, weight, bias, stride, padding, dilation, groups)
-        bn_kwargs = _batch_norm_arguments(shape, dtype, rm, rv, bn_weight, bn_bias, training_k, momentum, eps, relu)
-        # the first layer takes the input too; every later one takes the previous output first
-        steps.append((Conv2dBatchNormFunction, 5 if not steps else 4, {**conv_kwargs, **bn_kwargs}))
-        args.append((*conv_kwargs.values(), bn_kwargs["running_mean"], bn_kwargs["running_var"], bn_kwargs["momentum"],
-                     bn_kwargs["eps"], relu))
+        bn_kwargs = _batch_norm_arguments(shape, dtype, rm, rv, bn_weight, bn_bias, training, momentum, eps, relu)
+        checked.append((conv_kwargs, bn_kwargs))
         tensors += [w, b, bn_weight, bn_bias]
-        training = training and bn_kwargs["training"]
-    if training:  # every layer's kernels in one call each way
+    if all(bn["training"] for _, bn in checked):  # every layer's kernels in one call each way
+        args = [(c["stride"], c["padding"], c["dilation"], c["groups"], bn["running_mean"], bn["running_var"], bn["momentum"],
+                 bn["eps"], bn["relu"]) for c, bn in checked]
         return Conv2dBatchNormLayersFunction.apply(*tensors, layers=args)
+    # the first layer takes the input too; every later one takes the previous output first
+    steps = [(Conv2dBatchNormFunction, 4 + (k == 0), {**c, **bn}) for k, (c, bn) in enumerate(checked)]
     return Chain.apply(*tensors, steps=steps)
 
 
