@@ -7,7 +7,9 @@ and one slow outlier does not flatten the others). Right: how close
 the implementation comes to the machine's limit that bounds the case, both
 measured by the benchmark itself (``machine.limits``): % of the FP32 peak for
 cases with a FLOP count (convolutions, the training step), % of the copy
-bandwidth for memory-bound cases with a byte count. Values are written on the bars.
+bandwidth for memory-bound cases with a byte count, and for a case with both
+whose roofline bound, min(peak, FLOPs per byte x bandwidth), is the bandwidth's
+(the 1x1 head of ``ops --layers``), % of that bound. Values are written on the bars.
 With a training step's profile (``train``), a stacked bar per implementation below:
 where its step's time goes (compiled kernels, their Python host code, outside them).
 """
@@ -36,7 +38,12 @@ def _rows(entries):
     rows = []
     for e in entries:
         for impl, r in e["results"].items():
-            pct, unit = (r.get("pct_peak"), "% peak") if r.get("pct_peak") is not None else (r.get("pct_bandwidth"), "% bw")
+            if r.get("pct_bound") is not None and r["pct_bound"] > r["pct_peak"] * (1 + 1e-9):  # memory-bound by the roofline
+                pct, unit = r["pct_bound"], "% bound"
+            elif r.get("pct_peak") is not None:
+                pct, unit = r["pct_peak"], "% peak"
+            else:
+                pct, unit = r.get("pct_bandwidth"), "% bw"
             rows.append((e["case"], impl, r.get("ratio_vs_torch"), pct, unit))
     return rows
 
@@ -207,7 +214,7 @@ def draw(entries, limits, path, title, profile=None):
     _ratio_panel(d, font, x_ratio, top, [r[2] for r in rows],
                  "time / torch's time, log scale (line: torch = 1; left of it is faster)", colors)
     _panel(d, font, x_ratio + PANEL + PAD, top, rows, [r[3] for r in rows],
-           "% of the measured FP32 peak or copy bandwidth (which: at right)", lambda v: f"{v:.1f}%", colors)
+           "% of the measured FP32 peak, copy bandwidth or roofline bound (which: at right)", lambda v: f"{v:.1f}%", colors)
     for i, r in enumerate(rows):  # which limit each percentage is of
         if r[3] is not None:
             d.text((width - PAD, top + i * ROW + ROW // 2), r[4], fill=INK, font=font, anchor="rm")

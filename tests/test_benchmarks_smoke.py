@@ -241,3 +241,16 @@ def test_bad_conv_versions_are_refused():
                                "--conv-versions", value, "--no-cache-check"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_plot_shows_the_limit_that_bounds_each_case():
+    """The right panel's percentage: of the peak where the roofline's bound is the peak, of the bound where
+    it is the bandwidth's (a memory-bound conv, the 1x1 head), of the bandwidth for byte-only cases."""
+    from benchmarks.plot import _rows
+
+    def entry(case, peak, bw, bound):
+        return {"case": case, "results": {"cpu": dict(ratio_vs_torch=0.5, pct_peak=peak, pct_bandwidth=bw, pct_bound=bound)}}
+
+    rows = _rows([entry("compute-bound", 50.0, 10.0, 50.0), entry("memory-bound", 5.0, 30.0, 40.0), entry("bytes only", None, 30.0, None)])
+    assert [(r[0], r[3], r[4]) for r in rows] == [("compute-bound", 50.0, "% peak"), ("memory-bound", 40.0, "% bound"),
+                                                 ("bytes only", 30.0, "% bw")]
