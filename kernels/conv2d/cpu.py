@@ -1572,8 +1572,8 @@ def _grad_bias_kernel(planes, gb):
 
 def conv2d_grad_bias(gy):
     """gb = gy summed over batch, rows and columns, in one compiled pass over gy (``_grad_bias_kernel``).
-    NumPy's ``gy.sum(axis=(0, 2, 3))`` took 4-8x as long on the U-Net's shapes (measured once, in
-    cache, 2 threads: 5-14 us vs 21-102 us; the ops benchmark's layer cases time it in place)."""
+    NumPy's ``gy.sum(axis=(0, 2, 3))`` is slower (an estimate from one in-cache timing on the U-Net's
+    shapes, 2 threads, not a benchmark: 5-14 us vs 21-102 us); ``ops --layers`` times it in the head's case."""
     n, c = gy.shape[:2]
     gb = np.empty(c, gy.dtype)
     if gy.size:
