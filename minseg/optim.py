@@ -61,9 +61,13 @@ class Optimizer:
                 if state is None:
                     state = self.state[i] = {}
                 self._update(p.data, p.grad.data, state)
+        self._finish_step()
 
     def _update(self, p, g, state) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _finish_step(self) -> None:
+        """Runs after every parameter's ``_update``: an optimizer that gathers the updates (SGD) makes them here."""
 
     def state_dict(self) -> dict:
         """lr, step count and per-parameter buffers (as NumPy arrays), for checkpoints."""
@@ -105,39 +109,35 @@ class SGD(Optimizer):
     def step(self) -> None:
         """One kernel call for all the parameters (``sgd_steps``, kernels/sgd/): read p, g and the buffer,
         write p and the buffer, where the same rule in NumPy calls is 2-9 passes and temporaries per
-        parameter. Parameters are grouped by the kernels of their memory and by whether their
-        buffer is new (a model's are all alike: one group)."""
-        self.steps += 1
-        groups, kernels_of = {}, {}  # (kernels, first_step) -> (params, grads, buffers); array type -> kernels
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            data, g = p.data, p.grad.data
-            if g.shape != data.shape:
-                raise ValueError(f"SGD: a parameter of shape {data.shape} has a gradient of shape {g.shape}")
-            if not data.flags.c_contiguous:  # the kernels write p through a flat view of its memory
-                raise ValueError(f"SGD: a parameter of shape {data.shape} is not C-contiguous (strides {data.strides})")
-            state = self.state.get(i)
-            if state is None:
-                state = self.state[i] = {}
-            buf, first_step = None, False
-            if self.momentum:
-                buf = state.get("momentum_buffer")
-                if buf is None:  # b = g on the first step: the kernel fills it, so empty is enough
-                    buf = state["momentum_buffer"] = backend.array_module(data).empty_like(data)
-                    first_step = True
-            kernels = kernels_of.get(type(data))
-            if kernels is None:
-                kernels = kernels_of[type(data)] = backend.kernels_for(data)
-            group = groups.get((kernels, first_step))
-            if group is None:
-                group = groups[kernels, first_step] = ([], [], [])
-            group[0].append(data)
-            group[1].append(g)
-            group[2].append(buf)
-        for (kernels, first_step), (params, grads, buffers) in groups.items():
-            kernels.sgd_steps(params, grads, buffers, self.lr, self.momentum, self.dampening, self.weight_decay, self.nesterov,
-                              first_step)
+        parameter. ``_update`` checks each parameter and adds it to its group -- by the type of its
+        memory (hence its kernels) and by whether its buffer is new; a model's are all alike: one
+        group -- and ``_finish_step`` makes one call per group."""
+        self._groups = {}  # (array type, first_step) -> (params, grads, buffers)
+        super().step()
+
+    def _update(self, p, g, state):
+        if g.shape != p.shape:
+            raise ValueError(f"SGD: a parameter of shape {p.shape} has a gradient of shape {g.shape}")
+        if not p.flags.c_contiguous:  # the kernels write p through a flat view of its memory
+            raise ValueError(f"SGD: a parameter of shape {p.shape} is not C-contiguous (strides {p.strides})")
+        buf, first_step = None, False
+        if self.momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:  # b = g on the first step: the kernel fills it, so empty is enough
+                buf = state["momentum_buffer"] = backend.array_module(p).empty_like(p)
+                first_step = True
+        group = self._groups.get((type(p), first_step))
+        if group is None:
+            group = self._groups[type(p), first_step] = ([], [], [])
+        group[0].append(p)
+        group[1].append(g)
+        group[2].append(buf)
+
+    def _finish_step(self):
+        groups, self._groups = self._groups, {}
+        for (_, first_step), (params, grads, buffers) in groups.items():
+            backend.kernels_for(params[0]).sgd_steps(params, grads, buffers, self.lr, self.momentum, self.dampening,
+                                                     self.weight_decay, self.nesterov, first_step)
 
 
 class Adam(Optimizer):

@@ -38,16 +38,26 @@ def _conv_then_batch_norm(conv_args, batch_norm_args):
     _training_kernel(*batch_norm_args)
 
 
+def _forward_call(x, w, b, stride, padding, dilation, groups, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu):
+    """((y, xhat, invstd), the arguments of ``_conv_then_batch_norm``) of one layer, or None where its conv
+    has no one-call path (not v5's stride-1 kernel). x need only have its shape yet."""
+    call = conv2d.forward_kernel_call(x, w, b, stride, padding, dilation, groups)
+    if call is None:
+        return None
+    z, conv_args = call
+    outputs, batch_norm_args = batch_norm.training_kernel_call(z, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu)
+    return outputs, (conv_args, batch_norm_args)
+
+
 def conv2d_batch_norm_training(x, w, b, stride, padding, dilation, groups, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
                                relu=False):
     """(y, xhat, invstd) of the batch norm (training mode) of ``conv2d_forward(x, w, b, ...)``; see the reference."""
-    call = conv2d.forward_kernel_call(x, w, b, stride, padding, dilation, groups)
-    if call is None:
+    call = _forward_call(x, w, b, stride, padding, dilation, groups, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu)
+    if call is None:  # the two calls
         z = conv2d.conv2d_forward(x, w, b, stride, padding, dilation, groups)
         return batch_norm.batch_norm_training(z, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu)
-    z, conv_args = call
-    outputs, batch_norm_args = batch_norm.training_kernel_call(z, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu)
-    _conv_then_batch_norm(conv_args, batch_norm_args)
+    outputs, args = call
+    _conv_then_batch_norm(*args)
     return outputs
 
 
@@ -64,20 +74,32 @@ def _batch_norm_then_conv(batch_norm_args, by_channel, grad_input_args, grad_wei
     return _grad_weight_outer_kernel(*grad_weight_args)
 
 
+def _backward_call(gy, x, w, xhat, invstd, bn_weight, stride, padding, dilation, groups, training, relu_output, needs):
+    """(the arguments of ``_batch_norm_then_conv``, gx, gz, gbn_weight, gbn_bias) of one layer, or None where
+    its backward is not one compiled call: grad_weight not wanted or not at v6, or grad_input wanted and
+    not v5's stride-1 path. gy need only have its shape yet."""
+    if not needs[1]:
+        return None
+    (gz, gbn_weight, gbn_bias), by_channel, bn_args = batch_norm.backward_kernel_call(gy, xhat, invstd, bn_weight, training, relu_output)
+    gw_args = conv2d.grad_weight_kernel_call(x, gz, w.shape, stride, padding, dilation, groups)
+    gi_call = conv2d.grad_input_kernel_call(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] and gw_args else None
+    if gw_args is None or (needs[0] and gi_call is None):
+        return None
+    gx, gi_args = gi_call if gi_call is not None else (None, None)
+    return (bn_args, by_channel, gi_args, gw_args), gx, gz, gbn_weight, gbn_bias
+
+
 def conv2d_batch_norm_backward(gy, x, w, xhat, invstd, bn_weight, stride, padding, dilation, groups, training, relu_output, needs):
     """(gx, gw, gb, gbn_weight, gbn_bias); see the reference. One compiled call when grad_weight is wanted
     and its default (v6) applies, and grad_input, if wanted, is v5's stride-1 path; else the separate calls."""
-    (gz, gbn_weight, gbn_bias), by_channel, bn_args = batch_norm.backward_kernel_call(gy, xhat, invstd, bn_weight, training, relu_output)
-    gw_args = conv2d.grad_weight_kernel_call(x, gz, w.shape, stride, padding, dilation, groups) if needs[1] else None
-    # grad_input's arguments (and its gx) only when the fused call will run
-    gi_call = conv2d.grad_input_kernel_call(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] and gw_args else None
-    if gw_args is None or (needs[0] and gi_call is None):
-        (_backward_by_channel if by_channel else _backward_by_plane)(*bn_args)
+    call = _backward_call(gy, x, w, xhat, invstd, bn_weight, stride, padding, dilation, groups, training, relu_output, needs)
+    if call is None:  # the separate calls
+        gz, gbn_weight, gbn_bias = batch_norm.batch_norm_backward(gy, xhat, invstd, bn_weight, training, relu_output)
         gx = conv2d.conv2d_grad_input(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] else None
         gw = conv2d.conv2d_grad_weight(x, gz, w.shape, stride, padding, dilation, groups) if needs[1] else None
     else:
-        gx, gi_args = gi_call if gi_call is not None else (None, None)
-        gw = _batch_norm_then_conv(bn_args, by_channel, gi_args, gw_args).reshape(w.shape)
+        args, gx, gz, gbn_weight, gbn_bias = call
+        gw = _batch_norm_then_conv(*args).reshape(w.shape)
     gb = conv2d.conv2d_grad_bias(gz) if needs[2] else None
     return gx, gw, gb, gbn_weight, gbn_bias
 
@@ -100,35 +122,18 @@ def conv2d_batch_norm_layers_training(x, layers):
     """[(y, xhat, invstd) of each layer]; see the reference. Every layer prepared first, then one
     compiled call per two layers; the layers one by one where a layer has no one-call path."""
     outputs, calls = [], []
-    for w, b, stride, padding, dilation, groups, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu in layers:
-        call = conv2d.forward_kernel_call(x, w, b, stride, padding, dilation, groups)
+    for layer in layers:
+        call = _forward_call(x, *layer)
         if call is None:  # nothing has run yet: run the layers one by one instead
             return layers_training(conv2d_batch_norm_training, x, layers)
-        z, conv_args = call
-        out, batch_norm_args = batch_norm.training_kernel_call(z, bn_weight, bn_bias, running_mean, running_var, momentum, eps, relu)
-        outputs.append(out)
-        calls.append((conv_args, batch_norm_args))
-        x = out[0]  # filled by this layer's call, just before the next layer's
+        outputs.append(call[0])
+        calls.append(call[1])
+        x = call[0][0]  # filled by this layer's call, just before the next layer's
     for k in range(0, len(calls) - 1, 2):
         _two_layers_forward(calls[k], calls[k + 1])
     if len(calls) % 2:
         _conv_then_batch_norm(*calls[-1])
     return outputs
-
-
-def _backward_call(gy, x, w, xhat, invstd, bn_weight, stride, padding, dilation, groups, training, relu_output, needs):
-    """(the arguments of ``_batch_norm_then_conv``, gx, gz, gbn_weight, gbn_bias) of one layer, or None where
-    its backward is not one compiled call (as ``conv2d_batch_norm_backward`` decides). gy need only have
-    its shape yet."""
-    if not needs[1]:
-        return None
-    (gz, gbn_weight, gbn_bias), by_channel, bn_args = batch_norm.backward_kernel_call(gy, xhat, invstd, bn_weight, training, relu_output)
-    gw_args = conv2d.grad_weight_kernel_call(x, gz, w.shape, stride, padding, dilation, groups)
-    gi_call = conv2d.grad_input_kernel_call(gz, w, x.shape, stride, padding, dilation, groups) if needs[0] and gw_args else None
-    if gw_args is None or (needs[0] and gi_call is None):
-        return None
-    gx, gi_args = gi_call if gi_call is not None else (None, None)
-    return (bn_args, by_channel, gi_args, gw_args), gx, gz, gbn_weight, gbn_bias
 
 
 def conv2d_batch_norm_layers_backward(gy, layers, needs):
