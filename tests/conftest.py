@@ -126,8 +126,9 @@ def _one_core():
     turns at the GIL; spread over both cores, each hand-over wakes a thread on the other core, and a
     background job there (tests/background.py) delays every wake-up. Pinned to one core, a cuda row of
     tests/kernels/test_batch_norm.py ran in 2.3-3.3 s instead of 4.2-4.6 s alone and 8.6 s beside a
-    busy process, and the whole suite in 3:31 instead of 4:35 on a warm Numba cache, 5:42 instead
-    of 6:21 on a cold one (a fresh clone; one run each on the 2-core machine, 2026-11-27).
+    busy process, and the whole suite in 3:31 instead of 4:35 on a warm Numba cache, 5:42 and 7:52
+    instead of 6:21 and 8:25 on a cold one (a fresh clone, two pairs of runs hours apart: this VM's
+    speed drifts; the 2-core machine, 2026-11-27).
     Threads inherit the mask of the thread that starts them (the simulator's, and Numba's OpenMP
     workers if a cpu kernel first runs here), so on the way out every thread of the process gets all
     the cores back.
