@@ -114,6 +114,16 @@ CUDA_SIMULATOR_DRAWS = 1 / 3
 CORES = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
 
 
+def simulator_core() -> int | None:
+    """The core the simulated tests of this process run on: the first, or under pytest-xdist worker
+    gwK's K-th (so that workers do not share one); None on a machine of one core."""
+    if len(CORES) < 2:
+        return None
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    k = int(worker[2:]) if worker[2:].isdigit() else 0
+    return sorted(CORES)[k % len(CORES)]
+
+
 def _cuda_row(item) -> bool:
     """Whether the test is the cuda row of a test parametrized over backends."""
     callspec = getattr(item, "callspec", None)
@@ -136,11 +146,11 @@ def _one_core():
     Tried and dropped: keeping the background jobs off this core (the job that compiles the cpu
     kernels ahead of the tests then fell behind: 5:58-6:15 cold), and running the simulated tests
     after the rest (they no longer covered that job's head start: 7:55)."""
-    cores = set(CORES)
-    if len(cores) < 2 or not hasattr(os, "sched_setaffinity"):
+    cores, core = set(CORES), simulator_core()
+    if core is None or not hasattr(os, "sched_setaffinity"):
         yield
         return
-    os.sched_setaffinity(0, {min(cores)})
+    os.sched_setaffinity(0, {core})
     try:
         yield
     finally:
