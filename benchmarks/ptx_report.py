@@ -46,9 +46,13 @@ older than Numba's NVVM it refuses the newer PTX ISA version; the report then
 uses nvJitLink, which ships with the same CUDA release as NVVM and runs the
 same ptxas inside. The ``tool`` column says which one ran.
 
-Each target compute capability compiles in its own subprocess (in parallel):
-Numba compiles ``@cuda.jit(device=True)`` helpers for the *current* GPU's
-compute capability and caches them, so the worker tells it which one to assume.
+The kernel signatures are shared between two subprocesses (in parallel: every other
+one each), each compiling its kernels for every target: a kernel's front end (typing, lowering to NVVM IR) runs
+once, and NVVM turns that IR into the PTX of each compute capability
+(``compile_all``). Numba compiles ``@cuda.jit(device=True)`` helpers for the
+*current* GPU's compute capability, so a worker tells it which one to assume
+(the first target). One subprocess per target, each compiling everything, took
+185 s of CPU (95 s wall) for sm_80 and sm_90 on the 2-core machine.
 """
 from __future__ import annotations
 
@@ -296,20 +300,56 @@ def occupancy(registers: int, shared: int, block: int, cc: str, shared_includes_
                 limited_by=min(limits, key=limits.get))
 
 
-def compile_all(cc: str, assemble_ptx: bool = True) -> dict:
-    """Compile every listed kernel for sm_<cc> in this process (simulator off). Returns modules and rows."""
-    from numba import config, cuda
+def _front_end(kernel, sig, capability):
+    """Numba's compilation of ``kernel`` at ``sig`` up to its code library (typing and lowering to NVVM IR: most
+    of the time), from which ``library.get_asm_strs(cc=...)`` makes the PTX of any compute capability.
+    numba-cuda's ``compile_ptx`` does the same and keeps only one cc's PTX; it has no public call that
+    returns the library, hence the private one (None where this numba-cuda lacks it)."""
+    from numba.cuda import compiler
+
+    fixup = getattr(compiler, "_compile_pyfunc_with_fixup", None)
+    if fixup is None:
+        return None
+    return fixup(kernel.py_func, sig, device=False, cc=capability, abi="numba")[0]
+
+
+def _ptx(kernel, sig, cc, library):
+    """The PTX of ``kernel`` at ``sig`` for sm_<cc>: from ``library`` (the front end compiled once for every cc),
+    or, without one, a whole compilation for this cc."""
+    from numba import cuda
+
+    capability = (int(cc[:-1]), int(cc[-1]))
+    if library is None:
+        _assume_device(cc)
+        return cuda.compile_ptx(kernel.py_func, sig, cc=capability)[0]
+    ptxes = library.get_asm_strs(cc=capability)
+    if len(ptxes) != 1:
+        raise RuntimeError(f"compiling gives {len(ptxes)} PTX files, not one")
+    return ptxes[0]
+
+
+def compile_all(ccs, assemble_ptx: bool = True, part=(0, 1)) -> dict:
+    """Compile every listed kernel signature of every CUDA module for each sm_<cc> of ``ccs`` in this process
+    (simulator off); ``part`` (k, n): only every n-th signature from the k-th, so that n processes share the
+    work. Returns modules and rows (one per kernel, signature and cc).
+
+    Each kernel's front end runs once (``_front_end``, for the first cc) and its PTX for every cc comes
+    from that one library: NVVM IR does not depend on the target (checked on relu's kernel: the PTX of a
+    compilation for sm_90 and the one made from an sm_80 library differ only in Numba's mangled
+    names), and the front end is most of the work (2.3 s of 3.3 s for 18 kernels; a scratch timing)."""
+    from numba import config
     from numba.cuda.cudadrv import nvvm
 
     if config.ENABLE_CUDASIM:
         raise RuntimeError("the PTX compile needs NUMBA_ENABLE_CUDASIM=0 before numba is imported")
     if not nvvm.is_available():
         return {"nvvm": False, "modules": {}, "rows": []}
-    _assume_device(cc)
-    capability = (int(cc[:-1]), int(cc[-1]))
-    modules, rows = {}, []
+    ccs = list(ccs)
+    _assume_device(ccs[0])
+    first = (int(ccs[0][:-1]), int(ccs[0][-1]))
+    infos, rows, count = {}, [], 0
     for modname in cuda_modules():
-        info = modules[modname] = {"error": None, "unlisted": [], "kernels": []}
+        info = infos[modname] = {"error": None, "unlisted": [], "kernels": []}
         try:
             module = importlib.import_module(modname)
             listed = module.PTX_SIGNATURES
@@ -321,46 +361,60 @@ def compile_all(cc: str, assemble_ptx: bool = True) -> dict:
         info["unlisted"] = sorted(name for name, k in jit_kernels(module).items() if id(k) not in listed_ids)
         for kernel, signatures in listed:
             for sig in signatures:
-                row = {"module": modname, "kernel": kernel.py_func.__name__, "signature": sig, "cc": cc}
+                count += 1
+                if (count - 1) % part[1] != part[0]:
+                    continue
                 try:
-                    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=capability)
-                    row.update(compiled=True, error=None, **analyse_ptx(ptx))
-                    if assemble_ptx:
-                        row.update(assemble(ptx, cc))
-                        if row.get("assembled") and cc in SM_LIMITS:
-                            row.update(occupancy(row["registers"], row["smem"] or 0, row["maxntid"] or DEFAULT_BLOCK, cc,
-                                                 shared_includes_reserved=row["tool"] == "nvjitlink"))
+                    library, front_error = _front_end(kernel, sig, first), None
                 except Exception as e:
-                    row.update(compiled=False, error=f"{type(e).__name__}: {e}"[-2000:])
-                rows.append(row)
-    return {"nvvm": True, "modules": modules, "rows": rows}
+                    library, front_error = None, f"{type(e).__name__}: {e}"[-2000:]
+                for cc in ccs:
+                    row = {"module": modname, "kernel": kernel.py_func.__name__, "signature": sig, "cc": cc, "index": count}
+                    try:
+                        if front_error:
+                            raise RuntimeError(front_error)
+                        ptx = _ptx(kernel, sig, cc, library)
+                        row.update(compiled=True, error=None, **analyse_ptx(ptx))
+                        if assemble_ptx:
+                            row.update(assemble(ptx, cc))
+                            if row.get("assembled") and cc in SM_LIMITS:
+                                row.update(occupancy(row["registers"], row["smem"] or 0, row["maxntid"] or DEFAULT_BLOCK, cc,
+                                                     shared_includes_reserved=row["tool"] == "nvjitlink"))
+                    except Exception as e:
+                        row.update(compiled=False, error=f"{type(e).__name__}: {e}"[-2000:])
+                    rows.append(row)
+    return {"nvvm": True, "modules": infos, "rows": rows}
 
 
-def collect(ccs=DEFAULT_CCS, assemble_ptx: bool = True) -> dict:
-    """Run one worker subprocess per compute capability in parallel; merge their results."""
+def collect(ccs=DEFAULT_CCS, assemble_ptx: bool = True, workers: int = 2) -> dict:
+    """Run ``workers`` subprocesses in parallel, each compiling every ``workers``-th kernel signature for every cc
+    (one front end per kernel: ``compile_all``); merge their results, rows in the order of ccs, then modules."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
     flags = [] if assemble_ptx else ["--no-assemble"]
+    modules = cuda_modules()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.ptx_report", "--worker", cc, *flags],
+            [sys.executable, "-m", "benchmarks.ptx_report", "--worker", ",".join(ccs), "--worker-part", f"{k}/{workers}", *flags],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for cc in ccs
+        for k in range(workers)
     ]
     merged = {"nvvm": True, "modules": {}, "rows": [], "worker_errors": []}
-    for cc, proc in zip(ccs, procs):
+    for k, proc in enumerate(procs):
         out, err = proc.communicate()
         if proc.returncode != 0:
-            merged["worker_errors"].append(f"sm_{cc} worker exited {proc.returncode}: {err[-3000:]}")
+            merged["worker_errors"].append(f"worker {k}/{workers} exited {proc.returncode}: {err[-3000:]}")
             continue
         result = json.loads(out)
         merged["nvvm"] &= result["nvvm"]
         merged["modules"].update(result["modules"])
         merged["rows"] += result["rows"]
+    order = {m: k for k, m in enumerate(modules)}
+    merged["rows"].sort(key=lambda r: (list(ccs).index(r["cc"]), order[r["module"]], r["index"]))
     return merged
 
 
@@ -407,10 +461,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--no-assemble", action="store_true", help="compile to PTX only")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: compile for one cc, print JSON
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: compile for these ccs (comma-separated), print JSON
+    parser.add_argument("--worker-part", default="0/1", help=argparse.SUPPRESS)  # internal: k/n, the worker's share
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(compile_all(args.worker, not args.no_assemble)))
+        k, n = (int(v) for v in args.worker_part.split("/"))
+        print(json.dumps(compile_all(args.worker.split(","), not args.no_assemble, (k, n))))
         return 0
     result = collect(args.cc, not args.no_assemble)
     if args.json:
