@@ -147,7 +147,7 @@ def _one_core():
     kernels ahead of the tests then fell behind: 5:58-6:15 cold), and running the simulated tests
     after the rest (they no longer covered that job's head start: 7:55)."""
     cores, core = set(CORES), simulator_core()
-    if core is None or not hasattr(os, "sched_setaffinity"):
+    if core is None:  # one core (or no affinity calls: CORES is empty)
         yield
         return
     os.sched_setaffinity(0, {core})
@@ -161,20 +161,17 @@ def _one_core():
                 pass
 
 
-def _simulated(item) -> bool:
-    """Whether the test runs CUDA kernels under the simulator (a cuda row, or a test of tests/cuda/)."""
-    return os.environ["NUMBA_ENABLE_CUDASIM"] == "1" and (_cuda_row(item) or item.nodeid.startswith("tests/cuda/"))
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    if not _simulated(item):
+    cuda_row = _cuda_row(item)
+    # the tests that run CUDA kernels under the simulator: a cuda row, or a test of tests/cuda/
+    if os.environ["NUMBA_ENABLE_CUDASIM"] != "1" or not (cuda_row or item.nodeid.startswith("tests/cuda/")):
         yield
         return
     test = getattr(item, "obj", None)
     own = getattr(test, "_hypothesis_internal_use_settings", None)
     with _one_core():
-        if own is None or not _cuda_row(item) or PROFILE == "dev":
+        if own is None or not cuda_row or PROFILE == "dev":
             yield
             return
         test._hypothesis_internal_use_settings = settings(own, max_examples=max(1, round(own.max_examples * CUDA_SIMULATOR_DRAWS)))
