@@ -24,7 +24,7 @@ AdamW (Loshchilov & Hutter 2019; decay decoupled from the gradient)::
 
     p <- p (1 - lr lambda), then the Adam step with lambda = 0
 
-SGD's step is one kernel call for all the parameters (``kernels/sgd/``, ``sgd_steps``): a single
+SGD's step is one kernel call per 16 parameters (``kernels/sgd/``, ``sgd_steps``): a single
 pass over each that reads p, g and b and writes p and b, on the kernels of the memory that
 holds them. Adam and AdamW are NumPy (or CuPy) expressions.
 
@@ -107,7 +107,7 @@ class SGD(Optimizer):
         self.nesterov, self.dampening = bool(nesterov), float(dampening)
 
     def step(self) -> None:
-        """One kernel call for all the parameters (``sgd_steps``, kernels/sgd/): read p, g and the buffer,
+        """One kernel call per 16 parameters (``sgd_steps``, kernels/sgd/): read p, g and the buffer,
         write p and the buffer, where the same rule in NumPy calls is 2-9 passes and temporaries per
         parameter. ``_update`` checks each parameter and adds it to its group -- by the type of its
         memory (hence its kernels) and by whether its buffer is new; a model's are all alike: one

@@ -24,8 +24,8 @@ Three entry points share that loop:
   (batch-norm weights and biases, biases), and one has more than ``PARALLEL_MIN``;
 * ``_sgd_group`` updates up to ``GROUP`` parameters in one call (``sgd_steps``, an optimizer's
   whole step), one parameter per ``prange`` iteration: one call and one wake of the threads for
-  a model's parameters, where a call each returns to Python as many times and runs every small
-  one on one core. The parameters arrive as a tuple of ``GROUP`` arrays (padded with
+  every ``GROUP`` parameters of a model (two for the U-Net above), where a call each returns to
+  Python as many times and runs every small one on one core. The parameters arrive as a tuple of ``GROUP`` arrays (padded with
   empty ones), so the kernel compiles once for any model, not once per number of parameters.
 """
 from __future__ import annotations
@@ -46,7 +46,10 @@ PARALLEL_MIN = 1 << 15
 # _sgd_group: parameters per call (a tuple's length is part of its type: one length, one compilation),
 # and the size from which a parameter gets a call of its own, whose blocks all the threads share (in a
 # group, a parameter is one thread's; a U-Net's largest, 36,864 elements, is well under it).
-GROUP = 32
+# LLVM's time to compile the group grows much faster than the tuples' length (measured on the 2-core
+# development machine, one dtype, a cold cache: 8 arrays 1.7 s, 16 2.5 s, 24 5.2 s, 32 15.7 s), and
+# each more call costs microseconds in a step of milliseconds: 16 per call.
+GROUP = 16
 GROUP_MAX = 1 << 18
 
 
