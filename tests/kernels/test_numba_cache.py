@@ -1,0 +1,116 @@
+"""kernels/numba_cache.py: the compiled kernels are cleared when any kernel source changes.
+
+Numba checks a cached function against its own file only; the last test shows the stale
+answer that gives when a function compiled into it from another file changes, and that
+``clear_if_changed`` removes it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kernels import numba_cache
+
+KERNEL_FILES = [numba_cache.ROOT / "batch_norm" / "cpu.py", numba_cache.ROOT / "sgd" / "update.py", numba_cache.ROOT / "memory.py"]
+
+
+@pytest.mark.parametrize("user_dir", [False, True], ids=["in-tree", "NUMBA_CACHE_DIR"])
+def test_cache_folders_are_numbas_own(user_dir, tmp_path, monkeypatch):
+    """``numba_cache_dir`` gives the folder Numba's own locators choose, with and without NUMBA_CACHE_DIR."""
+    from numba.core import config
+    from numba.core.caching import FunctionCache
+
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path) if user_dir else "")
+    if user_dir:
+        monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    else:
+        monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    for path in KERNEL_FILES:
+        locators = (cls.from_function(test_cache_folders_are_numbas_own, str(path))
+                    for cls in FunctionCache._impl_class._locator_classes)
+        numbas = next(loc for loc in locators if loc is not None).get_cache_path()
+        assert numba_cache.numba_cache_dir(path) == Path(numbas), path
+
+
+def _package(root: Path) -> Path:
+    """A package of two source folders, each with a cache folder holding Numba's two kinds of file and a .pyc."""
+    for folder, text in (("a", "x = 1\n"), ("b", "y = 2\n")):
+        (root / folder / "__pycache__").mkdir(parents=True)
+        (root / folder / "cpu.py").write_text(text)
+        _cache(root / folder)
+    return root
+
+
+def _cache(folder: Path) -> None:
+    for name in ("cpu.f-1.py311.nbi", "cpu.f-1.py311.1.nbc", "cpu.cpython-311.pyc"):
+        (folder / "__pycache__" / name).write_bytes(b"x")
+
+
+def _cached(root: Path) -> list:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("__pycache__/*"))
+
+
+def test_clears_numba_files_when_a_source_changes_and_only_then(tmp_path):
+    root, stamp = _package(tmp_path / "pkg"), tmp_path / "stamp"
+    pycs = ["a/__pycache__/cpu.cpython-311.pyc", "b/__pycache__/cpu.cpython-311.pyc"]
+    everything = _cached(root)
+    assert numba_cache.clear_if_changed(root, stamp)  # no stamp yet: clears
+    assert _cached(root) == pycs and stamp.read_text() == numba_cache.sources_digest(root)
+    _cache(root / "a"), _cache(root / "b")
+    assert not numba_cache.clear_if_changed(root, stamp)  # same sources: the cache stays
+    assert _cached(root) == everything
+    (root / "b" / "cpu.py").write_text("y = 3\n")  # one file of one folder: every folder is cleared
+    assert numba_cache.clear_if_changed(root, stamp)
+    assert _cached(root) == pycs
+    _cache(root / "a")
+    (root / "a" / "new.py").write_text("")  # a new file changes the digest too
+    assert numba_cache.clear_if_changed(root, stamp)
+    assert _cached(root) == ["a/__pycache__/cpu.cpython-311.pyc", *pycs[1:]]
+
+
+def test_digest_covers_paths_and_contents(tmp_path):
+    root = _package(tmp_path / "pkg")
+    before = numba_cache.sources_digest(root)
+    (root / "a" / "cpu.py").rename(root / "a" / "other.py")
+    renamed = numba_cache.sources_digest(root)
+    (root / "a" / "other.py").write_text("x = 2\n")
+    assert len({before, renamed, numba_cache.sources_digest(root)}) == 3
+
+
+CALLEE = "from numba import njit\n\n@njit(cache=True)\ndef value():\n    return {}\n"
+CALLER = "from numba import njit\nfrom pkg.callee import value\n\n@njit(cache=True)\ndef call():\n    return value()\n"
+RUN = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from kernels import numba_cache
+    if sys.argv[1] == "clear":
+        numba_cache.clear_if_changed(Path("pkg").resolve(), Path("stamp").resolve())
+    from pkg.caller import call
+    print(call())
+""")
+
+
+def test_a_changed_callee_in_another_file_is_stale_without_the_clear_and_fresh_with_it(tmp_path):
+    """Numba alone: caller.py's cached code keeps the old callee.py's value. With ``clear_if_changed``
+    before the import (what ``import kernels`` does for kernels/): the new one."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "caller.py").write_text(CALLER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(numba_cache.ROOT.parent)]), NUMBA_ENABLE_CUDASIM="0")
+    env.pop("NUMBA_CACHE_DIR", None)
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", RUN, mode], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    (tmp_path / "pkg" / "callee.py").write_text(CALLEE.format(1))
+    assert run("clear") == 1
+    (tmp_path / "pkg" / "callee.py").write_text(CALLEE.format(22))  # another size too: Numba's own stamp of callee.py changes
+    assert run("keep") == 1, "Numba re-checked the caller against its callee: this module may no longer be needed"
+    assert run("clear") == 22
