@@ -57,6 +57,15 @@ NumPy glue per call, which costs as much as the arithmetic on small layers).
   task takes a plane (two parallel loops). Both add the same numbers in the same
   order.
 
+* **an absent argument is an empty array**: a layer without weight and bias (``affine=False``)
+  or without running statistics passes None; the wrappers hand the kernels an empty array in
+  its place (``_given``), and the kernels test its length once per channel or plane. Numba
+  compiles a function once per combination of argument types, and None is a type of its own:
+  four None-able arguments made 16 compilations of the training kernel per dtype (and of every
+  fused kernel that calls it), where now there is one. The fused ReLU's mask (``relu_output``)
+  stays None-able: it is read in the inner loop, where a compiled-out test is worth a
+  compilation.
+
 Why the forward still writes xhat: the backward could recompute it from x, mean
 and invstd, saving one write per value in the forward. But x would then have to
 stay alive instead of xhat (the same memory), every backend and the synchronised
@@ -79,6 +88,19 @@ CHUNK = 256  # values per statistics chunk (1 KiB of float32): partial sums in t
 
 def _planes(a):
     return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+_EMPTY = {}  # dtype -> an empty array (writeable: a read-only one is another type to Numba): what the kernels get for an argument given as None
+
+
+def _given(a, dtype):
+    """``a``, or for None an empty array of ``dtype`` (the kernels' "absent"; see the module docstring)."""
+    if a is not None:
+        return a
+    empty = _EMPTY.get(dtype)
+    if empty is None:
+        empty = _EMPTY[dtype] = np.empty(0, dtype)
+    return empty
 
 
 @njit(cache=True)
@@ -162,8 +184,7 @@ def _stats_kernel(x, chunk, mean, var):
 @njit(parallel=True, cache=True)
 def _forward_kernel(x, mean, var, weight, bias, eps, relu, y, xhat, invstd):
     """invstd = 1/sqrt(var + eps) (float64, then x's dtype); xhat = (x - mean) invstd,
-    y = w xhat + b (then max(y, 0) if relu), per plane. Numba compiles the None cases of
-    weight and bias without their branch."""
+    y = w xhat + b (then max(y, 0) if relu), per plane; an empty weight is 1, an empty bias 0."""
     n, c, length = x.shape
     one, zero = x.dtype.type(1), x.dtype.type(0)
     for ch in range(c):
@@ -171,8 +192,8 @@ def _forward_kernel(x, mean, var, weight, bias, eps, relu, y, xhat, invstd):
     for p in prange(n * c):
         i, ch = p // c, p % c
         m, s = mean[ch], invstd[ch]
-        wc = one if weight is None else weight[ch]
-        bc = zero if bias is None else bias[ch]
+        wc = weight[ch] if weight.shape[0] else one
+        bc = bias[ch] if bias.shape[0] else zero
         for k in range(length):
             v = (x[i, ch, k] - m) * s
             xhat[i, ch, k] = v
@@ -184,8 +205,8 @@ def _forward_kernel(x, mean, var, weight, bias, eps, relu, y, xhat, invstd):
 @njit(cache=True)
 def _update_running(running, batch, keep, weight):
     """running = keep running + weight batch, in running's dtype: the reference's in-place
-    ``*=`` and ``+=`` (each rounds to that dtype), the same numbers."""
-    if running is not None:
+    ``*=`` and ``+=`` (each rounds to that dtype), the same numbers; nothing where running is empty."""
+    if running.shape[0]:
         keep, weight = running.dtype.type(keep), running.dtype.type(weight)
         for ch in range(running.shape[0]):
             running[ch] = running[ch] * keep + weight * batch[ch]
@@ -224,8 +245,9 @@ def _plane_gradient_sums(gy, xhat, relu_output, i, ch):
 
 @njit(cache=True)
 def _coefficients(sum_g, sum_g_xhat, count, invstd, weight, ch, training, dtype):
-    """(w invstd, mean g, mean g xhat) of channel ch in ``dtype`` (the means are 0 in eval mode)."""
-    scale = np.float64(invstd[ch]) * (1.0 if weight is None else np.float64(weight[ch]))
+    """(w invstd, mean g, mean g xhat) of channel ch in ``dtype`` (w = 1 where weight is empty; the means
+    are 0 in eval mode)."""
+    scale = np.float64(invstd[ch]) * (np.float64(weight[ch]) if weight.shape[0] else 1.0)
     if not training:
         return dtype(scale), dtype(0), dtype(0)
     return dtype(scale), dtype(sum_g / count), dtype(sum_g_xhat / count)
@@ -291,7 +313,8 @@ def batch_norm_stats(x):
 def batch_norm_forward(x, mean, var, weight, bias, eps, relu=False):
     """(y, xhat, invstd) with invstd = 1/sqrt(var + eps); relu=True fuses y = max(y, 0)."""
     y, xhat, invstd = np.empty_like(x), np.empty_like(x), np.empty(x.shape[1], x.dtype)
-    _forward_kernel(_planes(x), mean, var, weight, bias, float(eps), bool(relu), _planes(y), _planes(xhat), invstd)
+    _forward_kernel(_planes(x), mean, var, _given(weight, x.dtype), _given(bias, x.dtype), float(eps), bool(relu),
+                    _planes(y), _planes(xhat), invstd)
     return y, xhat, invstd
 
 
@@ -310,8 +333,8 @@ def training_kernel_call(x, weight, bias, running_mean, running_var, momentum, e
     c = x.shape[1]
     mean, var, invstd = np.empty(c, x.dtype), np.empty(c, x.dtype), np.empty(c, x.dtype)
     y, xhat = np.empty_like(x), np.empty_like(x)
-    args = (_planes(x), CHUNK, weight, bias, running_mean, running_var, float(momentum), float(eps), bool(relu),
-            mean, var, _planes(y), _planes(xhat), invstd)
+    given = [_given(a, x.dtype) for a in (weight, bias, running_mean, running_var)]
+    args = (_planes(x), CHUNK, *given, float(momentum), float(eps), bool(relu), mean, var, _planes(y), _planes(xhat), invstd)
     return (y, xhat, invstd), args
 
 
@@ -332,5 +355,5 @@ def backward_kernel_call(gy, xhat, invstd, weight, training, relu_output=None):
     c = gy.shape[1]
     gx, gweight, gbias = empty_aligned(gy.shape, gy.dtype), np.empty(c, gy.dtype), np.empty(c, gy.dtype)
     mask = None if relu_output is None else _planes(relu_output)
-    args = (_planes(gy), _planes(xhat), mask, invstd, weight, bool(training), _planes(gx), gweight, gbias)
+    args = (_planes(gy), _planes(xhat), mask, invstd, _given(weight, gy.dtype), bool(training), _planes(gx), gweight, gbias)
     return (gx, gweight, gbias), c >= numba.get_num_threads(), args
