@@ -25,8 +25,9 @@ Three entry points share that loop:
 * ``_sgd_group`` updates up to ``GROUP`` parameters in one call (``sgd_steps``, an optimizer's
   whole step), one parameter per ``prange`` iteration: one call and one wake of the threads for
   every ``GROUP`` parameters of a model (two for the U-Net above), where a call each returns to
-  Python as many times and runs every small one on one core. The parameters arrive as a tuple of ``GROUP`` arrays (padded with
-  empty ones), so the kernel compiles once for any model, not once per number of parameters.
+  Python as many times and runs every small one on one core. The parameters arrive as a tuple
+  of ``GROUP`` arrays (padded with empty ones), so the kernel compiles once for any model, not
+  once per number of parameters.
 """
 from __future__ import annotations
 
