@@ -41,6 +41,7 @@ def test_every_section_runs(simulated_run):
     assert not errors, f"sections failed: {errors}\nstderr:\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert report["mode"] == "simulate"
+    assert len(report["cpu_cores"]) == (1 if hasattr(os, "sched_setaffinity") else 0)  # the simulator on one core
     tests = report["sections"]["tests"]["summary"]
     assert tests["passed"] > 0 and tests["passed"] == tests["tests"], tests
     assert (outdir / "cuda_tests.log").exists() and (outdir / "cuda_tests.xml").exists()
