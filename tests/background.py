@@ -67,7 +67,7 @@ JOBS = {
     # tests themselves run here as always (on a warm cache, the same tests take a fraction of the time).
     # Only for a run of most of the suite: a run of a few files gives it no head start. At the tests'
     # priority (nice 0): at nice 19 beside the other jobs it fell behind, and the tests compiled the
-    # kernels themselves (tests/kernels/test_conv2d.py 76 s instead of 13 s; whole suite 5:24 vs 4:26).
+    # kernels themselves (tests/kernels/test_conv2d.py 76 s instead of 13 s; whole suite 5:21 vs 4:26).
     "numba-warm": Job(("-m", "pytest", "-q", "-p", "no:cacheprovider", *WARM_FILES, "-k", "cpu"),
                       (("PYTHONPATH", str(ROOT)), (NO_JOBS, "1")), "tests/kernels/", 900, read=False, min_tests=500,
                       nice=0),
