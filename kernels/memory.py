@@ -1,4 +1,4 @@
-"""Cache-line-aligned arrays for the CPU kernels' outputs.
+"""Cache-line-aligned arrays for the CPU kernels' outputs, and the empty array that stands for an absent one.
 
 NumPy's allocator places an array's first value on a 16-byte boundary. A 64-byte
 vector load (one AVX-512 register) from an address that is not a multiple of 64
@@ -29,3 +29,22 @@ def empty_aligned(shape, dtype) -> np.ndarray:
     raw = np.empty(nbytes + CACHE_LINE, np.uint8)
     start = -raw.ctypes.data % CACHE_LINE
     return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+_EMPTY = {}  # dtype -> the empty array ``given`` hands out (writeable: a read-only one is another type to Numba)
+
+
+def given(a, dtype) -> np.ndarray:
+    """``a``, or for None an empty array of ``dtype``: what a cpu kernel gets for an absent argument (a
+    convolution's bias, a batch norm's weight or running statistics), and tests by its length.
+
+    Numba compiles a function once per combination of argument types, and None is a type of its own:
+    every None-able argument would double the compilations of the kernel (and of every fused kernel
+    that calls it). The empty array has the type of a given one, so one compilation serves both.
+    """
+    if a is not None:
+        return a
+    empty = _EMPTY.get(dtype)
+    if empty is None:
+        empty = _EMPTY[dtype] = np.empty(0, dtype)
+    return empty

@@ -58,19 +58,15 @@ def numba_cache_dir(py_file: Path) -> Path:
     return folder / "__pycache__"
 
 
-def clear(root: Path = ROOT, cache_dir=numba_cache_dir) -> int:
-    """Delete the cached compiled code of every ``.py`` file under ``root``; returns how many
-    files were deleted. ``cache_dir(py_file)`` says where each file's cache is."""
-    removed = 0
+def clear(root: Path = ROOT) -> None:
+    """Delete the cached compiled code of every ``.py`` file under ``root``."""
     # one folder per source folder (Numba's locators give each its own), holding only its files' code
-    for folder in {cache_dir(path) for path in root.rglob("*.py")}:
+    for folder in {numba_cache_dir(path) for path in root.rglob("*.py")}:
         for cached in folder.glob("*.nb[ic]"):
             cached.unlink(missing_ok=True)  # another process may have removed it first
-            removed += 1
-    return removed
 
 
-def clear_if_changed(root: Path = ROOT, stamp: Path | None = None, cache_dir=numba_cache_dir) -> bool:
+def clear_if_changed(root: Path = ROOT, stamp: Path | None = None) -> bool:
     """:func:`clear` where the sources' digest differs from the stamp (or there is no stamp),
     then stamp the new digest. Returns whether it cleared. A cache or stamp that cannot be
     written (a read-only install) is left alone."""
@@ -82,7 +78,7 @@ def clear_if_changed(root: Path = ROOT, stamp: Path | None = None, cache_dir=num
     except OSError:
         pass
     try:
-        clear(root, cache_dir)
+        clear(root)
     except OSError:
         return False
     try:

@@ -59,12 +59,11 @@ NumPy glue per call, which costs as much as the arithmetic on small layers).
 
 * **an absent argument is an empty array**: a layer without weight and bias (``affine=False``)
   or without running statistics passes None; the wrappers hand the kernels an empty array in
-  its place (``_given``), and the kernels test its length once per channel or plane. Numba
-  compiles a function once per combination of argument types, and None is a type of its own:
-  four None-able arguments made 16 compilations of the training kernel per dtype (and of every
-  fused kernel that calls it), where now there is one. The fused ReLU's mask (``relu_output``)
-  stays None-able: it is read in the inner loop, where a compiled-out test is worth a
-  compilation.
+  its place (``kernels.memory.given``), which they test by its length once per channel or
+  plane. With None, the four None-able arguments made 16 compilations of the training kernel
+  per dtype (and of every fused kernel that calls it); now there is one. The fused ReLU's mask
+  (``relu_output``) stays None-able: it is read in the inner loop, where a compiled-out test
+  is worth a compilation.
 
 Why the forward still writes xhat: the backward could recompute it from x, mean
 and invstd, saving one write per value in the forward. But x would then have to
@@ -79,7 +78,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from kernels.memory import empty_aligned
+from kernels.memory import empty_aligned, given
 
 __all__ = ["batch_norm_stats", "batch_norm_forward", "batch_norm_training", "batch_norm_backward"]
 
@@ -88,19 +87,6 @@ CHUNK = 256  # values per statistics chunk (1 KiB of float32): partial sums in t
 
 def _planes(a):
     return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-_EMPTY = {}  # dtype -> an empty array (writeable: a read-only one is another type to Numba): what the kernels get for an argument given as None
-
-
-def _given(a, dtype):
-    """``a``, or for None an empty array of ``dtype`` (the kernels' "absent"; see the module docstring)."""
-    if a is not None:
-        return a
-    empty = _EMPTY.get(dtype)
-    if empty is None:
-        empty = _EMPTY[dtype] = np.empty(0, dtype)
-    return empty
 
 
 @njit(cache=True)
@@ -313,7 +299,7 @@ def batch_norm_stats(x):
 def batch_norm_forward(x, mean, var, weight, bias, eps, relu=False):
     """(y, xhat, invstd) with invstd = 1/sqrt(var + eps); relu=True fuses y = max(y, 0)."""
     y, xhat, invstd = np.empty_like(x), np.empty_like(x), np.empty(x.shape[1], x.dtype)
-    _forward_kernel(_planes(x), mean, var, _given(weight, x.dtype), _given(bias, x.dtype), float(eps), bool(relu),
+    _forward_kernel(_planes(x), mean, var, given(weight, x.dtype), given(bias, x.dtype), float(eps), bool(relu),
                     _planes(y), _planes(xhat), invstd)
     return y, xhat, invstd
 
@@ -333,8 +319,8 @@ def training_kernel_call(x, weight, bias, running_mean, running_var, momentum, e
     c = x.shape[1]
     mean, var, invstd = np.empty(c, x.dtype), np.empty(c, x.dtype), np.empty(c, x.dtype)
     y, xhat = np.empty_like(x), np.empty_like(x)
-    given = [_given(a, x.dtype) for a in (weight, bias, running_mean, running_var)]
-    args = (_planes(x), CHUNK, *given, float(momentum), float(eps), bool(relu), mean, var, _planes(y), _planes(xhat), invstd)
+    present = [given(a, x.dtype) for a in (weight, bias, running_mean, running_var)]
+    args = (_planes(x), CHUNK, *present, float(momentum), float(eps), bool(relu), mean, var, _planes(y), _planes(xhat), invstd)
     return (y, xhat, invstd), args
 
 
@@ -355,5 +341,5 @@ def backward_kernel_call(gy, xhat, invstd, weight, training, relu_output=None):
     c = gy.shape[1]
     gx, gweight, gbias = empty_aligned(gy.shape, gy.dtype), np.empty(c, gy.dtype), np.empty(c, gy.dtype)
     mask = None if relu_output is None else _planes(relu_output)
-    args = (_planes(gy), _planes(xhat), mask, invstd, _given(weight, gy.dtype), bool(training), _planes(gx), gweight, gbias)
+    args = (_planes(gy), _planes(xhat), mask, invstd, given(weight, gy.dtype), bool(training), _planes(gx), gweight, gbias)
     return (gx, gweight, gbias), c >= numba.get_num_threads(), args

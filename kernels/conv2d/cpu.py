@@ -200,7 +200,7 @@ from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
 from kernels.conv2d.microkernels import VECTOR_BYTES, copy_values, tile_dots, tile_outer, tile_product, transpose_block
 from kernels.conv2d.microkernels import lanes as lanes_of
-from kernels.memory import empty_aligned
+from kernels.memory import empty_aligned, given
 from kernels.shapes import conv_output_size
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "conv2d_grad_bias"]
@@ -692,7 +692,7 @@ def _grad_weight_direct_kernel(x, gy, gw, sh, sw, pt, pl, dh, dw, groups):
 
 def _forward_v1(x, w, b, stride, padding, dilation, groups):
     y = np.empty((x.shape[0], w.shape[0], *_out_hw(x, w, stride, padding, dilation)), x.dtype)
-    b = np.empty(0, x.dtype) if b is None else b
+    b = given(b, x.dtype)
     _forward_direct_kernel(x, w, b, y, *stride, padding[0][0], padding[1][0], *dilation, groups)
     return y
 
@@ -719,7 +719,7 @@ def _out_hw(x, w, stride, padding, dilation):
 def _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups):
     """Any stride: y[i, g][:, band] = w[g] @ im2col(x[i])[g] per (image, band) item."""
     y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
-    b = np.empty(0, x.dtype) if b is None else b
+    b = given(b, x.dtype)
     k = x.shape[1] * w.shape[2] * w.shape[3]
     return _run(_forward_im2col_kernel, (x, w, b), y, w.shape[2:], out_hw, k, stride, padding, dilation, groups)
 
@@ -727,7 +727,7 @@ def _forward_im2col(x, w, b, out_hw, stride, padding, dilation, groups):
 def _forward_taps(x, w, b, out_hw, padding, dilation, groups):
     """Stride 1: y[i, g][:, band] = sum over taps of w[g][:, :, p, q] @ (shifted band of padded x[i])[g]."""
     y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
-    b = np.empty(0, x.dtype) if b is None else b
+    b = given(b, x.dtype)
     wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # (kh, kw, C_out, Cg): one (C_out, Cg) matrix per tap
     channels = (x.shape[1], w.shape[0])
     return _run_taps(_forward_taps_kernel, (x, wt, b), y, channels, w.shape[2:], out_hw, padding, dilation, groups)
@@ -921,7 +921,7 @@ def _forward_tiles_kernel(x, wp, b, y, ws, step, kh, kw, pt, pl, dh, dw, groups)
 def _forward_tiles(x, w, b, out_hw, padding, dilation, groups):
     """Stride 1: y by register-blocked micro-tiles over padded bands (``_forward_tiles_kernel``)."""
     y = np.empty((x.shape[0], w.shape[0], *out_hw), x.dtype)
-    b = np.empty(0, x.dtype) if b is None else b
+    b = given(b, x.dtype)
     c_out, cg, kh, kw = w.shape
     og = c_out // groups
     wp = np.zeros((groups, cg * kh * kw, -(-og // MR) * MR), w.dtype)  # wp[g, (c, p, q), o], Og rounded up to MR
@@ -1265,7 +1265,7 @@ def _forward_vector_call(x, w, b, out_hw, padding, dilation, groups, flip=False)
     nt = numba.get_num_threads()
     ws = _workspace(nt * (0 if direct else xb_size + lanes) + nt * (ogp * npad_max if wide else 0), x.dtype)
     table_len = max(cg * kh * kw, npad_max // lanes) + NV5
-    return y, (x, w, _NO_BIAS[x.dtype.char] if b is None else b, flip, y, ws.reshape(nt, -1), ogp, table_len, step,
+    return y, (x, w, given(b, x.dtype), flip, y, ws.reshape(nt, -1), ogp, table_len, step,
                kh, kw, padding[0][0], padding[1][0], *dilation, groups, wide, mr, direct)
 
 
@@ -1295,9 +1295,6 @@ def forward_kernel_call(x, w, b, stride, padding, dilation, groups):
     if DEFAULT_FORWARD_VERSION != 5 or stride != (1, 1):
         return None
     return _forward_vector_call(x, w, b, _out_hw(x, w, stride, padding, dilation), padding, dilation, groups)
-
-
-_NO_BIAS = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}  # what the kernels get for bias=None
 
 
 _forward_v5, _grad_input_v5 = _stride_one_version(_forward_vector, flips=True)

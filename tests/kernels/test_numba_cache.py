@@ -55,7 +55,8 @@ def _cached(root: Path) -> list:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("__pycache__/*"))
 
 
-def test_clears_numba_files_when_a_source_changes_and_only_then(tmp_path):
+def test_clears_numba_files_when_a_source_changes_and_only_then(tmp_path, monkeypatch):
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)  # the caches beside the sources, where _package puts them
     root, stamp = _package(tmp_path / "pkg"), tmp_path / "stamp"
     pycs = ["a/__pycache__/cpu.cpython-311.pyc", "b/__pycache__/cpu.cpython-311.pyc"]
     everything = _cached(root)
