@@ -843,8 +843,8 @@ def main(argv=None) -> int:
     from . import distributed
 
     code = _run(argv)
-    if code and distributed.world_size() > 1:
-        distributed.abort(code)  # the other ranks may be waiting in a collective: end them too
+    if code:
+        distributed.fail(code)  # the other ranks may be waiting in a collective: end them too
     return code
 
 

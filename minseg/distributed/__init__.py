@@ -26,6 +26,7 @@ from .comm import (
     abort,
     barrier,
     choose_collectives,
+    fail,
     init,
     is_main,
     launched_by_mpi,
@@ -48,7 +49,7 @@ from .sync_batch_norm import SyncBatchNorm2d, convert_sync_batchnorm
 
 __all__ = [
     "COLLECTIVES", "LocalCommunicator", "MPICommunicator", "NCCLCommunicator", "abort", "barrier", "choose_collectives",
-    "init", "is_main", "launched_by_mpi", "rank", "share_cores", "world", "world_size",
+    "fail", "init", "is_main", "launched_by_mpi", "rank", "share_cores", "world", "world_size",
     "BUCKET_BYTES", "DistributedOptimizer", "GradientReducer", "broadcast_parameters", "count_valid", "cross_entropy",
     "plan_buckets", "DistributedSampler", "shard_indices", "SyncBatchNorm2d", "convert_sync_batchnorm",
 ]

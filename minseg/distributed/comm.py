@@ -15,7 +15,8 @@ Every communicator has the same small interface:
 ``allreduce_object(v)`` the sum of a Python number over ranks
 ``broadcast_object(o)`` rank 0's picklable object, on every rank
 ``barrier()``           wait until every rank got here
-``abort(code)``         end every process of the job
+``fail(code)``          this rank failed: end the job (every rank failed: a plain exit; else ``abort``)
+``abort(code)``         end every process of the job at once
 
 Which one sums the arrays: :class:`MPICommunicator` for NumPy arrays (and CuPy
 arrays staged through host memory: the MPI wheels are not CUDA-aware), and
@@ -24,13 +25,18 @@ arrays staged through host memory: the MPI wheels are not CUDA-aware), and
 
 Failure: if one rank dies while the others wait in a collective, the others
 wait forever. :func:`init` therefore installs an excepthook (as ChainerMN's
-``add_hook_to_abort``) that prints the traceback and calls ``MPI_Abort``, which
-ends every rank; ``python -m mpi4py`` does the same for scripts.
+``add_hook_to_abort``) that prints the traceback and calls ``fail``, which ends
+every rank; ``python -m mpi4py`` does the same for scripts with ``MPI_Abort``.
+``fail`` aborts only a rank that fails alone: ``MPI_Abort`` tears the job down
+at once, and MPICH's mpiexec can drop what the ranks printed just before (a CI
+run once ended with exit 2 and an empty stderr), so when every rank fails --
+a bad argument fails all of them at the same line -- they exit normally.
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -68,6 +74,9 @@ class LocalCommunicator:
     def barrier(self) -> None:
         pass
 
+    def fail(self, code: int = 1) -> None:
+        pass  # nobody else to end: the caller exits with its code
+
     def abort(self, code: int = 1) -> None:
         sys.exit(code)
 
@@ -91,6 +100,8 @@ class MPICommunicator:
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
+        # Only fail() uses this copy, so its barrier can never pair with a training collective.
+        self.failures = self.comm.Dup()
 
     def allreduce_(self, a):
         _check_array(a, "allreduce_")
@@ -120,6 +131,22 @@ class MPICommunicator:
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def fail(self, code: int = 1, grace: float = 2.0) -> None:
+        """This rank failed with ``code``: return if every rank fails within ``grace`` seconds, else abort the job.
+
+        Returning lets each rank exit with its code and mpiexec forward all they printed. A rank
+        that fails alone may leave the others in a collective forever, so after ``grace`` seconds
+        it aborts them (the wait also gives mpiexec time to forward this rank's message first).
+        """
+        sys.stdout.flush()
+        sys.stderr.flush()
+        every_rank_failed = self.failures.Ibarrier()
+        deadline = time.monotonic() + grace
+        while not every_rank_failed.Test():
+            if time.monotonic() > deadline:
+                self.abort(code)
+            time.sleep(0.005)
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
@@ -197,6 +224,9 @@ class NCCLCommunicator:
     def barrier(self) -> None:
         self.host.barrier()
 
+    def fail(self, code: int = 1) -> None:
+        self.host.fail(code)
+
     def abort(self, code: int = 1) -> None:
         self.host.abort(code)
 
@@ -238,8 +268,8 @@ def _abort_on_uncaught_exception(comm):
 
     def hook(exc_type, exc, tb):
         previous(exc_type, exc, tb)
-        sys.stderr.write(f"minseg.distributed: rank {comm.rank} raised {exc_type.__name__}; aborting all {comm.size} ranks\n")
-        comm.abort(1)
+        sys.stderr.write(f"minseg.distributed: rank {comm.rank} raised {exc_type.__name__}; ending all {comm.size} ranks\n")
+        comm.fail(1)
 
     sys.excepthook = hook
 
@@ -288,8 +318,17 @@ def barrier() -> None:
     world().barrier()
 
 
+def fail(code: int = 1) -> None:
+    """This rank failed with exit status ``code``: make sure no other rank waits for it forever.
+
+    Returns when every rank failed too (each then exits with its code); otherwise aborts the job.
+    At world 1 it just returns.
+    """
+    world().fail(code)
+
+
 def abort(code: int = 1) -> None:
-    """End the whole job with exit status ``code`` (at world 1: just this process)."""
+    """End the whole job with exit status ``code`` at once (at world 1: just this process)."""
     world().abort(code)
 
 
@@ -309,5 +348,5 @@ def share_cores() -> int:
 
 __all__ = [
     "LAUNCHER_VARIABLES", "COLLECTIVES", "launched_by_mpi", "LocalCommunicator", "MPICommunicator", "NCCLCommunicator",
-    "nccl_module", "choose_collectives", "init", "world", "rank", "world_size", "is_main", "barrier", "abort", "share_cores",
+    "nccl_module", "choose_collectives", "init", "world", "rank", "world_size", "is_main", "barrier", "fail", "abort", "share_cores",
 ]
