@@ -81,8 +81,9 @@ times every one against torch. The defaults are the fastest measured so far (v5;
   straight from memory, no alignment needed), accumulated over all the pixels
   of a few rows (``tile_outer``: 2 vectors x 9 taps, or 1 vector x the taps of
   3 channels, 18 or 27 zmm accumulators). gy^T (each pixel's channels
-  consecutive) is made per band by 16 x 16 transposes in registers
-  (``transpose_block``). For float32 3x3 kernels at stride 1, dilation 1, when Og
+  consecutive) is made a few rows at a time, just before the outer products
+  read it from L1, by 16 x 16 transposes in registers (``transpose_block``).
+  For float32 3x3 kernels at stride 1, dilation 1, when Og
   and Wo are whole vectors and Cg >= 8; else v5. The table below has its effect.
 
 Measured by ``python -m benchmarks ops`` (fwd+bwd = forward + grad_input +
@@ -1405,10 +1406,11 @@ def _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups):
 # v6's block: MO6 vectors of output channels x the 9 taps of one input channel (2 x 9 = 18 zmm
 # accumulators), or, when Og is one vector, 1 x the taps of CB6 channels (27); more spills.
 MO6, CB6 = 2, 3
-_OUTER_BYTES = 16 << 10  # the gy^T rows one tile_outer call streams: with its x rows, well inside L1
-# Below this many input channels per group, v5: gy^T is transposed once per item and serves Cg*9
-# taps, and for the 3->16 first layer that costs more than the outer products gain (one thread,
-# under load: 34% of a core's peak vs v5's 40%).
+_OUTER_BYTES = 16 << 10  # the rows of gy^T transposed and then streamed by the tile_outer calls: with their x rows, inside L1
+# Below this many input channels per group, v5: each value of gy^T serves only Cg*9 taps, so its
+# transpose weighs. For the 3->16 first layer (2 threads, 300 alternating calls, 3 runs) v6 took
+# 152-155 us and v5 155-163: within a few percent, so v5 stays where it was measured better before
+# (one thread, under load, with the band-wide transposes: 34% of a core's peak vs v5's 40%).
 _OUTER_MIN_CG = 8
 
 
@@ -1432,13 +1434,14 @@ def _grad_weight_outer_kernel(x, gy, ws, xb_len, step, chunk, pt, pl, groups):
     x_pad[i, g*Cg + c, pixel shifted by (p, q)] (added in a fixed order after the parallel loop: the
     result does not depend on scheduling).
 
-    Per work item (image, band of output rows): pad the band of x (``_pad_band``, rows of Wq = Wo + 2),
-    and transpose the band of gy, one group at a time, to ``gt`` = gy^T (pixel-major: a pixel's Og
-    channels are consecutive), lanes x lanes blocks at a time in registers (``transpose_block``).
-    Then, for every few rows (``chunk``, so that what a call reads stays in L1), every block of
+    Per work item (image, band of output rows): pad the band of x (``_pad_band``, rows of Wq = Wo + 2).
+    Then, one group at a time, for every few rows (``chunk``, so that what a call reads stays in L1):
+    transpose those rows of gy to ``gt`` = gy^T (pixel-major: a pixel's Og channels are consecutive),
+    lanes x lanes blocks at a time in registers (``transpose_block``), and for every block of
     output-channel vectors and every block of input channels, ``tile_outer`` adds the outer products
     of a vector of gy^T and each tap's value of x, broadcast: no sum across lanes, so the
-    accumulators need no reduction and x's values need no alignment.
+    accumulators need no reduction and x's values need no alignment. (gt is written and read back
+    while it is in L1; a band's whole gt, transposed first, went through L2.)
     """
     n, c_in = x.shape[0], x.shape[1]
     c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
@@ -1456,18 +1459,18 @@ def _grad_weight_outer_kernel(x, gy, ws, xb_len, step, chunk, pt, pl, groups):
             cs = r_all * wq  # from one channel's padded rows to the next
             _pad_band(x[i], xb[: c_in * cs], i0 - pt, r_all, pl, wq)
             for g in range(groups):
-                for ii in range(rows):
-                    for j0 in range(0, wo, lanes):
-                        for o0 in range(0, og, lanes):
-                            src = ((i * c_out + g * og + o0) * ho + i0 + ii) * wo + j0
-                            transpose_block(gt, _at(gy, src), ho * wo, _at(gt, (ii * wo + j0) * og + o0), og)
                 for r0 in range(0, rows, chunk):
                     nr = min(chunk, rows - r0)
+                    for ii in range(nr):  # gy^T of these rows, used while it is in L1
+                        for j0 in range(0, wo, lanes):
+                            for o0 in range(0, og, lanes):
+                                src = ((i * c_out + g * og + o0) * ho + i0 + r0 + ii) * wo + j0
+                                transpose_block(gt, _at(gy, src), ho * wo, _at(gt, (ii * wo + j0) * og + o0), og)
                     for o0 in range(0, og, MO6 * lanes):
                         mo = min(MO6, (og - o0) // lanes)
                         cb_max = CB6 if mo == 1 else 1
                         for c0 in range(0, cg, cb_max):
-                            _outer_block(xb, _at(gt, r0 * wo * og + o0), wo * og, og, _at(xb, (g * cg + c0) * cs + r0 * wq), cs, wq,
+                            _outer_block(xb, _at(gt, o0), wo * og, og, _at(xb, (g * cg + c0) * cs + r0 * wq), cs, wq,
                                          nr, wo, _at(part[t, g], c0 * 9 * og + o0), og, mo, min(cb_max, cg - c0))
     gw = np.empty((c_out, cg * 9), x.dtype)
     for g in range(groups):
@@ -1512,9 +1515,9 @@ def _grad_weight_outer_args(x, gy, w_shape, padding, groups):
     ho, wo = gy.shape[2:]
     nt = numba.get_num_threads()
     step, _, wq = _taps_band(x.shape[1], c_out, (ho, wo), (3, 3), (1, 1), x.dtype.itemsize)
-    chunk = max(1, min(step, _OUTER_BYTES // (wo * MO6 * lanes * x.dtype.itemsize)))
+    chunk = max(1, min(step, _OUTER_BYTES // (wo * (c_out // groups) * x.dtype.itemsize)))  # rows of gt
     xb_len = -(-x.shape[1] * (step + 2) * wq // lanes) * lanes  # whole vectors: gy^T's rows start on a cache line
-    ws = _aligned_workspace(nt * (xb_len + step * wo * (c_out // groups)), x.dtype).reshape(nt, -1)
+    ws = _aligned_workspace(nt * (xb_len + chunk * wo * (c_out // groups)), x.dtype).reshape(nt, -1)
     return x, gy, ws, xb_len, step, chunk, padding[0][0], padding[1][0], groups
 
 
