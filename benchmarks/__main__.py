@@ -172,6 +172,17 @@ def first_calls(cases) -> dict:
     return out
 
 
+def cache_check_command(args, path: str) -> list[str]:
+    """The cache check's child: the same mode and the same cases as this run (``--quick``, ``--only``,
+    ``--layers``, ``--conv-versions``), cpu only, writing its first calls to ``path``."""
+    cmd = [sys.executable, "-m", "benchmarks", args.mode, "--first-call-only", "--backends", "cpu", "--no-torch",
+           "--threads", str(args.threads), "--json", path] + (["--quick"] if args.quick else [])
+    cmd += ["--only", ",".join(args.only)] if args.only else []
+    cmd += ["--layers"] if args.layers else []
+    cmd += ["--conv-versions", ",".join(map(str, args.conv_versions))] if args.conv_versions else []
+    return cmd
+
+
 def cache_check(args) -> dict:
     """Run the same cases' first calls of the 'cpu' backend in a fresh process.
 
@@ -180,9 +191,7 @@ def cache_check(args) -> dict:
     """
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "first_calls.json")
-        cmd = [sys.executable, "-m", "benchmarks", args.mode, "--first-call-only", "--backends", "cpu", "--no-torch",
-               "--threads", str(args.threads), "--json", path] + (["--quick"] if args.quick else [])
-        cmd += ["--only", ",".join(args.only)] if args.only else []
+        cmd = cache_check_command(args, path)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=_child_env(os.environ), capture_output=True, text=True, timeout=1800)
         wall = time.perf_counter() - t0

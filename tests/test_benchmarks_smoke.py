@@ -164,6 +164,23 @@ def test_ops_layers_quick(tmp_path):
     assert "% bound" in stdout
 
 
+@pytest.mark.parametrize("argv", [["ops", "--layers", "--quick"], ["ops", "--only", "conv2d,bilinear"],
+                                  ["train", "--conv-versions", "1,5", "--quick"], ["ops"]])
+def test_cache_check_child_times_the_same_cases(argv):
+    """The cache check's second process must run this run's cases: a first run of ``ops --layers`` once
+    checked the op cases instead (their kernels were not compiled yet: a false 'RECOMPILED')."""
+    from benchmarks.__main__ import cache_check_command, parse_args
+
+    args = parse_args(argv)
+    args.threads = 2
+    cmd = cache_check_command(args, "first_calls.json")
+    assert cmd[:3] == [sys.executable, "-m", "benchmarks"]
+    child = parse_args(cmd[3:])
+    assert child.first_call_only and child.backends == ["cpu"] and child.no_torch and child.json == "first_calls.json"
+    for name in ("mode", "quick", "only", "layers", "conv_versions", "threads"):
+        assert getattr(child, name) == getattr(args, name), name
+
+
 def test_train_quick():
     """``train --quick`` on the numpy backend, and (one run: each run measures the machine first) with
     ``--conv-versions 1`` on the cpu backend: the step also runs with every conv kernel at version 1
