@@ -58,6 +58,12 @@ def numba_cache_dir(py_file: Path) -> Path:
     return folder / "__pycache__"
 
 
+def is_cold(root: Path = ROOT) -> bool:
+    """Whether no cpu kernel under ``root`` has compiled code in the cache yet (a fresh install, another
+    Python, a cleared cache): the process will compile every kernel it calls, which the CLI says first."""
+    return not any(next(numba_cache_dir(p).glob(f"{p.stem}.*.nbi"), None) for p in root.rglob("cpu.py"))
+
+
 def clear(root: Path = ROOT) -> None:
     """Delete the cached compiled code of every ``.py`` file under ``root``."""
     # one folder per source folder (Numba's locators give each its own), holding only its files' code

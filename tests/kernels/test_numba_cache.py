@@ -74,6 +74,39 @@ def test_clears_numba_files_when_a_source_changes_and_only_then(tmp_path, monkey
     assert _cached(root) == ["a/__pycache__/cpu.cpython-311.pyc", *pycs[1:]]
 
 
+def test_cold_until_a_cpu_kernel_is_cached(tmp_path, monkeypatch):
+    """``is_cold``: no cpu.py of the package has an index file (.nbi) in its cache folder; one cached
+    kernel anywhere, in the tree or under NUMBA_CACHE_DIR, makes it warm; .pyc files do not count."""
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    root = _package(tmp_path / "pkg")
+    assert not numba_cache.is_cold(root)
+    numba_cache.clear(root)
+    assert numba_cache.is_cold(root) and _cached(root) == ["a/__pycache__/cpu.cpython-311.pyc", "b/__pycache__/cpu.cpython-311.pyc"]
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "user"))
+    assert numba_cache.is_cold(root)
+    folder = numba_cache.numba_cache_dir(root / "b" / "cpu.py")
+    folder.mkdir(parents=True)
+    (folder / "cpu.g-3.py311.nbi").write_bytes(b"x")
+    assert not numba_cache.is_cold(root)
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_cli_says_when_the_kernels_are_compiled_first(cold, monkeypatch, capsys):
+    """The CLI's train/eval/predict say a first run will wait for Numba (and nothing on a warm cache or
+    another backend): a minute of silence would look like a hang."""
+    from minseg import backend, cli
+
+    monkeypatch.setattr(numba_cache, "is_cold", lambda root=numba_cache.ROOT: cold)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/somewhere/numba")
+    with backend.using("cpu"):
+        cli._first_compile_notice()
+    with backend.using("numpy"):
+        cli._first_compile_notice()
+    out = capsys.readouterr().out
+    assert out == ("first run of the cpu backend here: Numba compiles each kernel once for this machine (about a "
+                   "minute for training on 2 cores) and caches it in /somewhere/numba for later runs\n" if cold else "")
+
+
 def test_digest_covers_paths_and_contents(tmp_path):
     root = _package(tmp_path / "pkg")
     before = numba_cache.sources_digest(root)
