@@ -60,7 +60,11 @@ def numba_cache_dir(py_file: Path) -> Path:
 
 def is_cold(root: Path = ROOT) -> bool:
     """Whether no cpu kernel under ``root`` has compiled code in the cache yet (a fresh install, another
-    Python, a cleared cache): the process will compile every kernel it calls, which the CLI says first."""
+    Python, a cleared cache): the process will compile every kernel it calls, which the CLI says first.
+    False where the package cannot be written and NUMBA_CACHE_DIR is unset: Numba then caches in a
+    user-wide folder that is not looked at here, so nothing is known."""
+    if not os.environ.get("NUMBA_CACHE_DIR") and not os.access(root, os.W_OK):
+        return False
     return not any(next(numba_cache_dir(p).glob(f"{p.stem}.*.nbi"), None) for p in root.rglob("cpu.py"))
 
 

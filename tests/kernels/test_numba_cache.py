@@ -88,6 +88,10 @@ def test_cold_until_a_cpu_kernel_is_cached(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     (folder / "cpu.g-3.py311.nbi").write_bytes(b"x")
     assert not numba_cache.is_cold(root)
+    # a package that cannot be written (an install owned by another user): Numba caches elsewhere, unknown here
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != root)
+    assert not numba_cache.is_cold(root)
 
 
 @pytest.mark.parametrize("cold", [True, False])
