@@ -1302,8 +1302,12 @@ _forward_v5, _grad_input_v5 = _stride_one_version(_forward_vector, flips=True)
 
 
 @njit(parallel=True, cache=True)
-def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, pl, dh, dw, groups, wide, direct):
-    """Stride 1: part[t, g, o, k] = thread t's share of gw[g*Og + o, k] = sum over items of gy_wide[i, g*Og + o] . view_k.
+def _grad_weight_vector_kernel(x, gy, ws, tables, ogp, kp, step, fold, kh, kw, pt, pl, dh, dw, groups, wide, direct):
+    """Stride 1: gw (C_out, Cg*kh*kw) = the sum over threads t of part[t, g, o, k], thread t's share of
+    gw[g*Og + o, k] = sum over its items of gy_wide[i, g*Og + o] . view_k (part has Og and the weights
+    padded to ogp x kp, whole blocks; the threads' parts are added in a fixed order after the parallel
+    loop, so the result does not depend on scheduling). The kernel owns its output from zero to the
+    end: no NumPy work before or after it.
 
     The operands are ``_grad_weight_taps_kernel``'s, and ``tile_dots`` computes MW5 channels x KT5
     weights per call, each a dot product over the item's output vectors. In place (not ``wide``:
@@ -1317,10 +1321,10 @@ def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, 
     n, c_in = x.shape[0], x.shape[1]
     c_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
     og, cg = c_out // groups, c_in // groups
-    ogp, kp = part.shape[2], part.shape[3]
     lanes, wq, npad_max, xb_size, bands = _vector_band(x, ho, wo, step, fold, kh, kw, dh, dw)
     runs = (n + fold - 1) // fold
     nt = ws.shape[0]
+    part = np.zeros((nt, groups, ogp, kp), x.dtype)
     for t in prange(nt):
         xb, gyw = ws[t, :xb_size], ws[t, xb_size : xb_size + groups * ogp * npad_max]
         offs, xoffs, gyoffs = tables[t, 0, :kp], tables[t, 1], tables[t, 2]
@@ -1356,6 +1360,15 @@ def _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, pt, 
                         gy_at, ldg = _at(gy, ((i * c_out + g * og + o0) * ho + i0) * wo), ho * wo
                     for k0 in range(0, kp, KT5):
                         tile_dots(xb, gy_at, _at(gyoffs, 0), ldg, x_at, _at(xoffs, 0), _at(offs, k0), count, _at(part[t, g, o0], k0), kp, MW5, KT5)
+    gw = np.empty((c_out, cg * kh * kw), x.dtype)
+    for g in range(groups):
+        for o in range(og):
+            for k in range(cg * kh * kw):
+                total = part[0, g, o, k]
+                for t in range(1, nt):
+                    total += part[t, g, o, k]
+                gw[g * og + o, k] = total
+    return gw
 
 
 def _dots_band(n, threads, ho, row_vectors):
@@ -1383,7 +1396,6 @@ def _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups):
     (ho, wo), (dh, dw) = gy.shape[2:], dilation
     wide = og % MW5 != 0 or wo % lanes != 0
     nt = numba.get_num_threads()
-    part = np.zeros((nt, groups, ogp, kp), x.dtype)
     step, xb_size, wq = _taps_band(x.shape[1], c_out, (ho, wo), (kh, kw), dilation, x.dtype.itemsize)
     fold = 1
     if not wide:  # gy is read in place: the band buffer holds only x
@@ -1393,12 +1405,8 @@ def _grad_weight_v5(x, gy, w_shape, stride, padding, dilation, groups):
     ws = _workspace(nt * (xb_size + lanes + groups * ogp * npad_max), x.dtype).reshape(nt, -1)
     tables = np.empty((nt, 3, max(kp, fold * step * -(-wq // lanes) + 1)), np.int64)
     direct = _direct_band(x, (kh, kw), (ho, wo), padding) and not wide
-    _grad_weight_vector_kernel(x, gy, part, ws, tables, step, fold, kh, kw, padding[0][0], padding[1][0], *dilation, groups,
-                               wide, direct)
-    gw = part[0].copy()
-    for t in range(1, nt):  # the threads' partial sums in a fixed order: the result does not depend on scheduling
-        gw += part[t]
-    return np.ascontiguousarray(gw[:, :og, : cg * kh * kw]).reshape(w_shape)
+    return _grad_weight_vector_kernel(x, gy, ws, tables, ogp, kp, step, fold, kh, kw, padding[0][0], padding[1][0], *dilation,
+                                      groups, wide, direct).reshape(w_shape)
 
 
 # ------------------------------------- v6: grad_weight as outer products (microkernels.tile_outer)
