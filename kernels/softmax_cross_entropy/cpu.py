@@ -340,30 +340,40 @@ def _ce_backward_kernel(d, gmap, per_pixel, gscalar, g):
             _scale_row(d[i, c, s0:s1], scale, g[i, c, s0:s1])
 
 
+@njit(cache=True, error_model="numpy")  # its two kernels run their own parallel loops; no fastmath: sums in job order
+def _ce_forward(x, t, w, ignore_index, eps, mean, need_grad, loss, grad, target_partial, partial, totals):
+    """The whole forward in one compiled call: ``_target_kernel``, D and the scale, ``_ce_forward_kernel``,
+    and the reduced loss. totals = (D = sum of w[t] over kept pixels, targets out of range, the sum of
+    the pixel losses -- divided by D for 'mean': 0/0 = NaN where every pixel is ignored, as torch)."""
+    _target_kernel(t, w, ignore_index, x.shape[1], target_partial)
+    weight_total, invalid = 0.0, 0.0
+    for j in range(target_partial.shape[0]):
+        weight_total += target_partial[j, 0]
+        invalid += target_partial[j, 1]
+    # D = 0 (no pixel kept): an infinite scale, which multiplies nothing (every gradient row is 0 there)
+    scale = 1.0 / weight_total if mean else 1.0
+    _ce_forward_kernel(x, t, w, ignore_index, eps, scale, need_grad, loss, grad, partial)
+    total = 0.0
+    for j in range(partial.size):
+        total += partial[j]
+    totals[0], totals[1], totals[2] = weight_total, invalid, total / weight_total if mean else total
+
+
 def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label_smoothing, need_grad):
     """(loss, dlogits, denom, n_invalid) as the reference: a pass over the targets for D (so that
-    'mean' writes its gradient already divided by D), then one fused pass over the logits."""
+    'mean' writes its gradient already divided by D), then one fused pass over the logits, both in
+    one compiled call (``_ce_forward``) that also reduces the loss: no NumPy work after it."""
     n, n_cls, n_pix = logits.shape
     w = np.ones(n_cls, logits.dtype) if weight is None else weight
     jobs = n * ((n_pix + BLOCK - 1) // BLOCK)
-    target_partial = np.empty((jobs, 2))
-    _target_kernel(target, w, ignore_index, n_cls, target_partial)
-    weight_total, invalid = target_partial.sum(axis=0)
-    scale = 1.0
-    if reduction == "mean":
-        with np.errstate(divide="ignore"):  # D = 0: no pixel is kept, so no gradient is scaled
-            scale = 1.0 / weight_total
     loss = np.empty((n, n_pix), logits.dtype)
     grad = np.empty_like(logits) if need_grad else np.empty((1, 1, 1), logits.dtype)
-    partial = np.empty(jobs)
-    _ce_forward_kernel(logits, target, w, ignore_index, label_smoothing, scale, need_grad, loss, grad, partial)
+    totals = np.empty(3)
+    _ce_forward(logits, target, w, ignore_index, label_smoothing, reduction == "mean", need_grad, loss, grad,
+                np.empty((jobs, 2)), np.empty(jobs), totals)
     if reduction != "none":
-        total = partial.sum()
-        if reduction == "mean":
-            with np.errstate(invalid="ignore", divide="ignore"):  # every pixel ignored: NaN, as torch
-                total = total / weight_total
-        loss = np.asarray(total, dtype=logits.dtype)
-    return loss, grad if need_grad else None, np.asarray(weight_total), np.asarray(int(invalid))
+        loss = np.asarray(totals[2], dtype=logits.dtype)
+    return loss, grad if need_grad else None, np.asarray(totals[0]), np.asarray(int(totals[1]))
 
 
 def cross_entropy_backward(dlogits, gloss, reduction):
