@@ -58,6 +58,12 @@ def numba_cache_dir(py_file: Path) -> Path:
     return folder / "__pycache__"
 
 
+def cache_location(root: Path = ROOT) -> str:
+    """Where the compiled kernels under ``root`` go, for people to read: ``NUMBA_CACHE_DIR`` where it is
+    set, else the ``__pycache__`` folders beside the sources (see :func:`numba_cache_dir`)."""
+    return os.environ.get("NUMBA_CACHE_DIR") or str(root / "*" / "__pycache__")
+
+
 def is_cold(root: Path = ROOT) -> bool:
     """Whether no cpu kernel under ``root`` has compiled code in the cache yet (a fresh install, another
     Python, a cleared cache): the process will compile every kernel it calls, which the CLI says first.

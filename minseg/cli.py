@@ -487,9 +487,8 @@ def _first_compile_notice() -> None:
     from kernels import numba_cache
 
     if numba_cache.is_cold():
-        where = os.environ.get("NUMBA_CACHE_DIR") or numba_cache.ROOT / "*" / "__pycache__"
         print(f"first run of the cpu backend here: Numba compiles each kernel once for this machine (about a minute "
-              f"for training on 2 cores) and caches it in {where} for later runs", flush=True)
+              f"for training on 2 cores) and caches it in {numba_cache.cache_location()} for later runs", flush=True)
 
 
 def cmd_train(args) -> int:

@@ -1301,6 +1301,23 @@ def forward_kernel_call(x, w, b, stride, padding, dilation, groups):
 _forward_v5, _grad_input_v5 = _stride_one_version(_forward_vector, flips=True)
 
 
+@njit(cache=True)
+def _sum_threads(part, og, k_len):
+    """gw (groups*og, k_len) from the threads' partial sums part[t, g, o, k] (any padding of o and k past og,
+    k_len left out): gw[g*og + o, k] = part[0, g, o, k] + part[1, g, o, k] + ..., in thread order, a fixed
+    order, so the result does not depend on how the parallel loop was scheduled (grad_weight v5 and v6)."""
+    nt, groups = part.shape[0], part.shape[1]
+    gw = np.empty((groups * og, k_len), part.dtype)
+    for g in range(groups):
+        for o in range(og):
+            for k in range(k_len):
+                total = part[0, g, o, k]
+                for t in range(1, nt):
+                    total += part[t, g, o, k]
+                gw[g * og + o, k] = total
+    return gw
+
+
 @njit(parallel=True, cache=True)
 def _grad_weight_vector_kernel(x, gy, ws, tables, ogp, kp, step, fold, kh, kw, pt, pl, dh, dw, groups, wide, direct):
     """Stride 1: gw (C_out, Cg*kh*kw) = the sum over threads t of part[t, g, o, k], thread t's share of
@@ -1360,15 +1377,7 @@ def _grad_weight_vector_kernel(x, gy, ws, tables, ogp, kp, step, fold, kh, kw, p
                         gy_at, ldg = _at(gy, ((i * c_out + g * og + o0) * ho + i0) * wo), ho * wo
                     for k0 in range(0, kp, KT5):
                         tile_dots(xb, gy_at, _at(gyoffs, 0), ldg, x_at, _at(xoffs, 0), _at(offs, k0), count, _at(part[t, g, o0], k0), kp, MW5, KT5)
-    gw = np.empty((c_out, cg * kh * kw), x.dtype)
-    for g in range(groups):
-        for o in range(og):
-            for k in range(cg * kh * kw):
-                total = part[0, g, o, k]
-                for t in range(1, nt):
-                    total += part[t, g, o, k]
-                gw[g * og + o, k] = total
-    return gw
+    return _sum_threads(part, og, cg * kh * kw)
 
 
 def _dots_band(n, threads, ho, row_vectors):
@@ -1480,15 +1489,7 @@ def _grad_weight_outer_kernel(x, gy, ws, xb_len, step, chunk, pt, pl, groups):
                         for c0 in range(0, cg, cb_max):
                             _outer_block(xb, _at(gt, o0), wo * og, og, _at(xb, (g * cg + c0) * cs + r0 * wq), cs, wq,
                                          nr, wo, _at(part[t, g], c0 * 9 * og + o0), og, mo, min(cb_max, cg - c0))
-    gw = np.empty((c_out, cg * 9), x.dtype)
-    for g in range(groups):
-        for k in range(cg * 9):
-            for o in range(og):
-                total = part[0, g, k, o]
-                for t in range(1, nt):
-                    total += part[t, g, k, o]
-                gw[g * og + o, k] = total
-    return gw
+    return _sum_threads(part.transpose(0, 1, 3, 2), og, cg * 9)  # part[t, g] is (k, o) here
 
 
 def _aligned_workspace(size: int, dtype) -> np.ndarray:
