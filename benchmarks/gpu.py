@@ -94,6 +94,8 @@ from typing import Callable
 import numpy as np
 from numba import cuda
 
+import kernels  # noqa: F401  (restores np.row_stack for numba-cuda on NumPy >= 2.5: kernels/__init__.py)
+
 from . import machine
 from .cases import TorchLib, conv_flops, cross_entropy_bytes
 
@@ -1002,6 +1004,12 @@ def section_tests(ctx: Context):
                            "installed: 'pip install --target .gpu-deps pytest hypothesis' in the checkout beforehand "
                            "(pure Python), then run with PYTHONPATH=.:.gpu-deps")
     cmd = [sys.executable, "-m", "pytest", *ctx.shapes["tests"], "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    workers = min(8, (os.cpu_count() or 1) // 2)
+    if not ctx.simulate and workers > 1 and _installed("xdist"):
+        # On a GPU most of the tests' time is compiling kernels (NVVM, one core each): the first run on an
+        # H100 ran 9 tests in its 140 s serially (all failing, see kernels/__init__.py). Test by test: a hypothesis test
+        # compiles a kernel per drawn geometry, so one file (conv2d) would hold one worker for most of the time.
+        cmd += ["-n", str(workers), "--dist", "load"]
     limit = max(1.0, ctx.time_left())
     ctx.report.section("tests", command=" ".join(cmd), log=log.name, limit_s=limit)
     with open(log, "w") as f:
