@@ -56,6 +56,8 @@ def parse_args(argv):
                    "FP32 peak or memory bandwidth per case to FILE.png (Pillow)")
     p.add_argument("--conv-versions", metavar="K,K", help="train: also time the step with the cpu backend's conv2d "
                    "kernels at these numbered versions ('cpu vK' rows; ops times every version in its conv cases)")
+    p.add_argument("--no-capture", action="store_true", help="train: leave out the 'cpu captured' row (the cpu "
+                   "backend's step recorded once and replayed, minseg/capture.py)")
     p.add_argument("--layers", action="store_true", help="ops: time every conv layer of the benchmark U-Net (forward + "
                    "the gradients a training step needs) instead of the op cases; use --backends cpu")
     p.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)  # the cache check's child
@@ -141,9 +143,12 @@ def build_cases(args, libs):
         from .cases import op_cases
 
         return op_cases(libs, "quick" if args.quick else "full", args.layers), {}
-    from .cases import conv_version_libs
+    from .cases import CapturedCpuLib, conv_version_libs
     from .train import train_case
 
+    labels = [lib.label for lib in libs]
+    if "cpu" in labels and not args.no_capture:  # the same step recorded and replayed (minseg/capture.py)
+        libs.insert(labels.index("cpu") + 1, CapturedCpuLib())
     if args.conv_versions:
         libs[:] = conv_version_libs(libs, args.conv_versions)  # the step profile walks the same list
     case, facts = train_case(libs, "quick" if args.quick else "full")
@@ -210,6 +215,8 @@ def memory_in_child(args, label: str) -> dict:
         path = os.path.join(tmp, "memory.json")
         if label == "torch":
             peer = ["--backends", ""]
+        elif label == "cpu captured":  # a CapturedCpuLib: its child builds the cpu libraries, this one too
+            peer = ["--backends", "cpu", "--no-torch"]
         elif label.startswith("cpu v"):  # a CpuConvVersionLib
             peer = ["--backends", "cpu", "--no-torch", "--conv-versions", label[len("cpu v"):]]
         else:

@@ -47,6 +47,16 @@ class MinsegLib:
         return t.numpy() if isinstance(t, self.minseg.Tensor) else self.backend.to_numpy(t)
 
 
+class CapturedCpuLib(MinsegLib):
+    """minseg's 'cpu' backend with the training step recorded once and replayed (``minseg/capture.py``).
+
+    The step's compiled calls are the same as the 'cpu' row's; only the Python between them is gone."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.label = "cpu captured"
+
+
 class CpuConvVersionLib(MinsegLib):
     """minseg's 'cpu' backend with its conv2d kernels at one numbered version (kernels/conv2d/cpu.py).
 

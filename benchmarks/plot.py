@@ -138,7 +138,9 @@ SPLIT_COLORS = {"kernels": (23, 190, 207), "compiled kernels": (23, 190, 207), "
 def _step_parts(p):
     """[(part, seconds)] of one step (``train.kernel_time_split``): compiled code, the kernel functions'
     host code and the rest (graph walk, Function.apply, checks) where the backend has compiled code;
-    else kernel functions and the rest."""
+    else kernel functions and the rest; for a captured step, its compiled calls and the rest."""
+    if "replays" in p:  # a captured step (train.captured_time_split): its compiled calls and the rest
+        return [("compiled kernels", p["compiled_s"]), ("outside kernels", p["outside_s"])]
     if "compiled_s" in p:
         return [("compiled kernels", p["compiled_s"]), ("kernels' Python host code", p["host_s"]), ("outside kernels", p["outside_s"])]
     return [("kernels", p["kernel_s"]), ("outside kernels", p["outside_s"])]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cases import MinsegLib, build_case
+from .cases import CapturedCpuLib, MinsegLib, build_case
 from .timing import Impl
 
 # Issue 4's default U-Net: batch 8, 3x64x64 images, 4 classes, channels
@@ -112,15 +112,42 @@ def _minseg_impl(lib: MinsegLib, config, state, x, t) -> tuple[Impl, int]:
     opt = MinsegSGD(model.parameters(), **SGD)
     X, T = lib.tensor(x), lib.tensor(t)
 
-    def run():
+    def step(X, T):
         opt.zero_grad()
+        loss = lib.F.cross_entropy(model(X), T)
+        loss.backward()
+        opt.step()
+        return loss
+
+    if not isinstance(lib, CapturedCpuLib):
+        def run():
+            with lib.active():
+                return [step(X, T)]
+
+        return Impl(lib.label, run, lib.to_numpy), model.num_parameters()
+
+    from minseg.capture import CapturedStep
+
+    captured = CapturedStep(step, model, opt)
+    # A capture is validated only on a batch that differs from the recorded one (minseg/capture.py):
+    # the calls alternate between the batch and the same batch with its samples rotated.
+    batches = [(x, t), (np.roll(x, 1, axis=0), np.roll(t, 1, axis=0))]
+    calls = [0]
+
+    def run():
+        data = batches[calls[0] % 2]
+        calls[0] += 1
         with lib.active():
-            loss = lib.F.cross_entropy(model(X), T)
-            loss.backward()
-            opt.step()
+            loss = captured(*data)
+            if calls[0] == 1:  # the first call also records and validates: the later ones replay,
+                for data in batches[1], batches[0]:  # and its output is the eager step's (the rel err column)
+                    captured(*data)
+                calls[0] += 2
         return [loss]
 
-    return Impl(lib.label, run, lib.to_numpy), model.num_parameters()
+    impl = Impl(lib.label, run, lib.to_numpy)
+    impl.captured = captured  # for the step profile (captured_time_split)
+    return impl, model.num_parameters()
 
 
 def _torch_impl(lib, config, state, x, t):
@@ -348,9 +375,61 @@ def step_profile(case, libs: list, steps: int, memory_of) -> dict:
     for impl in case.impls:
         out[impl.name] = memory_of(impl.name)
         lib = by_label.get(impl.name)
-        if isinstance(lib, MinsegLib):
+        if isinstance(lib, CapturedCpuLib):
+            out[impl.name].update(captured_time_split(impl, steps))
+        elif isinstance(lib, MinsegLib):
             out[impl.name].update(kernel_time_split(lib, impl, steps))
     return out
+
+
+def captured_time_split(impl: Impl, steps: int) -> dict:
+    """The 'cpu captured' row's step: time in its replayed compiled calls, and the rest ('outside':
+    the replay's loop, copying the batch in, the checks, ``CapturedStep``'s own Python). Each
+    recorded call is clocked by a wrapper for ``steps`` steps; as in ``kernel_time_split``, a
+    second set of steps, interleaved, with a second wrapper layer measures the wrappers' own cost."""
+    import time
+
+    captured = impl.captured
+    impl.run()  # replays from the start, unless this impl has not run yet (its first call captures)
+    tape = captured.tape
+    if captured.reason is not None or tape is None:
+        return dict(capture_error=captured.reason or "no capture")
+    recorded = list(tape.calls)
+    clock = [0.0]
+
+    def timed(fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock[0] += time.perf_counter() - t0
+        return call
+
+    single = [(timed(fn), *rest) for fn, *rest in recorded]
+    double = [(timed(fn), *rest) for fn, *rest in single]
+    totals, inside, doubled = [], [], []
+    try:
+        for i in range(2 * steps):
+            tape.calls = double if i % 2 else single
+            clock[0] = 0.0
+            t0 = time.perf_counter()
+            out = impl.run()
+            total = time.perf_counter() - t0
+            if i % 2:
+                doubled.append(total - clock[0])
+            else:
+                totals.append(total)
+                inside.append(clock[0])
+            del out
+    finally:
+        tape.calls = recorded
+    step, compiled = float(np.median(totals)), float(np.median(inside))
+    outside = step - compiled
+    wrapper = max(0.0, float(np.median(doubled)) - float(np.median(np.subtract(totals, inside))))
+    return dict(step_s=step, compiled_s=compiled, compiled_calls=len(recorded), replays=captured.replays,
+                outside_s=outside, outside_pct=100 * outside / step, wrapper_s=wrapper,
+                outside_net_s=outside - wrapper, outside_net_pct=100 * (outside - wrapper) / step, steps=steps)
 
 
 def profile_lines(profile: dict) -> list[str]:
@@ -364,7 +443,15 @@ def profile_lines(profile: dict) -> list[str]:
             mem = (f"peak RSS {p['peak_rss_mib']:.1f} MiB over {p['steps']} steps in a fresh process, "
                    f"{p['step_mib']:.1f} MiB above the {p['base_mib']:.1f} MiB it held with the model built")
         line = f"step profile [{name}]: {mem}"
-        if "outside_s" in p:
+        if "capture_error" in p:
+            line += f"; NOT CAPTURED: {p['capture_error']}"
+        elif "replays" in p:
+            line += (f"; of a {p['step_s'] * 1e3:.2f} ms replayed step (median of {p['steps']}), {p['compiled_s'] * 1e3:.2f} ms "
+                     f"in its {p['compiled_calls']} recorded compiled calls and {p['outside_s'] * 1e3:.2f} ms "
+                     f"({p['outside_pct']:.1f}%) outside them (copying the batch in, the replay loop, its checks); "
+                     f"{p['outside_net_s'] * 1e3:.2f} ms ({p['outside_net_pct']:.1f}%) without the timing wrappers' own "
+                     f"{p['wrapper_s'] * 1e3:.2f} ms")
+        elif "outside_s" in p:
             line += (f"; of a {p['step_s'] * 1e3:.2f} ms step (median of {p['steps']}), {p['kernel_s'] * 1e3:.2f} ms in "
                      f"{p['kernel_calls']} backend kernel calls and {p['outside_s'] * 1e3:.2f} ms "
                      f"({p['outside_pct']:.1f}%) outside them (graph walk, Function.apply, checks, allocation); "

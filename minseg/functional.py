@@ -16,7 +16,7 @@ import numpy as np
 
 from kernels.shapes import conv_output_size, conv_transpose_output_size, pool_output_size
 
-from . import backend
+from . import backend, capture
 from .autograd import Chain, Function, is_grad_enabled
 from .rng import generator
 from .tensor import Tensor
@@ -573,6 +573,8 @@ class CrossEntropyFunction(Function):
         loss, ctx.dlogits, _, n_invalid = ctx.kernels.cross_entropy_forward(*ctx.args, need_grad)
         if int(n_invalid):  # one number read back; the targets themselves never leave the device
             _raise_bad_target(target, logits.shape[1], ignore_index)
+        capture.on_replay(lambda: int(n_invalid) and _raise_bad_target(target, logits.shape[1], ignore_index),
+                          reads=(n_invalid, target))
         return loss
 
     @staticmethod

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 
-from . import backend
+from . import backend, capture
 
 
 class Optimizer:
@@ -54,7 +54,8 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
-        self.steps += 1
+        self._count_step()
+        capture.on_replay(self._count_step)  # a replayed step counts too (minseg/capture.py)
         for i, p in enumerate(self.params):
             if p.grad is not None:
                 state = self.state.get(i)
@@ -62,6 +63,9 @@ class Optimizer:
                     state = self.state[i] = {}
                 self._update(p.data, p.grad.data, state)
         self._finish_step()
+
+    def _count_step(self) -> None:
+        self.steps += 1
 
     def _update(self, p, g, state) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -90,8 +94,10 @@ class Optimizer:
                     raise ValueError(f"optimizer state {k!r} of parameter {i} has shape {v.shape}, expected {self.params[i].shape}")
                 if hasattr(v, "shape") and v.ndim:
                     # in the parameter's dtype and C-contiguous, as torch casts state to its parameter
-                    # (the SGD kernels update the momentum buffer in place through a flat view)
-                    v = backend.to_backend_array(v).astype(self.params[i].dtype, order="C", copy=False)
+                    # (the SGD kernels update the momentum buffer in place through a flat view), and a
+                    # copy: the kernels write it, so it must not be the caller's array (one state dict
+                    # loaded into two optimizers made them share, and each step both, their buffers)
+                    v = backend.to_backend_array(v).astype(self.params[i].dtype, order="C", copy=True)
                 self.state[i][k] = v
 
 

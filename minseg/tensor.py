@@ -375,10 +375,21 @@ def _private(a) -> bool:
     more references, and is summed into a fresh array as before. NumPy elides temporaries by the
     same test.
     """
-    if type(a) is not np.ndarray or sys.getrefcount(a) > _PRIVATE_REFS or not a.flags.writeable:
+    extra = _extra_references or _no_references
+    if type(a) is not np.ndarray or sys.getrefcount(a) - extra(a) > _PRIVATE_REFS or not a.flags.writeable:
         return False
     base = a.base
-    return base is None or (type(base) is np.ndarray and base.base is None and sys.getrefcount(base) <= _PRIVATE_BASE_REFS)
+    return base is None or (type(base) is np.ndarray and base.base is None
+                            and sys.getrefcount(base) - extra(base) <= _PRIVATE_BASE_REFS)
+
+
+def _no_references(a) -> int:
+    return 0
+
+
+# While ``minseg.capture`` records a step, the references its tape holds (it keeps every argument
+# of the recorded calls): not the walk's, so ``_private`` does not count them.
+_extra_references = None
 
 
 class GradBuffers:

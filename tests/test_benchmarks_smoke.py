@@ -184,17 +184,18 @@ def test_cache_check_child_times_the_same_cases(argv):
 def test_train_quick():
     """``train --quick`` on the numpy backend, and (one run: each run measures the machine first) with
     ``--conv-versions 1`` on the cpu backend: the step also runs with every conv kernel at version 1
-    ('cpu v1'), computing torch's loss, with its own memory (a child process) and kernel-time split.
+    ('cpu v1') and recorded and replayed ('cpu captured'), computing torch's loss, with its own memory
+    (a child process) and kernel-time split.
     The command runs in the background from the start of the suite (tests/background.py)."""
     cpu = importlib.util.find_spec("numba") is not None
     run = background.result("train-quick")
     assert run.returncode == 0, f"exit {run.returncode}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     stdout, path, png = run.stdout, run.outdir / "train.json", run.outdir / "train.png"
     report = json.loads(path.read_text())
-    impls = ["numpy"] + (["cpu", "cpu v1"] if cpu else []) + (["torch"] if HAS_TORCH else [])
+    impls = ["numpy"] + (["cpu", "cpu v1", "cpu captured"] if cpu else []) + (["torch"] if HAS_TORCH else [])
     (entry,) = report["cases"]
     check_report(report, stdout, [entry["case"]], impls)
-    check_plot(png, len(impls) + 3)  # the table's rows, and the split of minseg's steps below them
+    check_plot(png, 2 * len(impls) - HAS_TORCH)  # the table's rows, and the split of minseg's steps below them
     from PIL import Image
 
     from benchmarks.plot import SPLIT_COLORS
@@ -240,6 +241,13 @@ def test_train_quick():
             assert p["host_s"] == pytest.approx(p["kernel_s"] - p["compiled_s"])
             assert p["host_pct"] == pytest.approx(100 * p["host_s"] / p["step_s"])
         assert "in compiled (Numba) code" in stdout
+        # the same step recorded and replayed (minseg/capture.py): the same compiled calls, nothing else inside
+        captured = profile["cpu captured"]
+        assert "capture_error" not in captured and captured["replays"] >= REPEAT
+        assert captured["compiled_calls"] == profile["cpu"]["compiled_calls"]
+        assert 0 < captured["compiled_s"] < captured["step_s"]
+        assert captured["outside_s"] == pytest.approx(captured["step_s"] - captured["compiled_s"])
+        assert "replayed step (median of" in stdout
 
 
 def test_gpu_mode_without_gpu_exits_cleanly():

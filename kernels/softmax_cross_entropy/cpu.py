@@ -341,10 +341,12 @@ def _ce_backward_kernel(d, gmap, per_pixel, gscalar, g):
 
 
 @njit(cache=True, error_model="numpy")  # its two kernels run their own parallel loops; no fastmath: sums in job order
-def _ce_forward(x, t, w, ignore_index, eps, mean, need_grad, loss, grad, target_partial, partial, totals):
+def _ce_forward(x, t, w, ignore_index, eps, mean, need_grad, loss, grad, target_partial, partial, totals, reduced):
     """The whole forward in one compiled call: ``_target_kernel``, D and the scale, ``_ce_forward_kernel``,
     and the reduced loss. totals = (D = sum of w[t] over kept pixels, targets out of range, the sum of
-    the pixel losses -- divided by D for 'mean': 0/0 = NaN where every pixel is ignored, as torch)."""
+    the pixel losses -- divided by D for 'mean': 0/0 = NaN where every pixel is ignored, as torch);
+    reduced[0] = totals[2] in the logits' dtype. Every result is written here, none computed after
+    the call, so a replayed step (``minseg/capture.py``) gets all of them new."""
     _target_kernel(t, w, ignore_index, x.shape[1], target_partial)
     weight_total, invalid = 0.0, 0.0
     for j in range(target_partial.shape[0]):
@@ -357,6 +359,7 @@ def _ce_forward(x, t, w, ignore_index, eps, mean, need_grad, loss, grad, target_
     for j in range(partial.size):
         total += partial[j]
     totals[0], totals[1], totals[2] = weight_total, invalid, total / weight_total if mean else total
+    reduced[0] = totals[2]
 
 
 def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label_smoothing, need_grad):
@@ -368,12 +371,13 @@ def cross_entropy_forward(logits, target, weight, ignore_index, reduction, label
     jobs = n * ((n_pix + BLOCK - 1) // BLOCK)
     loss = np.empty((n, n_pix), logits.dtype)
     grad = np.empty_like(logits) if need_grad else np.empty((1, 1, 1), logits.dtype)
-    totals = np.empty(3)
+    totals, reduced = np.empty(3), np.empty(1, logits.dtype)
     _ce_forward(logits, target, w, ignore_index, label_smoothing, reduction == "mean", need_grad, loss, grad,
-                np.empty((jobs, 2)), np.empty(jobs), totals)
+                np.empty((jobs, 2)), np.empty(jobs), totals, reduced)
     if reduction != "none":
-        loss = np.asarray(totals[2], dtype=logits.dtype)
-    return loss, grad if need_grad else None, np.asarray(totals[0]), np.asarray(int(totals[1]))
+        loss = reduced.reshape(())
+    # 0-d views of what the call wrote (the count of bad targets as a float64 holding an integer)
+    return loss, grad if need_grad else None, totals[0:1].reshape(()), totals[1:2].reshape(())
 
 
 def cross_entropy_backward(dlogits, gloss, reduction):

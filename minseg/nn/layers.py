@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import capture
 from .. import functional as F
 from .init import kaiming_uniform, uniform_bias
 from .module import Module, Parameter
@@ -89,8 +90,12 @@ class BatchNorm2d(Module):
         use_batch = self.training or not self.track_running_stats
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         if self.training and self.track_running_stats:
-            self.num_batches_tracked.data += 1
+            self._count_batch()
+            capture.on_replay(self._count_batch)  # a replayed step counts too (minseg/capture.py)
         return (*running, self.weight, self.bias, use_batch, self.momentum, self.eps)
+
+    def _count_batch(self):
+        self.num_batches_tracked.data += 1
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

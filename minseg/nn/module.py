@@ -29,6 +29,9 @@ class Parameter(Tensor):
 
 class Module:
     training: bool
+    # Every attribute assignment, deletion and train()/eval() on any Module counts one edit:
+    # a captured step (minseg/capture.py) compares the count to know the model is as recorded.
+    edits = 0
 
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -51,11 +54,13 @@ class Module:
         # the instance __dict__, where Python's plain lookup finds it (a forward reads dozens per step,
         # and __getattr__ would run for each).
         object.__setattr__(self, name, value)
+        Module.edits += 1
 
     def __delattr__(self, name):
         for registry in (self._parameters, self._buffers, self._modules):
             registry.pop(name, None)
         object.__delattr__(self, name)
+        Module.edits += 1
 
     def __getattr__(self, name):  # only for what is not in __dict__: a registry entry written directly
         for registry in ("_parameters", "_buffers", "_modules"):
@@ -108,6 +113,7 @@ class Module:
     def train(self, mode: bool = True):
         for m in self.modules():
             object.__setattr__(m, "training", mode)
+        Module.edits += 1
         return self
 
     def eval(self):

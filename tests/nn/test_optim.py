@@ -265,6 +265,21 @@ def test_loaded_momentum_buffers_take_the_parameters_dtype_and_layout():
     assert opt.state[0]["momentum_buffer"] is buf  # updated in place
 
 
+def test_a_loaded_state_dict_stays_the_callers():
+    """Loading copies the buffers: the steps of one optimizer change neither the dict it was loaded
+    from nor another optimizer loaded from the same dict (they had shared one buffer)."""
+    state = {"lr": 1.0, "steps": 1, "state": {0: {"momentum_buffer": np.ones((2, 3), np.float32)}}}
+    params = [Parameter(np.zeros((2, 3), np.float32)) for _ in range(2)]
+    opts = [optim.SGD([p], lr=1.0, momentum=0.5) for p in params]
+    for opt in opts:
+        opt.load_state_dict(state)
+    params[0].grad = minseg.Tensor(np.ones((2, 3), np.float32))
+    opts[0].step()  # b = 0.5 * 1 + 1 = 1.5 in the first optimizer only
+    np.testing.assert_array_equal(opts[0].state[0]["momentum_buffer"], np.full((2, 3), 1.5, np.float32))
+    np.testing.assert_array_equal(opts[1].state[0]["momentum_buffer"], np.ones((2, 3), np.float32))
+    np.testing.assert_array_equal(state["state"][0]["momentum_buffer"], np.ones((2, 3), np.float32))
+
+
 def test_sgd_groups_parameters_by_kernels_and_first_step(monkeypatch):
     """A parameter added to the optimizer's list later (its buffer new) steps in a call of its own, with
     first_step; parameters without a gradient are left out."""

@@ -1,0 +1,527 @@
+"""Record a training step's compiled calls once, then replay them: the cpu backend's CUDA graphs.
+
+Read this after ``tensor.py`` and ``autograd.py``: it is an optimisation, not part of the math.
+
+**Why.** A training step of the benchmark U-Net is 34 compiled (Numba) calls glued together by
+Python: module calls, ``Function.apply``, argument checks, the graph walk, allocation. That Python
+is ~0.4 ms when it runs alone, but between the kernels its code and data have been evicted from
+the caches, and it costs ~1.4 ms of a ~30 ms step (``python -m benchmarks train`` prints the
+split). Yet every step makes the same calls: the same kernels, with arrays of the same shapes.
+So record the calls once -- which compiled function, with which arguments -- and from then on
+make only those calls, with the new batch copied into the arrays the recorded step read. This is
+what CUDA graphs do for a GPU's launches (``torch.cuda.CUDAGraph``).
+
+**Recording.** Each Numba dispatcher that is a global of a ``kernels`` module is swapped for a
+wrapper that runs it and appends ``(function, args, kwargs, result)`` to a tape, while the step
+runs eagerly (a kernel function's Python looks its kernels up as globals at each call, so the swap
+reroutes them; compiled code calling compiled code runs inside the recorded call). The tape keeps
+every argument alive: the inputs, the activations, the gradients, the parameters. A replay calls
+each function again with those very arrays; a call that returned arrays it allocated (a kernel
+that owns its output) writes new ones, which are copied into the recorded ones that later calls
+read.
+
+**What a replay cannot see, and what this module does about it.**
+
+* Python work a step does besides its compiled calls, which a replay must redo: the code that
+  does it registers it with :func:`on_replay` while the step is recorded, and a replay runs it at
+  the same point of the step. ``optimizer.steps`` and BatchNorm's ``num_batches_tracked`` count
+  this way; ``functional.cross_entropy`` checks its kernel's count of out-of-range targets this
+  way, so a bad target raises the eager step's error.
+* NumPy work between the compiled calls (a copy, an addition outside a kernel): it is not on the
+  tape, so a replay would reuse its recorded result. **Validation** catches it: the first replay
+  starts from the state an eager step started from, on a batch that differs from the recorded one,
+  and must end with the same parameters, buffers, optimizer state, gradients and loss, bit for bit.
+  Otherwise the step stays eager for good and :attr:`CapturedStep.reason` says what differed.
+  (The walk's in-place gradient sums, ``tensor._private``, count references; the tape's own
+  references are subtracted while recording, or every such sum would become a NumPy ``prev + ig``.)
+* Hyperparameters (``optimizer.lr`` changed by a schedule, ``momentum``...) are arguments of the
+  recorded optimizer call: a replay first compares them, and a changed one means a new capture.
+  So do new input shapes or dtypes (each keeps its own tape; the last two are kept) and
+  ``model.train()``/``eval()``.
+
+**Cost.** The first call of each input shape runs eagerly (it may compile kernels: recording then
+would record the compilation's view of the globals), the second records, the third validates (an
+eager step and a replay from the same state), later ones replay. A captured step keeps all of the
+recorded step's arrays alive between steps, as the eager step holds them at its peak.
+
+Only the ``cpu`` backend is captured; on others :class:`CapturedStep` runs its step eagerly.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+
+import numpy as np
+
+from . import backend
+from .tensor import Tensor
+
+# the module itself: ``minseg.tensor`` is also the name of the function that makes a Tensor
+tensor_module = sys.modules[Tensor.__module__]
+
+__all__ = ["CapturedStep", "on_replay", "kernel_dispatchers", "set_kernel_globals"]
+
+CAPTURED_BACKENDS = ("cpu",)
+KEEP = 2  # input shapes whose tapes are kept
+
+
+def kernel_dispatchers() -> dict:
+    """{(module, name): dispatcher} of every Numba dispatcher that is a global of a loaded module of
+    the ``kernels`` package: what the kernel functions' Python calls (a global is looked up at each
+    call, so replacing it reroutes the call; compiled code calling compiled code is not seen)."""
+    from numba.core.dispatcher import Dispatcher
+
+    found = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is not None and (module_name == "kernels" or module_name.startswith("kernels.")):
+            for name, value in vars(module).items():
+                if isinstance(value, Dispatcher):
+                    found[(module, name)] = value
+    return found
+
+
+def set_kernel_globals(functions: dict) -> None:
+    """Set each ``(module, name)`` global to its function (``kernel_dispatchers`` gives the originals)."""
+    for (module, name), fn in functions.items():
+        setattr(module, name, fn)
+
+
+# ------------------------------------------------------------------------------- the tape
+
+
+class _Tape:
+    """The calls of one recorded step, and the checks that follow some of them."""
+
+    def __init__(self):
+        self.calls = []  # (function, args, kwargs, result)
+        self.hooks = {}  # number of calls made before them -> Python work a replay redoes there (on_replay)
+        self.refs = collections.Counter()  # id(array) -> references the tape holds to it
+        self.views = collections.defaultdict(list)  # id(base) -> the views of it that the tape holds
+        self.reads = []  # arrays on_replay work reads
+        self.planned = False  # plan() moved the arrays
+        self.saved_bytes = 0
+
+    def add(self, fn, args, kwargs, result):
+        self.calls.append((fn, args, kwargs, result))
+        for value in (*args, *kwargs.values(), result):
+            self._count(value)
+
+    def _count(self, value):
+        if isinstance(value, np.ndarray):
+            self.refs[id(value)] += 1
+            base = value.base
+            if isinstance(base, np.ndarray) and self.refs[id(value)] == 1:
+                self.views[id(base)].append(value)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                self._count(v)
+
+    def freeze(self):
+        """Resolve each call to its compiled entry point (``dispatcher.overloads[signature]``): a replay
+        passes the very objects the recorded call got, so the dispatcher's work -- working out the
+        Numba type of every argument and picking the compiled version -- would find the same answer
+        every time (~40 us per call with 30 array arguments, 1.3 ms a U-Net step: measured)."""
+        frozen = []
+        for fn, args, kwargs, result in self.calls:
+            entry = None
+            if not kwargs and hasattr(fn, "overloads"):
+                compiled = fn.overloads.get(tuple(fn.typeof_pyval(a) for a in args))
+                entry = None if compiled is None else compiled.entry_point
+            frozen.append((entry or fn, args, kwargs, result))
+        self.calls = frozen
+
+    def plan(self, pinned: list) -> int:
+        """Let the step's large arrays share memory where their lifetimes in the step do not overlap.
+
+        The eager step frees each activation and gradient when the walk is done with it, and the
+        allocator hands the (cache-warm) memory to the next array of that size. A tape instead keeps
+        every array of the recorded step, ~110 MB more for the benchmark U-Net, and replayed
+        kernels ran ~10% slower on them (measured per call). So: an array (its memory's owner) is
+        live from the first recorded call that takes it to the last; walking the calls in order, a
+        new owner moves into the smallest freed block it fits in (of equal ones the last freed, as
+        malloc would), or keeps its own memory, which is a block for others once it is done. No
+        memory is allocated: the owners that moved are let go; every recorded array is rebuilt on its owner's block (same shape, strides,
+        dtype, offset, alignment modulo 64 bytes: the same Numba types, checked). Left where they
+        are: ``pinned`` (parameters, buffers, optimizer state, inputs, the loss and gradients, what
+        ``on_replay`` work reads); memory any non-float array lives in (an index table with garbage
+        in it would make a kernel read out of bounds); and owners under ``PLAN_MIN_BYTES`` (host-made
+        tables and constants live among those: their content comes from before the call, which a
+        shared block would not keep; a larger float one of those shows up in validation, and the tape
+        then keeps its own arrays). Returns the bytes saved."""
+        from numba import typeof
+
+        pinned_owners = {id(_owner(a)) for a in pinned if isinstance(a, np.ndarray)}
+        owners, first, last = {}, {}, {}
+        for k, (_, args, kwargs, result) in enumerate(self.calls):
+            for a in _arrays_in((args, kwargs, result)):
+                o = _owner(a)
+                if o is None or id(o) in pinned_owners:
+                    continue
+                if a.dtype.kind != "f" or o.nbytes < PLAN_MIN_BYTES or not o.flags.c_contiguous:
+                    # an integer array may be an index table: garbage there would make a kernel read out
+                    # of bounds (a crash, not a difference validation could report). Left alone.
+                    pinned_owners.add(id(o))
+                    owners.pop(id(o), None)
+                    continue
+                owners[id(o)] = o
+                first.setdefault(id(o), k)
+                last[id(o)] = k
+        starts, ends = collections.defaultdict(list), collections.defaultdict(list)
+        for oid in owners:
+            starts[first[oid]].append(oid)
+            ends[last[oid]].append(oid)
+        free, blocks, block_of, kept = [], {}, {}, 0
+        for k in range(len(self.calls)):
+            for oid in starts[k]:
+                o = owners[oid]
+                fits = [i for i, b in enumerate(free) if b.nbytes >= o.nbytes + _shift(b, o)]
+                if fits:  # the smallest free block it fits in; of equal ones the last freed
+                    block = free.pop(min(reversed(fits), key=lambda i: free[i].nbytes))
+                    blocks[oid] = _aligned_like(block, o)
+                else:  # none free: it keeps its own memory, which becomes a block when it is done
+                    block = blocks[oid] = o.reshape(-1).view(np.uint8)
+                    kept += o.nbytes
+                block_of[oid] = block
+            for oid in ends[k]:
+                free.append(block_of[oid])
+        rebuilt = {}
+
+        def rebuild(a):
+            o = _owner(a)
+            if o is None or id(o) not in blocks:
+                return a
+            if id(a) not in rebuilt:
+                new = np.ndarray(a.shape, a.dtype, buffer=blocks[id(o)], offset=a.ctypes.data - o.ctypes.data,
+                                 strides=a.strides)
+                new.flags.writeable = a.flags.writeable
+                if typeof(new) != typeof(a):
+                    raise _PlanError(f"{typeof(new)} != {typeof(a)}")
+                rebuilt[id(a)] = new
+            return rebuilt[id(a)]
+
+        try:
+            calls = [(fn, _map_arrays(args, rebuild), _map_arrays(kwargs, rebuild), _map_arrays(result, rebuild))
+                     for fn, args, kwargs, result in self.calls]
+        except _PlanError:
+            return 0
+        self.calls, self.planned = calls, True  # the owners that moved are let go with the old calls
+        return sum(o.nbytes for o in owners.values()) - kept
+
+    def replay(self):
+        hooks = self.hooks
+        for i, (fn, args, kwargs, result) in enumerate(self.calls):
+            if i in hooks:
+                for hook in hooks[i]:
+                    hook()
+            out = fn(*args, **kwargs)
+            if result is not None:
+                _copy_into(result, out)
+        for hook in hooks.get(len(self.calls), ()):
+            hook()
+
+
+PLAN_MIN_BYTES = 1 << 16  # smaller arrays keep their own memory in a tape (see _Tape.plan)
+ALIGN = 64  # bytes: a planned array keeps its address modulo this (AVX-512 loads, cache lines)
+
+
+class _PlanError(Exception):
+    pass
+
+
+def _owner(a):
+    """The array that owns ``a``'s memory (NumPy points a view's ``base`` at it), or None when the
+    memory belongs to something else (a buffer object)."""
+    base = a.base
+    if base is None:
+        return a
+    return base if isinstance(base, np.ndarray) and base.base is None else None
+
+
+def _shift(block, owner) -> int:
+    """Bytes into ``block`` where ``owner``'s copy starts at the same address modulo ALIGN."""
+    return (owner.ctypes.data - block.ctypes.data) % ALIGN
+
+
+def _aligned_like(block, owner):
+    """``owner.nbytes`` bytes of ``block`` starting at the same address modulo ALIGN as ``owner``."""
+    shift = _shift(block, owner)
+    return block[shift: shift + owner.nbytes]
+
+
+def _arrays_in(value):
+    if isinstance(value, np.ndarray):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _arrays_in(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _arrays_in(v)
+
+
+def _map_arrays(value, fn):
+    if isinstance(value, np.ndarray):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_arrays(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_arrays(v, fn) for k, v in value.items()}
+    return value
+
+
+def _copy_into(recorded, new):
+    """Write a replayed call's newly allocated results into the recorded arrays later calls read."""
+    if isinstance(recorded, np.ndarray):
+        if recorded is not new:
+            np.copyto(recorded, new)
+    elif isinstance(recorded, (tuple, list)):
+        for r, n in zip(recorded, new):
+            _copy_into(r, n)
+
+
+_recording: _Tape | None = None
+
+
+def on_replay(work, reads=()) -> None:
+    """Python work of a step that a replay must redo: ``work()`` runs on every replay of the step
+    being recorded, at this point of it (after the compiled calls made so far, before the next).
+
+    For state the step keeps in Python (``optimizer.steps``, BatchNorm's ``num_batches_tracked``)
+    and for checks of a kernel's result (``functional.cross_entropy`` raises on a count of
+    out-of-range targets): a check must read the arrays the kernel wrote, not values computed
+    from them, so that a replay sees the new ones; ``reads`` names those arrays (a replay must not
+    move them: ``_Tape.plan``). Outside a recording it does nothing."""
+    tape = _recording
+    if tape is not None:
+        tape.hooks.setdefault(len(tape.calls), []).append(work)
+        tape.reads.extend(reads)
+
+
+def _extra_references(a) -> int:
+    """References to ``a`` that exist only because the tape keeps the recorded arguments alive
+    (``tensor._private`` subtracts them): the tape's own, and one from each view of ``a`` (a reshape
+    a kernel function made for its kernel) that nothing but the tape holds."""
+    tape = _recording
+    if tape is None:
+        return 0
+    extra = tape.refs.get(id(a), 0)
+    for view in tape.views.get(id(a), ()):
+        # held by: the tape's references, its views list, this loop's variable, getrefcount's argument
+        if sys.getrefcount(view) == tape.refs[id(view)] + 3:
+            extra += 1
+    return extra
+
+
+def _record(step, args) -> tuple[_Tape, object]:
+    """Run ``step(*args)`` eagerly with every kernel dispatcher call recorded."""
+    global _recording
+    tape = _Tape()
+    dispatchers = kernel_dispatchers()
+
+    def recorder(fn):
+        def call(*a, **k):
+            out = fn(*a, **k)
+            tape.add(fn, a, k, out)
+            return out
+
+        return call
+
+    set_kernel_globals({key: recorder(fn) for key, fn in dispatchers.items()})
+    _recording, tensor_module._extra_references = tape, _extra_references
+    try:
+        result = step(*args)
+    finally:
+        set_kernel_globals(dispatchers)
+        _recording, tensor_module._extra_references = None, None
+        tape.refs = tape.views = None  # only needed while recording (and they hold views)
+    return tape, result
+
+
+# ----------------------------------------------------------------------- the captured step
+
+
+class _Capture:
+    """One input shape's static inputs, tape and the recorded step's gradients and loss."""
+
+    def remember(self, step):
+        """What the tape depends on besides its arguments' values: see ``unchanged``."""
+        from .nn.module import Module
+
+        self.edits = Module.edits
+        self.tensors = [(t, t.data) for t in (*step.model.parameters(), *(b for _, b in step.model.named_buffers()))]
+        self.optimizer_state = (step.optimizer.state, step.optimizer.params, len(step.optimizer.state))
+
+    def unchanged(self, step) -> bool:
+        """The model as recorded (no module attribute set or deleted, no train()/eval(): ``Module.edits``),
+        its parameters' and buffers' arrays the recorded ones (``load_state_dict`` replaces them) and the
+        optimizer's state the recorded dict (its ``load_state_dict`` makes a new one). A few microseconds:
+        the arrays are compared by identity, not read."""
+        from .nn.module import Module
+
+        state, params, size = self.optimizer_state
+        o = step.optimizer
+        return (Module.edits == self.edits and o.state is state and o.params is params and len(state) == size
+                and all(t.data is a for t, a in self.tensors))
+
+    def __init__(self, x, target):
+        self.x, self.target = np.empty_like(x), np.empty_like(target)
+        self.calls = 0
+        self.tape = None
+        self.grads = None  # [(parameter, its recorded .grad Tensor)]
+        self.tensors = None  # [(parameter or buffer, its array when recorded)]
+        self.edits = self.optimizer_state = None
+        self.loss = None  # the recorded loss's array (the replay rewrites it)
+        self.validated = False
+        self.plan = True  # let the tape's arrays share memory (_Tape.plan)
+        self.recorded_x = self.recorded_target = None
+
+
+class CapturedStep:
+    """``step(x, target) -> loss`` (zero_grad, forward, backward, optimizer step), recorded and replayed.
+
+    ``step`` takes two Tensors and returns the loss Tensor; ``model`` and ``optimizer`` are what it
+    trains (their state is what validation compares). Call the CapturedStep with NumPy arrays or
+    Tensors: it returns a new loss Tensor each call, and leaves each parameter's ``.grad`` as the
+    eager step would. ``mode`` is 'eager', 'recording', 'validating' or 'replay' (of the last call);
+    ``reason`` says why the step is eager for good, or is None.
+    """
+
+    def __init__(self, step, model, optimizer):
+        self.step, self.model, self.optimizer = step, model, optimizer
+        self._captures = collections.OrderedDict()
+        self.reason = None
+        self.mode = None
+        self.replays = 0
+        self.tape = None  # the tape of the last replay (its ``calls`` list: what a profiler wraps)
+        self.notes = []  # what capturing had to give up (shared memory), for the curious
+
+    # -- the call
+    def __call__(self, x, target) -> Tensor:
+        x, target = _array(x, "x"), _array(target, "target")
+        if backend.current().name not in CAPTURED_BACKENDS:
+            return self._eager(x, target, f"backend '{backend.current().name}' is not captured")
+        if self.reason is not None:
+            return self._eager(x, target, self.reason)
+        key = (x.shape, x.dtype.str, target.shape, target.dtype.str, self._hyperparameters())
+        cap = self._captures.pop(key, None)
+        if cap is None:
+            cap = _Capture(x, target)
+        self._captures[key] = cap  # most recently used last
+        while len(self._captures) > KEEP:
+            self._captures.popitem(last=False)
+        cap.calls += 1
+        np.copyto(cap.x, x)
+        np.copyto(cap.target, target)
+        if cap.calls == 1:  # may compile kernels: not recorded
+            self.mode = "eager"
+            return self._run(cap)
+        if cap.tape is None:
+            return self._record(cap)
+        if not cap.validated:
+            if np.array_equal(x, cap.recorded_x) or np.array_equal(target, cap.recorded_target):
+                self.mode = "eager"  # the same batch again would not show a stale copy: wait for another
+                return self._run(cap)
+            return self._validate(cap)
+        if not cap.unchanged(self):  # the tape would use the old arrays or settings: capture again
+            self._captures.pop(key)
+            return self(x, target)
+        self.mode = "replay"
+        return self._replay(cap)
+
+    def _eager(self, x, target, why):
+        self.mode = "eager"
+        return self.step(Tensor(x), Tensor(target))
+
+    def _run(self, cap):
+        return self.step(Tensor(cap.x), Tensor(cap.target))
+
+    def _record(self, cap):
+        self.mode = "recording"
+        tape, loss = _record(self._run, (cap,))
+        tape.freeze()
+        cap.tape, cap.loss = tape, loss.data
+        cap.grads = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
+        pinned = [cap.x, cap.target, loss.data, *(g.data for _, g in cap.grads), *tape.reads]
+        pinned += [t.data for t in (*self.model.parameters(), *(b for _, b in self.model.named_buffers()))]
+        pinned += [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, np.ndarray)]
+        if cap.plan:
+            tape.saved_bytes = tape.plan(pinned)
+        cap.remember(self)
+        cap.recorded_x, cap.recorded_target = cap.x.copy(), cap.target.copy()
+        return loss
+
+    def _validate(self, cap):
+        """An eager step and a replay from the same state must agree bit for bit."""
+        self.mode = "validating"
+        before = self._state()
+        eager_loss = self._run(cap)
+        eager = self._state() + [np.asarray(eager_loss.data)] + self._grads()
+        self._load(before)
+        replay_loss = self._replay(cap)
+        replayed = self._state() + [np.asarray(replay_loss.data)] + self._grads()
+        names = self._state_names() + ["loss"] + [f"grad of {n}" for n in self._grad_names()]
+        differ = [n for n, a, b in zip(names, eager, replayed) if a.shape != b.shape or not np.array_equal(a, b, equal_nan=True)]
+        if differ or len(eager) != len(replayed):
+            self._load(eager[: len(before)])
+            for p, g in zip(self._params_with_grad(), eager[len(before) + 1:]):
+                p.grad = Tensor(g)
+            self.mode = "eager"
+            what = f"{len(differ)} of {len(names)} entries ({', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''})"
+            if cap.tape.planned:  # perhaps an array whose content a shared block lost: record again, unplanned
+                cap.tape, cap.plan = None, False
+                self.notes.append(f"a replay with shared memory differed from the eager step in {what}: "
+                                  "recorded again, the tape keeping the recorded step's own arrays")
+                return Tensor(eager[len(before)])
+            self.reason = (f"a replay differed from the eager step in {what}: the step does work outside the "
+                           "compiled calls; it runs eagerly")
+            self._captures.clear()
+            return Tensor(eager[len(before)])
+        cap.validated = True
+        return replay_loss
+
+    def _replay(self, cap):
+        self.tape = cap.tape
+        cap.tape.replay()
+        for p, g in cap.grads:
+            p.grad = g
+        self.replays += 1
+        return Tensor(cap.loss.copy())
+
+    # -- state, for validation
+    def _hyperparameters(self):
+        o = self.optimizer
+        return tuple(getattr(o, k, None) for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
+
+    def _state_names(self):
+        names = [n for n, _ in self.model.named_parameters()] + [n for n, _ in self.model.named_buffers()]
+        names += [f"optimizer state {i} {k}" for i, s in sorted(self.optimizer.state.items()) for k in sorted(s)]
+        return names + ["optimizer steps"]
+
+    def _state(self) -> list:
+        arrays = [np.array(p.data) for _, p in self.model.named_parameters()]
+        arrays += [np.array(b.data) for _, b in self.model.named_buffers()]
+        arrays += [np.array(s[k]) for _, s in sorted(self.optimizer.state.items()) for k in sorted(s)]
+        return arrays + [np.array(self.optimizer.steps)]
+
+    def _load(self, arrays) -> None:
+        targets = [p.data for _, p in self.model.named_parameters()] + [b.data for _, b in self.model.named_buffers()]
+        targets += [s[k] for _, s in sorted(self.optimizer.state.items()) for k in sorted(s)]
+        for dst, src in zip(targets, arrays):
+            np.copyto(dst, src)  # in place: the tape holds these arrays
+        self.optimizer.steps = int(arrays[len(targets)])
+
+    def _params_with_grad(self):
+        return [p for p in self.model.parameters() if p.grad is not None]
+
+    def _grad_names(self):
+        return [n for n, p in self.model.named_parameters() if p.grad is not None]
+
+    def _grads(self):
+        return [np.array(p.grad.data) for p in self._params_with_grad()]
+
+
+def _array(value, name) -> np.ndarray:
+    data = value.data if isinstance(value, Tensor) else value
+    if not isinstance(data, np.ndarray):
+        raise TypeError(f"CapturedStep: {name} must be a NumPy array or a cpu Tensor, got {type(data).__name__}")
+    return data
