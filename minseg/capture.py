@@ -2,11 +2,12 @@
 
 Read this after ``tensor.py`` and ``autograd.py``: it is an optimisation, not part of the math.
 
-**Why.** A training step of the benchmark U-Net is 34 compiled (Numba) calls glued together by
-Python: module calls, ``Function.apply``, argument checks, the graph walk, allocation. That Python
-is ~0.4 ms when it runs alone, but between the kernels its code and data have been evicted from
-the caches, and it costs ~1.4 ms of a ~30 ms step (``python -m benchmarks train`` prints the
-split). Yet every step makes the same calls: the same kernels, with arrays of the same shapes.
+**Why.** A training step of the benchmark U-Net is 33 compiled (Numba) calls glued together by
+Python: module calls, ``Function.apply``, argument checks, the graph walk, the kernel functions'
+layout checks and allocation. Between the kernels that Python runs with cold caches, and it is
+about a tenth of the step (``python -m benchmarks train`` prints the split: the 'cpu' row's time
+outside the kernel functions and in their host code; benchmarks/RESULTS.md). Yet every step makes
+the same calls: the same kernels, with arrays of the same shapes.
 So record the calls once -- which compiled function, with which arguments -- and from then on
 make only those calls, with the new batch copied into the arrays the recorded step read. This is
 what CUDA graphs do for a GPU's launches (``torch.cuda.CUDAGraph``).
@@ -18,7 +19,10 @@ reroutes them; compiled code calling compiled code runs inside the recorded call
 every argument alive: the inputs, the activations, the gradients, the parameters. A replay calls
 each function again with those very arrays; a call that returned arrays it allocated (a kernel
 that owns its output) writes new ones, which are copied into the recorded ones that later calls
-read.
+read. Two things make a replay cheaper still: it calls each function's compiled entry point
+directly, skipping the dispatcher's type checks of every argument (``_Tape.freeze``), and the
+large arrays of the tape share memory where their lifetimes in the step do not overlap, as the
+eager step's allocator lets them (``_Tape.plan``).
 
 **What a replay cannot see, and what this module does about it.**
 
@@ -34,15 +38,20 @@ read.
   Otherwise the step stays eager for good and :attr:`CapturedStep.reason` says what differed.
   (The walk's in-place gradient sums, ``tensor._private``, count references; the tape's own
   references are subtracted while recording, or every such sum would become a NumPy ``prev + ig``.)
-* Hyperparameters (``optimizer.lr`` changed by a schedule, ``momentum``...) are arguments of the
-  recorded optimizer call: a replay first compares them, and a changed one means a new capture.
-  So do new input shapes or dtypes (each keeps its own tape; the last two are kept) and
-  ``model.train()``/``eval()``.
+* Settings the kernels get as arguments: the optimizer's (``momentum``..., and ``lr`` where the
+  optimizer does not hand it over in an array the kernels read when they run, as SGD does:
+  ``read_at_replay``) are compared before each replay, and a changed one means a new capture; any
+  attribute set on a module (BatchNorm's ``momentum``), ``train()``/``eval()``, and parameters,
+  buffers or optimizer state replaced (``load_state_dict``) do too. So do new input shapes or
+  dtypes (each keeps its own tape; the last ``KEEP`` are kept). A module's registry written
+  directly (``m._parameters[...] = ...``) is not seen.
 
 **Cost.** The first call of each input shape runs eagerly (it may compile kernels: recording then
 would record the compilation's view of the globals), the second records, the third validates (an
-eager step and a replay from the same state), later ones replay. A captured step keeps all of the
-recorded step's arrays alive between steps, as the eager step holds them at its peak.
+eager step and a replay from the same state), later ones replay. The tape's arrays stay allocated
+between steps (about what the eager step holds at its peak); capturing holds more for a moment
+(the whole recorded step, then an eager step beside the tape): the 'cpu captured' row of
+``python -m benchmarks train`` reports that peak.
 
 Only the ``cpu`` backend is captured; on others :class:`CapturedStep` runs its step eagerly.
 """
@@ -120,7 +129,9 @@ class _Tape:
         """Resolve each call to its compiled entry point (``dispatcher.overloads[signature]``): a replay
         passes the very objects the recorded call got, so the dispatcher's work -- working out the
         Numba type of every argument and picking the compiled version -- would find the same answer
-        every time (~40 us per call with 30 array arguments, 1.3 ms a U-Net step: measured)."""
+        every time. (Estimate from one scratch measurement: replaying the benchmark U-Net's step
+        through the dispatchers took 1.3 ms longer, ~40 us per call; the calls with ~30 array
+        arguments cost the most.)"""
         frozen = []
         for fn, args, kwargs, result in self.calls:
             entry = None
@@ -134,20 +145,25 @@ class _Tape:
         """Let the step's large arrays share memory where their lifetimes in the step do not overlap.
 
         The eager step frees each activation and gradient when the walk is done with it, and the
-        allocator hands the (cache-warm) memory to the next array of that size. A tape instead keeps
-        every array of the recorded step, ~110 MB more for the benchmark U-Net, and replayed
-        kernels ran ~10% slower on them (measured per call). So: an array (its memory's owner) is
-        live from the first recorded call that takes it to the last; walking the calls in order, a
-        new owner moves into the smallest freed block it fits in (of equal ones the last freed, as
-        malloc would), or keeps its own memory, which is a block for others once it is done. No
-        memory is allocated: the owners that moved are let go; every recorded array is rebuilt on its owner's block (same shape, strides,
-        dtype, offset, alignment modulo 64 bytes: the same Numba types, checked). Left where they
-        are: ``pinned`` (parameters, buffers, optimizer state, inputs, the loss and gradients, what
-        ``on_replay`` work reads); memory any non-float array lives in (an index table with garbage
-        in it would make a kernel read out of bounds); and owners under ``PLAN_MIN_BYTES`` (host-made
-        tables and constants live among those: their content comes from before the call, which a
-        shared block would not keep; a larger float one of those shows up in validation, and the tape
-        then keeps its own arrays). Returns the bytes saved."""
+        allocator hands the (cache-warm) memory to the next array of that size. A tape keeps every
+        array of the recorded step instead: more memory than the eager step ever holds at once, and
+        in one scratch measurement its replayed kernels each ran a few % slower than the eager ones
+        (an estimate; with this plan they ran as fast).
+
+        So an array's memory (its owner's) is live from the first recorded call that takes it to the
+        last. Walking the calls in order, a new owner moves into the smallest freed block it fits in
+        (of equal ones the last freed, as malloc would), or keeps its own memory, which becomes a
+        block for others once it is done. Nothing is allocated; the owners that moved are let go.
+        Every recorded array is rebuilt on its owner's block: the same shape, strides, dtype, offset
+        and address modulo ALIGN, so the same Numba type (checked).
+
+        Left where they are: ``pinned`` (parameters, buffers, optimizer state, inputs, the loss and
+        the gradients, what ``on_replay`` work reads); any memory a non-float array lives in (an
+        index table with garbage in it would make a kernel read out of bounds: a crash, not a
+        difference validation could report); and owners under ``PLAN_MIN_BYTES`` (the tables and
+        constants a kernel function fills before its call live among those, and a shared block would
+        not keep their content; a larger float one shows up in validation, and the step is then
+        recorded again without a plan). Returns the bytes saved."""
         from numba import typeof
 
         pinned_owners = {id(_owner(a)) for a in pinned if isinstance(a, np.ndarray)}
@@ -343,37 +359,39 @@ def _record(step, args) -> tuple[_Tape, object]:
 class _Capture:
     """One input shape's static inputs, tape and the recorded step's gradients and loss."""
 
-    def remember(self, step):
-        """What the tape depends on besides its arguments' values: see ``unchanged``."""
-        from .nn.module import Module
-
-        self.edits = Module.edits
-        self.tensors = [(t, t.data) for t in (*step.model.parameters(), *(b for _, b in step.model.named_buffers()))]
-        self.optimizer_state = (step.optimizer.state, step.optimizer.params, len(step.optimizer.state))
-
-    def unchanged(self, step) -> bool:
-        """The model as recorded (no module attribute set or deleted, no train()/eval(): ``Module.edits``),
-        its parameters' and buffers' arrays the recorded ones (``load_state_dict`` replaces them) and the
-        optimizer's state the recorded dict (its ``load_state_dict`` makes a new one). A few microseconds:
-        the arrays are compared by identity, not read."""
-        from .nn.module import Module
-
-        state, params, size = self.optimizer_state
-        o = step.optimizer
-        return (Module.edits == self.edits and o.state is state and o.params is params and len(state) == size
-                and all(t.data is a for t, a in self.tensors))
-
     def __init__(self, x, target):
         self.x, self.target = np.empty_like(x), np.empty_like(target)
         self.calls = 0
         self.tape = None
         self.grads = None  # [(parameter, its recorded .grad Tensor)]
         self.tensors = None  # [(parameter or buffer, its array when recorded)]
-        self.edits = self.optimizer_state = None
+        self.edits = self.optimizer_state = self.modes = None
         self.loss = None  # the recorded loss's array (the replay rewrites it)
         self.validated = False
         self.plan = True  # let the tape's arrays share memory (_Tape.plan)
         self.recorded_x = self.recorded_target = None
+
+    def remember(self, step):
+        """What the tape depends on besides its arguments' values: see ``unchanged``."""
+        from .nn.module import Module
+
+        self.edits = Module.edits
+        self.modes = [(m, m.training) for m in step.model.modules()]
+        self.tensors = [(t, t.data) for t in (*step.model.parameters(), *(b for _, b in step.model.named_buffers()))]
+        self.optimizer_state = (step.optimizer.state, step.optimizer.params, len(step.optimizer.state))
+
+    def unchanged(self, step) -> bool:
+        """The model as recorded (no module attribute set or deleted: ``Module.edits``; every module in the
+        recorded train/eval mode, so an evaluation between epochs costs no new capture), its parameters' and
+        buffers' arrays the recorded ones (``load_state_dict`` replaces them) and the optimizer's state the
+        recorded dict (its ``load_state_dict`` makes a new one). A few microseconds: the arrays are
+        compared by identity, not read."""
+        from .nn.module import Module
+
+        state, params, size = self.optimizer_state
+        o = step.optimizer
+        return (Module.edits == self.edits and o.state is state and o.params is params and len(state) == size
+                and all(m.training is mode for m, mode in self.modes) and all(t.data is a for t, a in self.tensors))
 
 
 class CapturedStep:
@@ -398,14 +416,13 @@ class CapturedStep:
     # -- the call
     def __call__(self, x, target) -> Tensor:
         x, target = _array(x, "x"), _array(target, "target")
-        if backend.current().name not in CAPTURED_BACKENDS:
-            return self._eager(x, target, f"backend '{backend.current().name}' is not captured")
-        if self.reason is not None:
-            return self._eager(x, target, self.reason)
+        if backend.current().name not in CAPTURED_BACKENDS or self.reason is not None:
+            self.mode = "eager"
+            return self.step(Tensor(x), Tensor(target))
         key = (x.shape, x.dtype.str, target.shape, target.dtype.str, self._hyperparameters())
         cap = self._captures.pop(key, None)
-        if cap is None:
-            cap = _Capture(x, target)
+        if cap is None or (cap.tape is not None and not cap.unchanged(self)):
+            cap = _Capture(x, target)  # a tape would use the old arrays or settings: capture again
         self._captures[key] = cap  # most recently used last
         while len(self._captures) > KEEP:
             self._captures.popitem(last=False)
@@ -422,15 +439,8 @@ class CapturedStep:
                 self.mode = "eager"  # the same batch again would not show a stale copy: wait for another
                 return self._run(cap)
             return self._validate(cap)
-        if not cap.unchanged(self):  # the tape would use the old arrays or settings: capture again
-            self._captures.pop(key)
-            return self(x, target)
         self.mode = "replay"
         return self._replay(cap)
-
-    def _eager(self, x, target, why):
-        self.mode = "eager"
-        return self.step(Tensor(x), Tensor(target))
 
     def _run(self, cap):
         return self.step(Tensor(cap.x), Tensor(cap.target))
@@ -489,8 +499,11 @@ class CapturedStep:
 
     # -- state, for validation
     def _hyperparameters(self):
+        """The optimizer's settings a replay would repeat as recorded: those its kernels do not read when
+        they run (``read_at_replay``: SGD's ``lr``, so a schedule needs no new capture)."""
         o = self.optimizer
-        return tuple(getattr(o, k, None) for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
+        live = getattr(o, "read_at_replay", ())
+        return tuple(getattr(o, k, None) for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov") if k not in live)
 
     def _state_names(self):
         names = [n for n, _ in self.model.named_parameters()] + [n for n, _ in self.model.named_buffers()]

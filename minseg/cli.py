@@ -324,13 +324,49 @@ def _progress(iterable, desc: str, disable):
     return tqdm(iterable, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr, disable=disable)
 
 
-def train_epoch(model, loader, optimizer, schedule, desc: str = "", quiet: bool = False, loss_fn=None, epoch: int = 0) -> float:
+class _NonFinite(Exception):
+    """A step's loss or a gradient is not finite (raised before the optimizer steps)."""
+
+
+def _check_finite(loss, grads) -> None:
+    """Raise _NonFinite naming the loss or the first gradient of ``grads`` [(name, array)] holding inf or NaN
+    (one sum per gradient: non-finite values survive it)."""
+    if not np.isfinite(float(loss)):
+        raise _NonFinite("loss", float(loss))
+    for name, g in grads:
+        if not np.isfinite(float(g.sum())):
+            raise _NonFinite(f"gradient of {name}", float(loss))
+
+
+def captured_step(model, optimizer, loss_fn):
+    """``train_epoch``'s step (forward, loss, backward, the finiteness check, the update) as a
+    :class:`minseg.capture.CapturedStep`: recorded once, then replayed (``train --capture``). The check
+    runs in every replay too, before the update (``capture.on_replay``), so a non-finite step is never
+    taken either way."""
+    from .capture import CapturedStep, on_replay
+
+    def step(x, target):
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        grads = [(name, p.grad.data) for name, p in model.named_parameters() if p.grad is not None]
+        _check_finite(loss.data, grads)
+        on_replay(lambda: _check_finite(loss.data, grads), reads=(loss.data, *(g for _, g in grads)))
+        optimizer.step()
+        return loss
+
+    return CapturedStep(step, model, optimizer)
+
+
+def train_epoch(model, loader, optimizer, schedule, desc: str = "", quiet: bool = False, loss_fn=None, epoch: int = 0,
+                captured=None) -> float:
     """One pass over ``loader``: returns the mean training loss over the batches (of the global batch under mpiexec).
 
     ``loss_fn(logits, masks)`` defaults to the pixel-wise cross-entropy, normalised over
     all ranks' pixels (``distributed.cross_entropy``). A non-finite loss or gradient on
     any rank raises :class:`Diverged` on every rank before the optimizer steps, so the
-    weights stay those of the last finite step.
+    weights stay those of the last finite step. ``captured`` (one process only): the
+    step as :func:`captured_step` made it, recorded once and replayed.
     """
     from . import distributed
     from .tensor import tensor
@@ -342,6 +378,18 @@ def train_epoch(model, loader, optimizer, schedule, desc: str = "", quiet: bool 
         valid = distributed.count_valid(masks, 255)  # over all ranks' shares of the batch: every rank skips alike
         if not valid:
             continue  # nothing to learn from a fully ignored batch (its mean loss is 0/0)
+        if captured is not None:
+            try:
+                loss = captured(images, masks)
+            except _NonFinite as e:
+                bad, value = e.args
+                raise Diverged(f"training diverged in epoch {epoch}, step {step} of {len(loader)}: the {bad} is not "
+                               f"finite (loss {value:.4g}); the step was not taken") from None
+            schedule.step()
+            total += float(loss.data)
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.lr:.2e}")
+            continue
         logits = model(tensor(images))
         if loss_fn is None:
             loss = distributed.cross_entropy(logits, tensor(masks), ignore_index=255, valid=valid)
@@ -549,6 +597,17 @@ def cmd_train(args) -> int:
             return 0
         print(f"resuming from {last} after epoch {start_epoch - 1}")
     distributed.broadcast_parameters(model)  # every replica starts from rank 0's weights
+    captured = None
+    if args.capture:
+        from .optim import SGD
+
+        if world.size > 1 or backend.get_backend() != "cpu":
+            print("--capture: only the cpu backend in one process is captured; the step runs eagerly here")
+        elif not isinstance(optimizer, SGD):
+            print(f"--capture: the {config['optimizer']} update is NumPy code, which a replay cannot repeat (SGD's is a "
+                  "kernel: --optimizer sgd); the step runs eagerly")
+        else:
+            captured = captured_step(model, optimizer, loss_fn)
     optimizer = distributed.DistributedOptimizer(optimizer)  # step() averages the gradients first
     out.mkdir(parents=True, exist_ok=True)
     print(
@@ -570,7 +629,8 @@ def cmd_train(args) -> int:
             t0 = time.perf_counter()
             loader.set_epoch(epoch)
             desc = f"epoch {epoch}/{config['epochs']}"
-            train_loss = train_epoch(model, loader, optimizer, schedule, desc=desc, quiet=args.quiet, loss_fn=loss_fn, epoch=epoch)
+            train_loss = train_epoch(model, loader, optimizer, schedule, desc=desc, quiet=args.quiet, loss_fn=loss_fn, epoch=epoch,
+                                     captured=captured)
             scores, val_loss, samples = evaluate(model, val_set, config["num_classes"], keep=8, window=config.get("crop"))
             bad = "validation loss" if not np.isfinite(val_loss) else _non_finite_state(model)
             if bad:  # never let diverged weights overwrite a checkpoint
@@ -601,6 +661,8 @@ def cmd_train(args) -> int:
             (out / "history.json").write_text(json.dumps(history, indent=1))
         kept = f"{last} keeps epoch {history[-1]['epoch']}, the last finite one" if history else "no checkpoint was written"
         raise Diverged(f"{e}; {kept}. Try a lower --lr than {config['lr']:g} (e.g. {config['lr'] / 10:g})") from None
+    if captured is not None:
+        print(f"--capture: {captured.replays} steps replayed" + (f"; {captured.reason}" if captured.reason else ""))
     if world.rank != 0:
         return 0
     (out / "history.json").write_text(json.dumps(history, indent=1))
@@ -792,6 +854,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", type=int, default=None, help=f"number of down-sampling stages (default: {DEFAULTS['depth']})")
     t.add_argument("--upsampling", choices=["bilinear", "transpose"], default=None, help="UNet decoder upsampling (default: bilinear)")
     t.add_argument("--no-sync-bn", action="store_true", help="under mpiexec: each rank's batch norm uses its own shard's statistics")
+    t.add_argument("--capture", action="store_true", help="record the training step once and replay its compiled calls "
+                   "without the Python between them (cpu backend, one process, --optimizer sgd; the same weights bit "
+                   "for bit: minseg/capture.py)")
     t.add_argument("--val-dataset", default=None, help="a folder with images/ and masks/ to validate on (default: DATASET/val if there is one, else a random 20%% of DATASET)")
     t.add_argument("--loss", choices=LOSSES, default=None, help="cross-entropy, soft Dice, their sum, or focal (gamma 2) (default: ce)")
     t.add_argument("--class-weights", default=None, help="'none' (default), 'auto' (median-frequency balancing of the training masks) or one comma-separated number per class")

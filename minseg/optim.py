@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import backend, capture
 
 
@@ -102,6 +104,10 @@ class Optimizer:
 
 
 class SGD(Optimizer):
+    # read by the kernels when they run (a one-element array, below): a replayed step (minseg/capture.py)
+    # follows a schedule without being captured again
+    read_at_replay = ("lr",)
+
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, dampening: float = 0.0):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum needs momentum > 0 and dampening = 0")
@@ -111,6 +117,7 @@ class SGD(Optimizer):
         # Python floats and a bool: the kernels compile once for these types
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.nesterov, self.dampening = bool(nesterov), float(dampening)
+        self._rate = np.empty(1)  # self.lr as the kernels get it: an array they read when they run
 
     def step(self) -> None:
         """One kernel call per 16 parameters (``sgd_steps``, kernels/sgd/): read p, g and the buffer,
@@ -141,9 +148,14 @@ class SGD(Optimizer):
 
     def _finish_step(self):
         groups, self._groups = self._groups, {}
+        self._write_rate()
+        capture.on_replay(self._write_rate, reads=(self._rate,))  # a replay writes the rate of its step too
         for (_, first_step), (params, grads, buffers) in groups.items():
-            backend.kernels_for(params[0]).sgd_steps(params, grads, buffers, self.lr, self.momentum, self.dampening,
+            backend.kernels_for(params[0]).sgd_steps(params, grads, buffers, self._rate, self.momentum, self.dampening,
                                                      self.weight_decay, self.nesterov, first_step)
+
+    def _write_rate(self):
+        self._rate[0] = self.lr
 
 
 class Adam(Optimizer):

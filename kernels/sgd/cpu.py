@@ -61,8 +61,9 @@ _rounded = njit(cache=True, inline="always")(update.rounded)
 
 @njit(cache=True)
 def _update_range(p, g, b, start, stop, lr, momentum, dampening, weight_decay, nesterov, first_step):
-    """update.py's update of elements [start, stop), computed in p's dtype; b is used only when momentum != 0."""
-    lr_t, mu_t, undamped_t, wd_t = _rounded(p, lr, momentum, dampening, weight_decay)
+    """update.py's update of elements [start, stop), computed in p's dtype; b is used only when momentum != 0;
+    ``lr`` is a one-element array, read here (``sgd_steps``)."""
+    lr_t, mu_t, undamped_t, wd_t = _rounded(p, lr[0], momentum, dampening, weight_decay)
     decay, has_momentum = weight_decay != 0, momentum != 0
     for e in range(start, stop):
         _update_element(p, g, b, e, lr_t, mu_t, undamped_t, wd_t, decay, has_momentum, nesterov, first_step)
@@ -96,6 +97,7 @@ def sgd_steps(params, grads, momentum_buffers, lr, momentum, dampening, weight_d
     C-contiguous, on its own (``sgd_step``)."""
     if not params:
         return
+    lr = _rate_array(lr)
     dtype = params[0].dtype
     flat = []
     for p, g, b in zip(params, grads, momentum_buffers):
@@ -127,4 +129,11 @@ def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay
     g = grad.reshape(-1)
     b = g if momentum_buffer is None else momentum_buffer.reshape(-1)
     kernel = _sgd_parallel if p.size >= PARALLEL_MIN else _sgd_serial
-    kernel(p, g, b, lr, momentum, dampening, weight_decay, nesterov, first_step)
+    kernel(p, g, b, _rate_array(lr), momentum, dampening, weight_decay, nesterov, first_step)
+
+
+def _rate_array(lr):
+    """The kernels read the rate from a one-element float64 array when they run: the optimizer's own
+    (``minseg.optim.SGD`` passes it, so a replayed step sees a changed rate: ``minseg/capture.py``), or one
+    made here for a float."""
+    return lr if isinstance(lr, np.ndarray) and lr.dtype == np.float64 and lr.shape == (1,) else np.full(1, update.learning_rate(lr))

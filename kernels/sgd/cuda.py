@@ -59,7 +59,7 @@ def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay
     g = cc.as_input(grad).reshape(-1)
     b = g if momentum_buffer is None else momentum_buffer.reshape(-1)
     blocks = min(cc.blocks(p.size, THREADS), MAX_BLOCKS)
-    _sgd_kernel[blocks, THREADS](p, g, b, float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(first_step))
+    _sgd_kernel[blocks, THREADS](p, g, b, update.learning_rate(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(first_step))
 
 
 PTX_SIGNATURES = [

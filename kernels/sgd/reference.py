@@ -24,6 +24,8 @@ then rounded).
 """
 from __future__ import annotations
 
+from .update import learning_rate
+
 __all__ = ["sgd_step", "sgd_steps"]
 
 
@@ -36,6 +38,7 @@ def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay
     may allocate it with ``empty_like``). ``nesterov`` needs ``momentum`` > 0.
     """
     t = param.dtype.type
+    lr = learning_rate(lr)  # a float, or the optimizer's one-element array (update.py)
     g = grad + t(weight_decay) * param if weight_decay else grad  # a new array: grad stays as it is
     if momentum:
         if first_step:

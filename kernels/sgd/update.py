@@ -7,6 +7,15 @@ the two backends run the same lines. The math is ``reference.py``'s.
 from __future__ import annotations
 
 
+def learning_rate(lr) -> float:
+    """``lr`` given as a float or as a one-element array holding it, as a float (host code only).
+
+    The optimizer passes its rate in an array it owns (``minseg.optim.SGD``): a kernel that reads
+    it when it runs sees the rate of now, also in a replayed step (``minseg/capture.py``), where
+    a float would stay the recorded one. ``cpu.py``'s kernels read the array themselves."""
+    return float(lr[0]) if hasattr(lr, "shape") else float(lr)
+
+
 def rounded(p, lr, momentum, dampening, weight_decay):
     """The hyper-parameters rounded to p's dtype, once per launch: (lr, mu, 1 - tau, lambda).
 

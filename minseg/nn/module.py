@@ -29,8 +29,9 @@ class Parameter(Tensor):
 
 class Module:
     training: bool
-    # Every attribute assignment, deletion and train()/eval() on any Module counts one edit:
-    # a captured step (minseg/capture.py) compares the count to know the model is as recorded.
+    # Every attribute assignment and deletion on any Module counts one edit (train()/eval() set
+    # ``training`` without counting): a captured step (minseg/capture.py) compares the count to
+    # know the model is as recorded.
     edits = 0
 
     def __init__(self):
@@ -113,7 +114,6 @@ class Module:
     def train(self, mode: bool = True):
         for m in self.modules():
             object.__setattr__(m, "training", mode)
-        Module.edits += 1
         return self
 
     def eval(self):

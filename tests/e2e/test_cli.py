@@ -47,6 +47,25 @@ def test_train_writes_checkpoints_and_report(trained, capsys):
     assert Image.open(trained / "samples.png").size[0] > 3 * 32
 
 
+def test_train_capture_gives_the_same_weights_bit_for_bit(tmp_path, capsys):
+    """``train --capture`` replays the recorded step (minseg/capture.py) from its third batch of each
+    shape on: the same checkpoint, array for array, and the same losses as the eager run."""
+    tiny = [*TINY, "--num-images", "24", "--epochs", "2", "--backend", "cpu", "--optimizer", "sgd"]  # 6 steps an epoch
+    assert run(capsys, "train", *tiny, "--out", tmp_path / "eager")[0] == 0
+    code, out, _ = run(capsys, "train", *tiny, "--capture", "--out", tmp_path / "captured")
+    assert code == 0 and "--capture: 10 steps replayed\n" in out  # all but the first two (eager, recorded)
+    # AdamW, the default, updates with NumPy code: said, and run eagerly
+    code, out, _ = run(capsys, "train", *TINY, "--epochs", "1", "--backend", "cpu", "--capture", "--out", tmp_path / "adamw")
+    assert code == 0 and "--capture: the adamw update is NumPy code" in out and "steps replayed" not in out
+    (meta_e, model_e, optim_e), (meta_c, model_c, optim_c) = (load_checkpoint(tmp_path / d / "last.npz") for d in ("eager", "captured"))
+    assert model_e.keys() == model_c.keys() and all(np.array_equal(model_e[k], model_c[k]) for k in model_e)
+    assert optim_e["steps"] == optim_c["steps"] == 12 and optim_e["lr"] == optim_c["lr"]
+    for i, state in optim_e["state"].items():
+        assert all(np.array_equal(v, optim_c["state"][i][k]) for k, v in state.items())
+    for h_e, h_c in zip(meta_e["history"], meta_c["history"]):
+        assert (h_e["train_loss"], h_e["val_loss"], h_e["val_mIoU"]) == (h_c["train_loss"], h_c["val_loss"], h_c["val_mIoU"])
+
+
 def test_eval_prints_the_metrics_table(trained, capsys):
     code, out, _ = run(capsys, "eval", "--checkpoint", trained / "last.npz", "--quiet")
     assert code == 0

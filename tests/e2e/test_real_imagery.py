@@ -115,6 +115,19 @@ def test_divergence_stops_with_a_message_and_keeps_finite_checkpoints(tmp_path, 
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1]
 
 
+def test_divergence_in_a_replayed_step_stops_as_the_eager_step_does(tmp_path, capsys):
+    """train --capture: the finiteness check runs in every replay, before the update (cli.captured_step)."""
+    tiny = [*TINY, "--num-images", "40", "--epochs", "2", "--backend", "cpu", "--optimizer", "sgd", "--lr", "1e5"]
+    errors = []
+    for extra in ([], ["--capture"]):
+        code, _, err = run(capsys, "train", *tiny, *extra, "--out", tmp_path / f"run{len(extra)}")
+        errors.append(err)
+        assert code == 3
+    # step 7 of epoch 1 (10 steps of 4 images): the 4th replay of the captured run
+    assert "training diverged in epoch 1, step 7 of 10: the loss is not finite (loss nan); the step was not taken" in errors[0]
+    assert errors[1] == errors[0].replace("run0", "run1")
+
+
 def test_deeplab_trains_and_predicts_large_images_by_windows(tmp_path, capsys):
     out = tmp_path / "run"
     code, text, _ = run(capsys, "train", "--model", "deeplab", "--epochs", "1", "--out", out, *TINY)

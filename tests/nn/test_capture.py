@@ -153,12 +153,21 @@ def test_an_out_of_range_target_in_a_replay_raises_the_eager_error_and_leaves_th
     assert opt_c.steps == opt_e.steps == len(data)
 
 
-def test_a_new_learning_rate_is_captured_again():
+def test_a_learning_rate_schedule_is_followed_without_a_new_capture():
+    """SGD hands its rate to the kernels in an array they read when they run (read_at_replay)."""
     def schedule(i, eager, captured):
-        if i == 5:
-            eager[1].lr = captured[1].lr = 0.01
+        eager[1].lr = captured[1].lr = 0.05 * 0.8**i
 
-    modes, _ = side_by_side(batches(9), schedule)
+    modes, _ = side_by_side(batches(8), schedule)
+    assert modes == ["eager", "recording", "validating"] + ["replay"] * 5
+
+
+def test_a_new_momentum_is_captured_again():
+    def change(i, eager, captured):
+        if i == 5:
+            eager[1].momentum = captured[1].momentum = 0.5
+
+    modes, _ = side_by_side(batches(9), change)
     assert modes[4:] == ["replay", "eager", "recording", "validating", "replay"]
 
 
@@ -186,7 +195,8 @@ def test_loading_a_checkpoint_captures_again():
 
 
 def test_changing_a_module_captures_again():
-    """A module setting the kernels get as an argument (BatchNorm's momentum), and train()/eval()."""
+    """A module setting the kernels get as an argument (BatchNorm's momentum); a module left in eval
+    mode; but not an evaluation between steps (eval() then train()), which leaves the model as recorded."""
     def edit(i, eager, captured):
         for model, _ in (eager, captured):
             if i == 4:
@@ -196,9 +206,11 @@ def test_changing_a_module_captures_again():
             if i == 8:
                 model.eval()
                 model.train()
+            if i == 9:
+                model.inc.eval()  # its batch norms use the running statistics from now on
 
-    modes, _ = side_by_side(batches(10), edit)
-    assert modes[3:] == ["replay", "eager", "recording", "validating", "replay", "eager", "recording"]
+    modes, _ = side_by_side(batches(11), edit)
+    assert modes[3:] == ["replay", "eager", "recording", "validating", "replay", "replay", "eager", "recording"]
 
 
 def test_the_same_batch_again_is_not_enough_to_validate():
