@@ -274,7 +274,7 @@ def kernel_time_split(lib: MinsegLib, impl: Impl, steps: int) -> dict:
     A kernel function is itself partly Python: the cpu backend's functions check layouts, pack
     weights, allocate outputs and workspaces, then call compiled (Numba) code. A third set of
     ``steps`` steps, interleaved too, clocks every Numba dispatcher those Python functions call
-    (``_compiled_functions``): ``compiled_s`` is the median time per step in compiled code
+    (``minseg.capture.kernel_dispatchers``): ``compiled_s`` is the median time per step in compiled code
     (dispatch included), ``host_s`` = 'inside' less that, the Python and NumPy work around it.
     Python that runs right after a kernel runs slowest (the kernel's data has pushed it out of the
     caches), so how the Python time splits between 'outside' and 'host' depends on which runs
@@ -282,31 +282,25 @@ def kernel_time_split(lib: MinsegLib, impl: Impl, steps: int) -> dict:
     """
     import time
 
+    from minseg.capture import kernel_dispatchers, set_kernel_globals
+
     functions = lib.backend.load(lib.name).functions
     saved = dict(functions)
     spent = {name: [0.0, 0] for name in saved}  # this step's [seconds, calls] per kernel function
     unused = [0.0, 0]  # the second layer's clock
 
-    def timed(fn, clock):
-        def call(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                clock[0] += time.perf_counter() - t0
-                clock[1] += 1
-        return call
+    timed = _clocked
 
     single = {name: timed(fn, spent[name]) for name, fn in saved.items()}
     double = {name: timed(fn, unused) for name, fn in single.items()}
-    dispatchers = _compiled_functions()
+    dispatchers = kernel_dispatchers()
     compiled_clock = [0.0, 0]
     compiled = {where: timed(fn, compiled_clock) for where, fn in dispatchers.items()}
     totals, inside, per_kernel, calls, doubled, in_compiled = [], [], {name: [] for name in saved}, {}, [], []
     try:
         for i in range(3 * steps):
             functions.update(double if i % 3 == 1 else single)
-            _set_globals(compiled if i % 3 == 2 else dispatchers)
+            set_kernel_globals(compiled if i % 3 == 2 else dispatchers)
             impl.reset()
             for clock in (*spent.values(), compiled_clock):
                 clock[0], clock[1] = 0.0, 0
@@ -327,7 +321,7 @@ def kernel_time_split(lib: MinsegLib, impl: Impl, steps: int) -> dict:
             del out
     finally:
         functions.update(saved)
-        _set_globals(dispatchers)
+        set_kernel_globals(dispatchers)
     step, kernel = float(np.median(totals)), float(np.median(inside))
     outside = step - kernel
     wrapper = max(0.0, float(np.median(doubled)) - float(np.median(np.subtract(totals, inside))))
@@ -343,28 +337,18 @@ def kernel_time_split(lib: MinsegLib, impl: Impl, steps: int) -> dict:
     return split
 
 
-def _compiled_functions() -> dict:
-    """{(module, name): dispatcher} of every Numba dispatcher that is a global of a module of the
-    ``kernels`` package (what the kernel functions' Python calls: a global is looked up at each
-    call, so replacing it reroutes the call; compiled code calling compiled code is not seen).
-    Only steps after the warm-up are clocked this way: code compiled while a global is a clock
-    would fail to type it."""
-    import sys
+def _clocked(fn, clock: list):
+    """``fn`` that adds its seconds to ``clock[0]`` and counts its calls in ``clock[1]``."""
+    import time
 
-    from numba.core.dispatcher import Dispatcher
-
-    found = {}
-    for module_name, module in list(sys.modules.items()):
-        if module is not None and (module_name == "kernels" or module_name.startswith("kernels.")):
-            for name, value in vars(module).items():
-                if isinstance(value, Dispatcher):
-                    found[(module, name)] = value
-    return found
-
-
-def _set_globals(functions: dict) -> None:
-    for (module, name), fn in functions.items():
-        setattr(module, name, fn)
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock[0] += time.perf_counter() - t0
+            clock[1] += 1
+    return call
 
 
 def step_profile(case, libs: list, steps: int, memory_of) -> dict:
@@ -395,19 +379,9 @@ def captured_time_split(impl: Impl, steps: int) -> dict:
     if captured.reason is not None or tape is None:
         return dict(capture_error=captured.reason or "no capture")
     recorded = list(tape.calls)
-    clock = [0.0]
-
-    def timed(fn):
-        def call(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                clock[0] += time.perf_counter() - t0
-        return call
-
-    single = [(timed(fn), *rest) for fn, *rest in recorded]
-    double = [(timed(fn), *rest) for fn, *rest in single]
+    clock = [0.0, 0]
+    single = [(_clocked(fn, clock), *rest) for fn, *rest in recorded]
+    double = [(_clocked(fn, clock), *rest) for fn, *rest in single]
     totals, inside, doubled = [], [], []
     try:
         for i in range(2 * steps):
