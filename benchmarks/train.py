@@ -416,6 +416,9 @@ def profile_lines(profile: dict) -> list[str]:
         else:
             mem = (f"peak RSS {p['peak_rss_mib']:.1f} MiB over {p['steps']} steps in a fresh process, "
                    f"{p['step_mib']:.1f} MiB above the {p['base_mib']:.1f} MiB it held with the model built")
+            if p.get("capture_peak_rss_mib") is not None:
+                mem += (f" and the step captured (the capture itself, once, before them: peak {p['capture_peak_rss_mib']:.1f} "
+                        f"MiB, {p['capture_mib']:.1f} MiB above the model)")
         line = f"step profile [{name}]: {mem}"
         if "capture_error" in p:
             line += f"; NOT CAPTURED: {p['capture_error']}"

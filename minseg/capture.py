@@ -62,7 +62,7 @@ import sys
 
 import numpy as np
 
-from . import backend
+from . import backend, runtime
 from .tensor import Tensor
 
 # the module itself: ``minseg.tensor`` is also the name of the function that makes a Tensor
@@ -487,6 +487,7 @@ class CapturedStep:
             self._captures.clear()
             return Tensor(eager[len(before)])
         cap.validated = True
+        runtime.return_free_memory()  # replays allocate nothing: what capturing freed goes back to the OS
         return replay_loss
 
     def _replay(self, cap):

@@ -145,6 +145,22 @@ def simulate_warp_shuffles() -> bool:
     return True
 
 
+def return_free_memory() -> bool:
+    """Give the pages of freed heap memory back to the OS (glibc's ``malloc_trim(0)``); not a setting.
+
+    :func:`keep_freed_memory` keeps freed blocks in the heap for the next step's allocations. A
+    captured step (``minseg/capture.py``) allocates nothing once it replays, so what capturing it
+    freed (the recorded step's arrays that moved, an eager step's) would stay resident for
+    nothing: the capture calls this once it is done. Returns True when memory was released
+    (glibc only)."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def apply_for(backend_name: str) -> None:
     """Apply the settings that backend ``backend_name`` benefits from (called by ``backend.load``)."""
     if backend_name == "cpu":
@@ -154,4 +170,4 @@ def apply_for(backend_name: str) -> None:
         simulate_warp_shuffles()
 
 
-__all__ = ["keep_freed_memory", "fix_simulator_shared_arrays", "simulate_warp_shuffles", "apply_for"]
+__all__ = ["keep_freed_memory", "return_free_memory", "fix_simulator_shared_arrays", "simulate_warp_shuffles", "apply_for"]
