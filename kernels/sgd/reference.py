@@ -35,7 +35,8 @@ def sgd_step(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay
     ``grad`` has ``param``'s shape and dtype and is only read. ``momentum_buffer`` is an
     array like ``param`` (C-contiguous, as ``param``), or None when ``momentum`` == 0;
     with ``first_step`` its old contents are ignored and it becomes ``g`` (so the caller
-    may allocate it with ``empty_like``). ``nesterov`` needs ``momentum`` > 0.
+    may allocate it with ``empty_like``). ``nesterov`` needs ``momentum`` > 0. ``lr`` is a float or a
+    one-element array holding it (the optimizer passes its own: ``update.learning_rate``).
     """
     t = param.dtype.type
     lr = learning_rate(lr)  # a float, or the optimizer's one-element array (update.py)

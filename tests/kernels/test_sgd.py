@@ -171,7 +171,8 @@ def test_sgd_steps_is_sgd_step_of_each_parameter(modname, count, dtype, options,
     """``sgd_steps`` (an optimizer's whole step in one call) against the reference's ``sgd_step`` of each
     parameter: two steps (the buffer's first, then one that reads it), every parameter and buffer compared
     whole. Up to GROUP + 3 parameters (the cpu kernel's groups and a padded last one), one of them
-    PARALLEL_MIN or GROUP_MAX long (cpu: in a group or on its own), one with a strided gradient."""
+    PARALLEL_MIN or GROUP_MAX long (cpu: in a group or on its own), one with a strided gradient; the
+    second step's lr given as a one-element array, as the optimizer gives it."""
     mod = load(modname)
     simulated = modname.endswith(".cuda") and config.ENABLE_CUDASIM
     if simulated:  # the cuda backend's loop over sgd_step: a few parameters show it (each launch is slow simulated)
@@ -191,7 +192,9 @@ def test_sgd_steps_is_sgd_step_of_each_parameter(modname, count, dtype, options,
     for step, gs in enumerate(grads):
         for p, b, g in zip(*want, gs):
             REF.sgd_step(p, g, b, **options, first_step=step == 0)
-        assert mod.sgd_steps(got[0], [xp.asarray(g) for g in gs], got[1], **options, first_step=step == 0) is None
+        # the second step gets lr as the optimizer passes it: a one-element float64 array (minseg.optim.SGD)
+        given = dict(options, lr=np.array([options["lr"]])) if step else options
+        assert mod.sgd_steps(got[0], [xp.asarray(g) for g in gs], got[1], **given, first_step=step == 0) is None
         for k in range(count):
             assert_close(to_numpy(got[0][k]), want[0][k], rtol, atol, name=f"param {k} after step {step + 1}")
             if momentum:
