@@ -423,9 +423,14 @@ class CapturedStep:
 
     ``step`` takes two Tensors and returns the loss Tensor; ``model`` and ``optimizer`` are what it
     trains (their state is what validation compares). Call the CapturedStep with NumPy arrays or
-    Tensors: it returns a new loss Tensor each call, and leaves each parameter's ``.grad`` as the
+    Tensors: it returns a new loss Tensor each call (in a replay its value only: the backward and
+    the update have run, there is no graph to walk), and leaves each parameter's ``.grad`` as the
     eager step would. ``mode`` is 'eager', 'recording', 'validating' or 'replay' (of the last call);
-    ``reason`` says why the step is eager for good, or is None.
+    ``reason`` says why the step is eager for good, or is None; ``notes`` what capturing gave up.
+
+    The step must start from no gradients (``optimizer.zero_grad()`` in it, as above): a step that
+    adds into gradients kept from the step before does NumPy work a replay cannot repeat, and stays
+    eager (validation says so).
     """
 
     def __init__(self, step, model, optimizer):
@@ -487,29 +492,28 @@ class CapturedStep:
     def _validate(self, cap):
         """An eager step and a replay from the same state must agree bit for bit."""
         self.mode = "validating"
-        before = self._state()
+        before = self._snapshot()
         eager_loss = self._run(cap)
         eager = self._state() + [np.asarray(eager_loss.data)] + self._grads()
-        self._load(before)
+        after_eager = self._snapshot()
+        self._restore(before)
         replay_loss = self._replay(cap)
         replayed = self._state() + [np.asarray(replay_loss.data)] + self._grads()
         names = self._state_names() + ["loss"] + [f"grad of {n}" for n in self._grad_names()]
         differ = [n for n, a, b in zip(names, eager, replayed) if a.shape != b.shape or not np.array_equal(a, b, equal_nan=True)]
         if differ or len(eager) != len(replayed):
-            self._load(eager[: len(before)])
-            for p, g in zip(self._params_with_grad(), eager[len(before) + 1:]):
-                p.grad = Tensor(g)
+            self._restore(after_eager)
             self.mode = "eager"
             what = f"{len(differ)} of {len(names)} entries ({', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''})"
             if cap.tape.planned:  # perhaps an array whose content a shared block lost: record again, unplanned
                 cap.tape, cap.plan = None, False
                 self.notes.append(f"a replay with shared memory differed from the eager step in {what}: "
                                   "recorded again, the tape keeping the recorded step's own arrays")
-                return Tensor(eager[len(before)])
+                return eager_loss
             self.reason = (f"a replay differed from the eager step in {what}: the step does work outside the "
                            "compiled calls; it runs eagerly")
             self._captures.clear()
-            return Tensor(eager[len(before)])
+            return eager_loss
         cap.validated = True
         runtime.return_free_memory()  # replays allocate nothing: what capturing freed goes back to the OS
         return replay_loss
@@ -536,26 +540,34 @@ class CapturedStep:
         return names + ["optimizer steps"]
 
     def _state(self) -> list:
+        """Copies of the values validation compares (named by ``_state_names``)."""
         arrays = [np.array(p.data) for _, p in self.model.named_parameters()]
         arrays += [np.array(b.data) for _, b in self.model.named_buffers()]
         arrays += [np.array(s[k]) for _, s in sorted(self.optimizer.state.items()) for k in sorted(s)]
         return arrays + [np.array(self.optimizer.steps)]
 
-    def _load(self, arrays) -> None:
-        targets = [p.data for _, p in self.model.named_parameters()] + [b.data for _, b in self.model.named_buffers()]
-        targets += [s[k] for _, s in sorted(self.optimizer.state.items()) for k in sorted(s)]
-        for dst, src in zip(targets, arrays):
-            np.copyto(dst, src)  # in place: the tape holds these arrays
-        self.optimizer.steps = int(arrays[len(targets)])
+    def _snapshot(self):
+        """What a step may change, to put back: a copy of every array it may write in place (parameters,
+        buffers, optimizer state, and the gradients kept from before: a step that adds into them writes
+        those, and the tape may read them), the optimizer's step count and each parameter's ``.grad``."""
+        arrays = [p.data for p in self.model.parameters()] + [b.data for _, b in self.model.named_buffers()]
+        arrays += [v for _, s in sorted(self.optimizer.state.items()) for v in s.values() if isinstance(v, np.ndarray)]
+        arrays += [p.grad.data for p in self.model.parameters() if p.grad is not None]
+        return [(a, a.copy()) for a in arrays], self.optimizer.steps, [(p, p.grad) for p in self.model.parameters()]
 
-    def _params_with_grad(self):
-        return [p for p in self.model.parameters() if p.grad is not None]
+    def _restore(self, snapshot) -> None:
+        copies, steps, grads = snapshot
+        for array, copy in copies:
+            np.copyto(array, copy)  # in place: the tape holds these arrays
+        self.optimizer.steps = steps
+        for p, g in grads:
+            p.grad = g
 
     def _grad_names(self):
         return [n for n, p in self.model.named_parameters() if p.grad is not None]
 
     def _grads(self):
-        return [np.array(p.grad.data) for p in self._params_with_grad()]
+        return [np.array(p.grad.data) for p in self.model.parameters() if p.grad is not None]
 
 
 def _array(value, name) -> np.ndarray:

@@ -129,6 +129,30 @@ def test_numpy_work_between_the_kernels_is_caught_and_the_step_stays_eager():
     assert "inc.0.weight" in captured.reason  # names what differed
 
 
+def test_gradients_kept_from_the_step_before_are_caught_and_the_step_stays_eager():
+    """A step without zero_grad adds into the kept gradients (NumPy, outside the kernels). Validation
+    restores them before its replay, so the replay's stale sum shows (it once went unnoticed: the eager
+    step of validation had already added into the very arrays the replay then read)."""
+    def accumulating(model, optimizer):
+        def step(x, target):
+            loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+            return loss
+        return step
+
+    model_e, opt_e, _ = make()
+    model_c, opt_c, _ = make()
+    step_e = accumulating(model_e, opt_e)
+    captured = CapturedStep(accumulating(model_c, opt_c), model_c, opt_c)
+    with backend.using("cpu"):
+        for i, (x, t) in enumerate(batches(6)):
+            loss_e = step_e(Tensor(x), Tensor(t))
+            loss_c = captured(x, t)
+            assert_same(state(model_e, opt_e, loss_e), state(model_c, opt_c, loss_c), f"step {i}")
+    assert captured.mode == "eager" and "differed from the eager step" in captured.reason
+
+
 def test_an_out_of_range_target_in_a_replay_raises_the_eager_error_and_leaves_the_eager_state():
     data = batches(5)
     bad_x, bad_t = batches(1, seed=9)[0]
