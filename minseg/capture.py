@@ -45,6 +45,10 @@ eager step's allocator lets them (``_Tape.plan``).
   buffers or optimizer state replaced (``load_state_dict``) do too. So do new input shapes or
   dtypes (each keeps its own tape; the last ``KEEP`` are kept). A module's registry written
   directly (``m._parameters[...] = ...``) is not seen.
+* What validation cannot see: a step whose Python acts only now and then (every N steps, or on
+  rare data) behaves in its one validated replay as eagerly, and then not. Capture steps that do
+  the same work every time, as a training step does; register work that must be redone with
+  :func:`on_replay`.
 
 **Cost.** The first call of each input shape runs eagerly (it may compile kernels: recording then
 would record the compilation's view of the globals), the second records, the third validates (an
