@@ -32,17 +32,19 @@ eager step's allocator lets them (``_Tape.plan``).
   this way; ``functional.cross_entropy`` checks its kernel's count of out-of-range targets this
   way, so a bad target raises the eager step's error.
 * NumPy work between the compiled calls (a copy, an addition outside a kernel): it is not on the
-  tape, so a replay would reuse its recorded result. **Validation** catches it: the first replay
-  starts from the state an eager step started from, on a batch that differs from the recorded one,
-  and must end with the same parameters, buffers, optimizer state, gradients and loss, bit for bit.
-  Otherwise the step stays eager for good and :attr:`CapturedStep.reason` says what differed.
+  tape, so a replay would reuse its recorded result. **Validation** catches it: right after the
+  recording, the tape is replayed from the state the eager step before it started from, on that
+  step's batch (which must differ from the recorded one), and must end with that step's
+  parameters, buffers, optimizer state, gradients and loss, bit for bit; then the recorded step's
+  state is put back. Otherwise the step stays eager for good and :attr:`CapturedStep.reason` says
+  what differed.
   (The walk's in-place gradient sums, ``tensor._private``, count references; the tape's own
   references are subtracted while recording, or every such sum would become a NumPy ``prev + ig``.)
 * Settings the kernels get as arguments: the optimizer's (``momentum``..., and ``lr`` where the
   optimizer does not hand it over in an array the kernels read when they run, as SGD does:
   ``read_at_replay``) are compared before each replay, and a changed one means a new capture; any
-  attribute set on a module (BatchNorm's ``momentum``), ``train()``/``eval()``, and parameters,
-  buffers or optimizer state replaced (``load_state_dict``) do too. So do new input shapes or
+  attribute set on a module (BatchNorm's ``momentum``), a module in another train/eval mode than
+  recorded, and parameters, buffers or optimizer state replaced (``load_state_dict``) do too. So do new input shapes or
   dtypes (each keeps its own tape; the last ``KEEP`` are kept). A module's registry written
   directly (``m._parameters[...] = ...``) is not seen.
 * What validation cannot see: a step whose Python acts only now and then (every N steps, or on
@@ -51,11 +53,11 @@ eager step's allocator lets them (``_Tape.plan``).
   :func:`on_replay`.
 
 **Cost.** The first call of each input shape runs eagerly (it may compile kernels: recording then
-would record the compilation's view of the globals), the second records, the third validates (an
-eager step and a replay from the same state), later ones replay. The tape's arrays stay allocated
-between steps (about what the eager step holds at its peak); capturing holds more for a moment
-(the whole recorded step, then an eager step beside the tape): the 'cpu captured' row of
-``python -m benchmarks train`` reports that peak.
+would record the compilation's view of the globals), the second too, keeping what validation
+compares against, the third records and validates (one replay more), later ones replay. The
+tape's arrays stay allocated between steps (about what the eager step holds at its peak);
+recording holds more for a moment (every array of the step at once): the 'cpu captured' row of
+``python -m benchmarks train`` reports that peak apart.
 
 Only the ``cpu`` backend is captured; on others :class:`CapturedStep` runs its step eagerly.
 """
@@ -194,7 +196,7 @@ class _Tape:
         for oid in owners:
             starts[first[oid]].append(oid)
             ends[last[oid]].append(oid)
-        free, blocks, block_of, kept = [], {}, {}, 0
+        free, blocks, block_of, kept, moved = [], {}, {}, 0, 0
         for k in range(len(self.calls)):
             for oid in starts[k]:
                 o = owners[oid]
@@ -202,6 +204,7 @@ class _Tape:
                 if fits:  # the smallest free block it fits in; of equal ones the last freed
                     block = free.pop(min(reversed(fits), key=lambda i: free[i].nbytes))
                     blocks[oid] = _aligned_like(block, o)
+                    moved += 1
                 else:  # none free: it keeps its own memory, which becomes a block when it is done
                     block = blocks[oid] = o.reshape(-1).view(np.uint8)
                     kept += o.nbytes
@@ -228,7 +231,7 @@ class _Tape:
                      for fn, args, kwargs, result in self.calls]
         except _PlanError:
             return 0
-        self.calls, self.planned = calls, True  # the owners that moved are let go with the old calls
+        self.calls, self.planned = calls, moved > 0  # the owners that moved are let go with the old calls
         return sum(o.nbytes for o in owners.values()) - kept
 
     def replay(self):
@@ -391,9 +394,10 @@ class _Capture:
         self.modules = self.modes = None  # the modules, and their train/eval modes when recorded
         self.edits = self.optimizer_state = None
         self.loss = None  # the recorded loss's array (the replay rewrites it)
-        self.validated = False
         self.plan = True  # let the tape's arrays share memory (_Tape.plan)
-        self.recorded_x = self.recorded_target = None
+        # validation's reference, from the eager step before the recorded one (_prepare)
+        self.before = self.expected = self.expected_names = None
+        self.prepared_x = self.prepared_target = self.prepared_live = None
 
     def remember(self, step):
         """What the tape depends on besides its arguments' values: see ``unchanged``."""
@@ -429,7 +433,7 @@ class CapturedStep:
     trains (their state is what validation compares). Call the CapturedStep with NumPy arrays or
     Tensors: it returns a new loss Tensor each call (in a replay its value only: the backward and
     the update have run, there is no graph to walk), and leaves each parameter's ``.grad`` as the
-    eager step would. ``mode`` is 'eager', 'recording', 'validating' or 'replay' (of the last call);
+    eager step would. ``mode`` is 'eager', 'recording' (and validating) or 'replay' (of the last call);
     ``reason`` says why the step is eager for good, or is None; ``notes`` what capturing gave up.
 
     The step must start from no gradients (``optimizer.zero_grad()`` in it, as above): a step that
@@ -466,21 +470,37 @@ class CapturedStep:
             self.mode = "eager"
             return self._run(cap)
         if cap.tape is None:
-            return self._record(cap)
-        if not cap.validated:
-            if np.array_equal(x, cap.recorded_x) or np.array_equal(target, cap.recorded_target):
-                self.mode = "eager"  # the same batch again would not show a stale copy: wait for another
-                return self._run(cap)
-            return self._validate(cap)
+            if cap.before is None or not cap.unchanged(self) or np.array_equal(x, cap.prepared_x) \
+                    or np.array_equal(target, cap.prepared_target):
+                # (the same batch again would not show a stale copy in validation: wait for another)
+                return self._prepare(cap)
+            return self._record_and_validate(cap)
         self.mode = "replay"
+        self.replays += 1
         return self._replay(cap)
 
     def _run(self, cap):
         return self.step(Tensor(cap.x), Tensor(cap.target))
 
-    def _record(self, cap):
+    def _prepare(self, cap):
+        """An eager step, kept as validation's reference: the state before it (to start the replay from),
+        the state and loss after it (what the replay must give), its batch and optimizer rate."""
+        self.mode = "eager"
+        cap.before = self._snapshot()
+        live = {k: getattr(self.optimizer, k) for k in getattr(self.optimizer, "read_at_replay", ())}
+        loss = self._run(cap)
+        cap.expected = self._state() + [np.array(loss.data)] + self._grads()
+        cap.expected_names = self._state_names() + ["loss"] + [f"grad of {n}" for n in self._grad_names()]
+        cap.prepared_x, cap.prepared_target, cap.prepared_live = cap.x.copy(), cap.target.copy(), live
+        cap.remember(self)
+        return loss
+
+    def _record_and_validate(self, cap):
+        """Record this step; then replay the tape on the batch of the step before from the state before it,
+        which must give that eager step's results bit for bit; then put this step's results back."""
         self.mode = "recording"
         tape, loss = _record(self._run, (cap,))
+        result = Tensor(np.array(loss.data))  # the replay below writes the loss's array
         tape.freeze()
         cap.tape, cap.loss = tape, loss.data
         cap.grads = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
@@ -489,45 +509,47 @@ class CapturedStep:
         pinned += [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, np.ndarray)]
         if cap.plan:
             tape.saved_bytes = tape.plan(pinned)
-        cap.remember(self)
-        cap.recorded_x, cap.recorded_target = cap.x.copy(), cap.target.copy()
-        return loss
-
-    def _validate(self, cap):
-        """An eager step and a replay from the same state must agree bit for bit."""
-        self.mode = "validating"
-        before = self._snapshot()
-        eager_loss = self._run(cap)
-        eager = self._state() + [np.asarray(eager_loss.data)] + self._grads()
-        after_eager = self._snapshot()
-        self._restore(before)
-        replay_loss = self._replay(cap)
-        replayed = self._state() + [np.asarray(replay_loss.data)] + self._grads()
-        names = self._state_names() + ["loss"] + [f"grad of {n}" for n in self._grad_names()]
-        differ = [n for n, a, b in zip(names, eager, replayed) if a.shape != b.shape or not np.array_equal(a, b, equal_nan=True)]
-        if differ or len(eager) != len(replayed):
-            self._restore(after_eager)
-            self.mode = "eager"
-            what = f"{len(differ)} of {len(names)} entries ({', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''})"
-            if cap.tape.planned:  # perhaps an array whose content a shared block lost: record again, unplanned
-                cap.tape, cap.plan = None, False
-                self.notes.append(f"a replay with shared memory differed from the eager step in {what}: "
-                                  "recorded again, the tape keeping the recorded step's own arrays")
-                return eager_loss
+        del loss, pinned
+        after = self._snapshot()
+        live = {k: getattr(self.optimizer, k) for k in cap.prepared_live}
+        self._restore(cap.before)
+        np.copyto(cap.x, cap.prepared_x)
+        np.copyto(cap.target, cap.prepared_target)
+        for k, v in cap.prepared_live.items():  # the rate of the step before, as its eager step had it
+            setattr(self.optimizer, k, v)
+        try:
+            replay_loss = self._replay(cap)
+            replayed = self._state() + [np.asarray(replay_loss.data)] + self._grads()
+        except Exception as e:  # the eager step did not raise: a difference too
+            replayed = [np.array(f"raised {type(e).__name__}: {e}")]
+        finally:
+            for k, v in live.items():
+                setattr(self.optimizer, k, v)
+            self._restore(after)
+        names, expected = cap.expected_names, cap.expected
+        cap.before = cap.expected = None
+        differ = [n for n, a, b in zip(names, expected, replayed) if a.shape != b.shape or not np.array_equal(a, b, equal_nan=True)]
+        if not differ and len(replayed) == len(expected):
+            cap.remember(self)
+            runtime.return_free_memory()  # replays allocate nothing: what capturing freed goes back to the OS
+            return result
+        cap.tape = None
+        what = f"{len(differ) or 'all'} of {len(names)} entries ({', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''})"
+        if tape.planned:  # perhaps an array whose content a shared block lost: record again, unplanned
+            cap.plan = False
+            self.notes.append(f"a replay with shared memory differed from the eager step in {what}: "
+                              "recorded again, the tape keeping the recorded step's own arrays")
+        else:
             self.reason = (f"a replay differed from the eager step in {what}: the step does work outside the "
                            "compiled calls; it runs eagerly")
             self._captures.clear()
-            return eager_loss
-        cap.validated = True
-        runtime.return_free_memory()  # replays allocate nothing: what capturing freed goes back to the OS
-        return replay_loss
+        return result
 
     def _replay(self, cap):
         self.tape = cap.tape
         cap.tape.replay()
         for p, g in cap.grads:
             p.grad = g
-        self.replays += 1
         return Tensor(cap.loss.copy())
 
     # -- state, for validation
