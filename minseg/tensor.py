@@ -419,7 +419,7 @@ class GradBuffers:
             current.data += g
             return current
         owner = g if g.base is None else g.base
-        if not g.flags.writeable or id(g) in self.handed or id(owner) in self.handed:
+        if not getattr(g.flags, "writeable", True) or id(g) in self.handed or id(owner) in self.handed:  # CuPy has none
             g = owner = g.copy()
         self.handed[id(g)], self.handed[id(owner)] = g, owner
         return Tensor(g)

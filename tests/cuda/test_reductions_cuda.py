@@ -14,6 +14,7 @@ from numba import cuda, float64
 
 from kernels import cuda_common as cc
 from kernels.conv2d import cuda as conv_cuda
+from minseg.backend import to_numpy
 from tests.helpers import assert_close, reference, tol
 
 
@@ -45,22 +46,29 @@ def test_warp_shuffle_sum_and_merge():
     assert_close(merged, [32, values.mean(), ((values - values.mean()) ** 2).sum()], 1e-12, 0, name="chan merge")
 
 
-@pytest.mark.parametrize("shape, n_splits", [((1, 1, 1), 1), ((1, 1, 300), 3), ((2, 3, 70), 2), ((3, 2, 129), 4)])
-def test_channel_sums_over_splits(shape, n_splits):
+# (n, c, s) for P = the values a split holds at least: 32 threads x 4 loads = 128 under the simulator,
+# a whole block's on a GPU; so the shapes split alike on both ((1, 1, 300), (2, 3, 70), (3, 2, 129) at 128)
+SPLIT_SHAPES = [(lambda per: (1, 1, 1), 1), (lambda per: (1, 1, 2 * per + 44), 3),
+                (lambda per: (2, 3, (per + 12) // 2), 2), (lambda per: (3, 2, per + 1), 4)]
+
+
+@pytest.mark.parametrize("shape_for, n_splits", SPLIT_SHAPES)
+def test_channel_sums_over_splits(shape_for, n_splits):
     """Sums of a and a*b per channel: one value; one channel in 3 splits (the last partial);
     a partial last step of UNROLL loads; splits that cross image boundaries (n*S + s numbering)."""
+    per = cc.split_threads() * cc.UNROLL
+    shape = shape_for(per)
     rng = np.random.default_rng(sum(shape))
     a = rng.standard_normal(shape).astype(np.float32)
     b = rng.standard_normal(shape).astype(np.float32)
     n, c, s = shape
-    # a simulated split holds at least 32 threads x 4 loads = 128 values
-    assert cc.splits(c, n * s, cc.split_threads() * cc.UNROLL) == n_splits
+    assert cc.splits(c, n * s, per) == n_splits
     sums = cc.channel_sums(a, b)
     expected = np.stack([a.sum(axis=(0, 2), dtype=np.float64), (a.astype(np.float64) * b).sum(axis=(0, 2))])
     assert sums.dtype == np.float32
     # float64 sums rounded once to float32: within one float32 rounding of the float64 reference
     assert_close(sums, expected, 1e-6, 1e-6, name="channel sums")
-    np.testing.assert_array_equal(cc.channel_sums(a, b), sums)  # fixed order: the same bits every run
+    np.testing.assert_array_equal(to_numpy(cc.channel_sums(a, b)), to_numpy(sums))  # fixed order: the same bits every run
     assert (cc.channel_sums(a)[1] == 0).all()
     # with a mask (batch norm + ReLU's backward): a counts only where mask > 0; exact zeros are masked
     mask = rng.standard_normal(shape).astype(np.float32)

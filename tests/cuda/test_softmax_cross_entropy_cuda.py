@@ -113,15 +113,17 @@ def test_cross_entropy_forward_and_backward_match_reference(problem):
 
 @pytest.mark.parametrize("n_classes", [1, 4, 33])
 def test_cross_entropy_mean_reduces_over_three_blocks(n_classes):
-    """260 pixels: 128 per simulated block (32 threads x PIXELS 4), so three blocks, the last partial
-    (4 pixels); then the fixed-order sum of the blocks' partials. C = 1 (loss and gradient 0) and
-    C = 33 > 32. (The gradient's scaling launches a thread per logit: C x pixels stays small.)"""
+    """2 B + 4 pixels for B pixels per full block (128 under the simulator: 32 threads x PIXELS 4; 260
+    pixels): three blocks, the last partial (4 pixels); then the fixed-order sum of the blocks' partials.
+    C = 1 (loss and gradient 0) and C = 33 > 32. (The gradient's scaling launches a thread per logit:
+    C x pixels stays small.)"""
+    pixels = 2 * K._xent_threads(1 << 30) * K.PIXELS + 4
     rng = np.random.default_rng(2)
-    logits = rng.standard_normal((1, n_classes, 260)).astype(np.float32)
-    target = rng.integers(0, n_classes, (1, 260))
+    logits = rng.standard_normal((1, n_classes, pixels)).astype(np.float32)
+    target = rng.integers(0, n_classes, (1, pixels))
     target[0, ::7] = -100
     weight = rng.uniform(0.5, 1.5, n_classes).astype(np.float32)
-    assert K.cc.blocks(260, K._xent_threads(260) * K.PIXELS) == 3
+    assert K.cc.blocks(pixels, K._xent_threads(pixels) * K.PIXELS) == 3
     _check_against_reference((logits, target, weight, -100, "mean", 0.2), np.asarray(1.5, np.float32))
 
 
