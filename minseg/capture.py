@@ -122,18 +122,10 @@ class _Tape:
 
     def add(self, fn, args, kwargs, result):
         self.calls.append((fn, args, kwargs, result))
-        for value in (*args, *kwargs.values(), result):
-            self._count(value)
-
-    def _count(self, value):
-        if isinstance(value, np.ndarray):
-            self.refs[id(value)] += 1
-            base = value.base
-            if isinstance(base, np.ndarray) and self.refs[id(value)] == 1:
-                self.views[id(base)].append(value)
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                self._count(v)
+        for a in _arrays_in((args, kwargs, result)):
+            self.refs[id(a)] += 1
+            if isinstance(a.base, np.ndarray) and self.refs[id(a)] == 1:
+                self.views[id(a.base)].append(a)
 
     def freeze(self):
         """Resolve each call to its compiled entry point (``dispatcher.overloads[signature]``): a replay
@@ -489,8 +481,7 @@ class CapturedStep:
         cap.before = self._snapshot()
         live = {k: getattr(self.optimizer, k) for k in getattr(self.optimizer, "read_at_replay", ())}
         loss = self._run(cap)
-        cap.expected = self._state() + [np.array(loss.data)] + self._grads()
-        cap.expected_names = self._state_names() + ["loss"] + [f"grad of {n}" for n in self._grad_names()]
+        cap.expected_names, cap.expected = self._compared(loss.data)
         cap.prepared_x, cap.prepared_target, cap.prepared_live = cap.x.copy(), cap.target.copy(), live
         cap.remember(self)
         return loss
@@ -505,8 +496,7 @@ class CapturedStep:
         cap.tape, cap.loss = tape, loss.data
         cap.grads = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
         pinned = [cap.x, cap.target, loss.data, *(g.data for _, g in cap.grads), *tape.reads]
-        pinned += [t.data for t in (*self.model.parameters(), *(b for _, b in self.model.named_buffers()))]
-        pinned += [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, np.ndarray)]
+        pinned += [v for _, v in self._tracked() if isinstance(v, np.ndarray)]
         if cap.plan:
             tape.saved_bytes = tape.plan(pinned)
         del loss, pinned
@@ -519,7 +509,7 @@ class CapturedStep:
             setattr(self.optimizer, k, v)
         try:
             replay_loss = self._replay(cap)
-            replayed = self._state() + [np.asarray(replay_loss.data)] + self._grads()
+            replayed = self._compared(replay_loss.data)[1]
         except Exception as e:  # the eager step did not raise: a difference too
             replayed = [np.array(f"raised {type(e).__name__}: {e}")]
         finally:
@@ -560,25 +550,26 @@ class CapturedStep:
         live = getattr(o, "read_at_replay", ())
         return tuple(getattr(o, k, None) for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov") if k not in live)
 
-    def _state_names(self):
-        names = [n for n, _ in self.model.named_parameters()] + [n for n, _ in self.model.named_buffers()]
-        names += [f"optimizer state {i} {k}" for i, s in sorted(self.optimizer.state.items()) for k in sorted(s)]
-        return names + ["optimizer steps"]
+    def _tracked(self) -> list:
+        """[(name, value)] of the state a step changes in place: parameters, buffers, optimizer state."""
+        named = [(n, p.data) for n, p in self.model.named_parameters()] + [(n, b.data) for n, b in self.model.named_buffers()]
+        return named + [(f"optimizer state {i} {k}", s[k]) for i, s in sorted(self.optimizer.state.items()) for k in sorted(s)]
 
-    def _state(self) -> list:
-        """Copies of the values validation compares (named by ``_state_names``)."""
-        arrays = [np.array(p.data) for _, p in self.model.named_parameters()]
-        arrays += [np.array(b.data) for _, b in self.model.named_buffers()]
-        arrays += [np.array(s[k]) for _, s in sorted(self.optimizer.state.items()) for k in sorted(s)]
-        return arrays + [np.array(self.optimizer.steps)]
+    def _named_grads(self) -> list:
+        return [(n, p.grad.data) for n, p in self.model.named_parameters() if p.grad is not None]
+
+    def _compared(self, loss) -> tuple[list, list]:
+        """(names, copies of the values) that validation compares: the tracked state, the step count, the
+        step's ``loss`` and the gradients."""
+        named = self._tracked() + [("optimizer steps", self.optimizer.steps), ("loss", loss)]
+        named += [(f"grad of {n}", g) for n, g in self._named_grads()]
+        return [n for n, _ in named], [np.array(v) for _, v in named]
 
     def _snapshot(self):
         """What a step may change, to put back: a copy of every array it may write in place (parameters,
         buffers, optimizer state, and the gradients kept from before: a step that adds into them writes
         those, and the tape may read them), the optimizer's step count and each parameter's ``.grad``."""
-        arrays = [p.data for p in self.model.parameters()] + [b.data for _, b in self.model.named_buffers()]
-        arrays += [v for _, s in sorted(self.optimizer.state.items()) for v in s.values() if isinstance(v, np.ndarray)]
-        arrays += [p.grad.data for p in self.model.parameters() if p.grad is not None]
+        arrays = [v for _, v in self._tracked() + self._named_grads() if isinstance(v, np.ndarray)]
         return [(a, a.copy()) for a in arrays], self.optimizer.steps, [(p, p.grad) for p in self.model.parameters()]
 
     def _restore(self, snapshot) -> None:
@@ -588,12 +579,6 @@ class CapturedStep:
         self.optimizer.steps = steps
         for p, g in grads:
             p.grad = g
-
-    def _grad_names(self):
-        return [n for n, p in self.model.named_parameters() if p.grad is not None]
-
-    def _grads(self):
-        return [np.array(p.grad.data) for p in self.model.parameters() if p.grad is not None]
 
 
 def _array(value, name) -> np.ndarray:

@@ -325,17 +325,31 @@ def _progress(iterable, desc: str, disable):
 
 
 class _NonFinite(Exception):
-    """A step's loss or a gradient is not finite (raised before the optimizer steps)."""
+    """A step's loss or a gradient is not finite (raised before the optimizer steps): (what, loss)."""
+
+
+def _gradients(model) -> list:
+    """[(name, gradient array)] of the parameters that have one."""
+    return [(name, p.grad.data) for name, p in model.named_parameters() if p.grad is not None]
+
+
+def _non_finite(loss, grads) -> str | None:
+    """'loss' or 'gradient of NAME' for the first of the loss and ``grads`` [(name, array)] holding inf or
+    NaN, else None (one sum per gradient: non-finite values survive it)."""
+    if not np.isfinite(float(loss)):
+        return "loss"
+    return next((f"gradient of {name}" for name, g in grads if not np.isfinite(float(g.sum()))), None)
 
 
 def _check_finite(loss, grads) -> None:
-    """Raise _NonFinite naming the loss or the first gradient of ``grads`` [(name, array)] holding inf or NaN
-    (one sum per gradient: non-finite values survive it)."""
-    if not np.isfinite(float(loss)):
-        raise _NonFinite("loss", float(loss))
-    for name, g in grads:
-        if not np.isfinite(float(g.sum())):
-            raise _NonFinite(f"gradient of {name}", float(loss))
+    bad = _non_finite(loss, grads)
+    if bad:
+        raise _NonFinite(bad, float(loss))
+
+
+def _diverged(epoch: int, step: int, steps: int, bad: str, loss: float) -> Diverged:
+    return Diverged(f"training diverged in epoch {epoch}, step {step} of {steps}: the {bad} is not finite "
+                    f"(loss {loss:.4g}); the step was not taken")
 
 
 def captured_step(model, optimizer, loss_fn):
@@ -349,7 +363,7 @@ def captured_step(model, optimizer, loss_fn):
         optimizer.zero_grad()
         loss = loss_fn(model(x), target)
         loss.backward()
-        grads = [(name, p.grad.data) for name, p in model.named_parameters() if p.grad is not None]
+        grads = _gradients(model)
         _check_finite(loss.data, grads)
         on_replay(lambda: _check_finite(loss.data, grads), reads=(loss.data, *(g for _, g in grads)))
         optimizer.step()
@@ -382,43 +396,25 @@ def train_epoch(model, loader, optimizer, schedule, desc: str = "", quiet: bool 
             try:
                 loss = captured(images, masks)
             except _NonFinite as e:
-                bad, value = e.args
-                raise Diverged(f"training diverged in epoch {epoch}, step {step} of {len(loader)}: the {bad} is not "
-                               f"finite (loss {value:.4g}); the step was not taken") from None
-            schedule.step()
-            total += float(loss.data)
-            count += 1
-            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.lr:.2e}")
-            continue
-        logits = model(tensor(images))
-        if loss_fn is None:
-            loss = distributed.cross_entropy(logits, tensor(masks), ignore_index=255, valid=valid)
+                raise _diverged(epoch, step, len(loader), *e.args) from None
         else:
-            loss = loss_fn(logits, tensor(masks))
-        optimizer.zero_grad()
-        loss.backward()
-        bad = "loss" if not np.isfinite(loss.item()) else _non_finite_gradient(model)
-        if distributed.world().allreduce_object(int(bool(bad))):  # one rank's NaN stops every rank, in step
-            bad = bad or "loss or gradient of another rank"
-            raise Diverged(
-                f"training diverged in epoch {epoch}, step {step} of {len(loader)}: the {bad} is not finite "
-                f"(loss {loss.item():.4g}); the step was not taken"
-            )
-        optimizer.step()
+            logits = model(tensor(images))
+            if loss_fn is None:
+                loss = distributed.cross_entropy(logits, tensor(masks), ignore_index=255, valid=valid)
+            else:
+                loss = loss_fn(logits, tensor(masks))
+            optimizer.zero_grad()
+            loss.backward()
+            bad = _non_finite(loss.item(), _gradients(model))
+            if distributed.world().allreduce_object(int(bool(bad))):  # one rank's NaN stops every rank, in step
+                raise _diverged(epoch, step, len(loader), bad or "loss or gradient of another rank", loss.item())
+            optimizer.step()
         schedule.step()
         total += loss.item()
         count += 1
         bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.lr:.2e}")
     total = distributed.world().allreduce_object(total) / distributed.world_size()  # the ranks' mean: the global batch's
     return total / max(count, 1)
-
-
-def _non_finite_gradient(model) -> str | None:
-    """The name of the first parameter whose gradient holds inf or NaN (one sum per gradient: non-finite values survive it)."""
-    for name, p in model.named_parameters():
-        if p.grad is not None and not np.isfinite(float(p.grad.xp.sum(p.grad.data))):
-            return f"gradient of {name}"
-    return None
 
 
 def _non_finite_state(model) -> str | None:
